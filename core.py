@@ -201,6 +201,20 @@ def flex_block_mask(ctx, mask_mod, B, H, T, S, key="causal"):
     return ctx.cache[key]
 
 
+def flex_attention(q, k, v, **kw):
+    """FlexAttention, compiled: called eagerly, the uncompiled op would materialise the T x T scores."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex(q, k, v, **kw)
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex, dynamic=False)
+    return _flex_compiled(q, k, v, **kw)
+
+
+_flex_compiled = None
+
+
 def doc_causal_mask_mod(ctx):
     doc = ctx.doc
 
@@ -265,7 +279,6 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
 
     def attend_flex(self, q, k, v, ctx):
-        from torch.nn.attention.flex_attention import flex_attention
         B, H, T, _ = q.shape
         mask = flex_block_mask(ctx, doc_causal_mask_mod(ctx), B if ctx.doc is not None else None, None, T, T)
         return flex_attention(q, k, v, block_mask=mask)
