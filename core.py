@@ -915,7 +915,7 @@ def main(argv=None, cfg_cls=Config, build_model=None, load_model=None, actions=N
     load_model = load_model or (lambda path, device="cpu": load_ours(path, cfg_cls, build_model, device))
     actions = actions or {}
     args = build_parser(cfg_cls, actions, doc or __doc__).parse_args(argv)
-    chosen = [a for a in (*STANDARD_ACTIONS, *actions) if getattr(args, a)]
+    chosen = [a for a in (*STANDARD_ACTIONS, *actions) if getattr(args, a.replace("-", "_"))]
     try:
         if not chosen:
             raise ConfigError(f"nothing to do: pass one of {', '.join('--' + a for a in (*STANDARD_ACTIONS, *actions))}")
@@ -927,10 +927,10 @@ def main(argv=None, cfg_cls=Config, build_model=None, load_model=None, actions=N
                                  os.path.join(make_config(cfg_cls, args).out, "ckpt.pt"))
             base = {k: v for k, v in asdict(model.cfg).items() if k not in cfg_cls.RUN_FIELDS}
         cfg = make_config(cfg_cls, args, base)
-        if not cfg.data:
+        if not cfg.data and set(chosen) & {"train", "eval", "sample"}:
             cfg.data = default_dataset()
-        if not cfg.vocab_size:
-            cfg.vocab_size = 64 * math.ceil(TokenData(cfg.data).vocab_size / 64)
+        if not cfg.vocab_size:  # the dataset's, padded to a multiple of 64; GPT-2's for a bench on random tokens
+            cfg.vocab_size = 64 * math.ceil(TokenData(cfg.data).vocab_size / 64) if cfg.data else 50304
         for a in chosen:
             run_action(a, cfg, args, build_model, model, actions)
     except ConfigError as e:
