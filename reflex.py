@@ -1,0 +1,242 @@
+"""Reflex attention: heads that attend to the keys and values of earlier layers.
+
+Source: no paper and no arXiv id; the method is defined by its repository, https://github.com/KornilovaK/reflex_attention
+(README.md, model.py; nanoGPT on OpenWebText). Its README motivates it with the over-squashing of long contexts into
+one hidden state (arXiv:2406.04267): a deep layer that only self-attends has lost part of what earlier layers saw.
+
+Method (model.py, README "Idea of Reflex attention"):
+  - Every attention layer computes its own per-head K and V (B, H, T, D) from its own normalised input, as usual.
+  - `--heads s-a-b` ("2 layer reflex attention"; the README's 4-2-2 and 5-2-1, the code's hard-coded 5-2-1):
+    layers 0 and 1 are plain self-attention; from layer 2 on, heads [0, s) self-attend, heads [s, s+a) attend with
+    this layer's queries to the SAME head slots of the previous layer's K and V, and heads [s+a, H) to the same slots
+    of the layer before that. The three groups' outputs are concatenated along heads, in that order, then c_proj.
+  - `--heads all` ("all layer reflex attention"): the layer with i earlier layers keeps H - i self heads, and head
+    H - i + j reads earlier layer j's K/V at that slot (j = 0: the first layer), as in the repository's commented-out
+    code. Ambiguity: that code sits behind the guard `len(prevs) <= 1` (plain attention), which would also leave the
+    second layer plain; the README's scheme (SA_1 (8); SA_2 (7) + CA_1 (1); ...; SA_6 (3) + 5 CA) and the guard's
+    commented alternative `len(prevs) == 0` give the second layer one cross head. We follow the README. It needs
+    n_layer <= n_head (the last layer keeps at least one self head).
+  - Cross heads are causal like self heads (is_causal=True with T == S): query t sees positions <= t of the earlier
+    layer's K/V. Those K/V are not detached: gradients flow from a later layer's cross heads into the earlier layer's
+    key/value projection. As in the original, K/V slots that no later layer reads (e.g. slots [s, H) of the last
+    layer) get no gradient.
+  - `--variant baseline` is the same model with plain causal attention everywhere (the repository's 'original').
+    `--heads s-0-0` is exactly the baseline (tested bit for bit).
+
+Fast path: each layer gathers one K and one V (B, H, T, D) by taking head slots from this and earlier layers' K/V
+(kept by reference in ctx.layers, no copies until the single cat) and makes ONE fused causal attention call (SDPA:
+flash/cuDNN on GPU) over all heads; T x T is never materialised. FLOPs equal the baseline's (reflex changes which
+K/V a head reads, not how much work it does), so MFU uses the core's 6N + attention count. `--attn-impl eager` runs
+the reference: one eager attention call per head group against its own layer's K/V, as the original does.
+
+Deviations from the original:
+  - One fused c_attn (C -> 3C) instead of three Linear layers query/key/value: the same map (c_attn's rows are
+    [W_q; W_k; W_v]) and the same N(0, 0.02) init, so the models are equivalent.
+  - The original's LayerNorm eps 1e-6 is kept as this script's default --norm-eps (the core default is 1e-5).
+  - The core model has no residual dropout after c_proj (the original's resid_dropout); its experiments use dropout 0.
+  - Training uses the core loop: its warm-up is (it+1)/(warmup+1) (nanoGPT: it/warmup), batches are a pure function
+    of (seed, step) so every variant sees identical data, and MFU is against the detected GPU's peak (not the A100's).
+  - The repository publishes no weights, so only our checkpoints load.
+
+Usage:
+    python reflex.py --train --preset tiny --device cpu --heads 5-2-1 --out runs/rx_521
+    python reflex.py --train --preset e768-t1024 --data data/owt --heads all --out runs/rx_all
+    python reflex.py --train --preset e512-t256 --data data/docs --variant baseline --out runs/rx_base
+    python reflex.py --compare --preset 124m-8h --data data/docs          # tokens/s of 5-2-1, 4-2-2, all vs baseline
+    python reflex.py --charts --out runs/rx_base --runs runs/rx_521 runs/rx_all  # loss + speed figures
+"""
+import dataclasses
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+import core
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+# The original's recipe (README "Experiments", model_expiriements.ipynb): 6 layers, 8 heads, batch 32, bias False,
+# dropout 0, lr 1e-3 with 400 warm-up steps and cosine decay to 1e-5 over 5000 steps, AdamW betas (0.9, 0.98).
+RECIPE = dict(n_layer=6, n_head=8, batch_size=32, max_iters=5000, lr=1e-3, min_lr=1e-5, warmup_iters=400,
+              beta2=0.98, weight_decay=0.1, grad_clip=1.0, bias=False, dropout=0.0, eval_interval=250,
+              eval_iters=200, log_interval=10)
+
+
+@dataclass
+class ReflexConfig(core.Config):
+    n_layer: int = core.opt(6, "number of transformer blocks (the original: 6)")
+    n_head: int = core.opt(8, "attention heads per block (the original: 8)")
+    norm_eps: float = core.opt(1e-6, "LayerNorm epsilon (the original: 1e-6)")
+    heads: str = core.opt("5-2-1", "reflex head split: s-a-b (self, previous layer, the layer before; sums to "
+                                   "n_head) or 'all' (layer i: n_head - i self heads + one per earlier layer)")
+    bench_splits: str = core.opt("5-2-1,4-2-2,all", "--compare: comma list of head splits timed against baseline")
+
+    PRESETS = {
+        **core.Config.PRESETS,
+        "tiny": {**core.Config.PRESETS["tiny"], "n_layer": 4, "n_head": 8},  # 8 heads so 5-2-1 and 4-2-2 apply
+        # the original's experiments (README 1-4)
+        "e512-t256": dict(RECIPE, n_embd=512, block_size=256),
+        "e512-t1024": dict(RECIPE, n_embd=512, block_size=1024),
+        "e768-t1024": dict(RECIPE, n_embd=768, block_size=1024),
+        # 124M-class with the original's 8 heads and n_layer <= n_head, so 5-2-1, 4-2-2 and all are all valid
+        "124m-8h": dict(n_layer=8, n_head=8, n_embd=896, block_size=1024, batch_size=16),
+    }
+    VARIANTS = ("reflex", "baseline")
+    RUN_FIELDS = core.Config.RUN_FIELDS + ("bench_splits",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant == "reflex":
+            parse_heads(self.heads, self.n_head, self.n_layer)
+
+
+def parse_heads(heads, n_head, n_layer):
+    """'s-a-b' -> (s, a, b); 'all' -> 'all'. A malformed or impossible split raises one clear ConfigError line."""
+    if heads == "all":
+        if n_layer > n_head:
+            raise core.ConfigError(f"--heads all needs n_layer <= n_head (layer i keeps n_head - i self heads), "
+                                   f"got n_layer {n_layer} and n_head {n_head}")
+        return heads
+    if not re.fullmatch(r"\d+-\d+-\d+", heads):
+        raise core.ConfigError(f"--heads must be 'all' or three non-negative integers s-a-b (e.g. 5-2-1), "
+                               f"not {heads!r}")
+    split = tuple(int(n) for n in heads.split("-"))
+    if sum(split) != n_head:
+        raise core.ConfigError(f"--heads {heads} sums to {sum(split)}, but n_head is {n_head}")
+    return split
+
+
+def head_groups(cfg, layer):
+    """[(back, h0, h1)]: heads [h0, h1) of `layer` read layer (layer - back)'s K/V at the same head slots."""
+    H = cfg.n_head
+    split = parse_heads(cfg.heads, H, cfg.n_layer)
+    if split == "all":  # README: H - i self heads, then head H - i + j reads earlier layer j (oldest first)
+        return [(0, 0, H - layer)] + [(layer - j, H - layer + j, H - layer + j + 1) for j in range(layer)]
+    if layer < 2:  # the original: plain attention until two earlier layers exist
+        return [(0, 0, H)]
+    s, a, _ = split
+    return [g for g in ((0, 0, s), (1, s, s + a), (2, s + a, H)) if g[2] > g[1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+
+class ReflexAttention(core.Attention):
+    """Self heads plus heads whose keys and values come from earlier layers (same head slots, causal)."""
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.groups = head_groups(cfg, layer)
+
+    def project(self, x, ctx):
+        q, k, v = super().project(x, ctx)
+        # layer i's K/V is ctx.layers[i]; kept by reference and not detached: later cross heads backprop into it
+        ctx.layers.append((k, v))
+        return q, k, v
+
+    def attend(self, q, k, v, ctx):
+        if self.groups == [(0, 0, self.n_head)]:  # a plain layer
+            return super().attend(q, k, v, ctx)
+        src = [(*ctx.layers[self.layer - back], h0, h1) for back, h0, h1 in self.groups]
+        if ctx.record is None and self.impl(q.device) == "eager":
+            # the reference, as the original computes it: one causal attention per head group, outputs concatenated
+            return torch.cat([self.attend_eager(q[:, h0:h1], ks[:, h0:h1], vs[:, h0:h1], ctx)
+                              for ks, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
+        # fast path: gather each head's K/V slot from its layer (one cat), then one fused call over all heads
+        k = torch.cat([ks[:, h0:h1] for ks, _, h0, h1 in src], dim=1)  # (B, H, T, D)
+        v = torch.cat([vs[:, h0:h1] for _, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
+        return super().attend(q, k, v, ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model + VARIANTS
+
+ATTENTION = {"reflex": ReflexAttention, "baseline": core.Attention}
+
+
+def build_model(cfg):
+    return core.GPT(cfg, ATTENTION[cfg.variant])
+
+
+def load_model(path, device="cpu"):
+    """Our checkpoint -> model in eval mode (the repository publishes no weights)."""
+    return core.load_ours(path, ReflexConfig, build_model, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eval: speed of every head split against the baseline, in one process
+
+def compare(cfg, args):
+    """Time training steps of the baseline and each split of --bench-splits (core.bench, same shapes and batch)."""
+    rows = []
+    for heads in ["baseline", *[h.strip() for h in cfg.bench_splits.split(",") if h.strip()]]:
+        variant = "baseline" if heads == "baseline" else "reflex"
+        run = dataclasses.replace(cfg, variant=variant, heads=heads if variant == "reflex" else cfg.heads)
+        rows.append(dict(heads=heads, **core.bench(run, build_model)))
+        base = rows[0]["tok_s"]
+        r = rows[-1]
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        print(f"{heads:>10}: {r['ms']:7.1f} ms/step  {r['tok_s'] / 1e3:8.1f}k tok/s  {r['tok_s'] / base:5.3f}x "
+              f"baseline  MFU {mfu}", flush=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "compare.json")
+    json.dump(dict(config=dataclasses.asdict(cfg), results=rows), open(path, "w"), indent=1)
+    print(path)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots: the original's charts (train/val loss of every run on one figure, MFU per run), from log.jsonl
+
+def speed_of(log):
+    """Median tokens/s and MFU of a run's logged steps, skipping the first record (compilation, warm-up)."""
+    recs = log[1:] or log
+    mfus = [r["mfu"] for r in recs if r.get("mfu") is not None]
+    return statistics.median(r["tok_s"] for r in recs), statistics.median(mfus) if mfus else None
+
+
+def charts(cfg, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {os.path.basename(os.path.normpath(p)): p for p in [cfg.out, *args.runs]}
+    print(core.plot_runs(runs, os.path.join(cfg.out, "loss.png"), title="reflex attention: train / val loss"))
+    speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = list(speed)
+    axes[0].bar(labels, [speed[k][0] / 1e3 for k in labels])
+    axes[0].set_ylabel("k tokens/s (median of logged steps)")
+    axes[1].bar(labels, [100 * (speed[k][1] or 0) for k in labels])
+    axes[1].set_ylabel("MFU % (0: no known GPU peak)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("reflex attention: training speed per run")
+    fig.tight_layout()
+    out = os.path.join(cfg.out, "speed.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    for k in labels:
+        mfu = f"{100 * speed[k][1]:.1f}%" if speed[k][1] else "n/a"
+        print(f"{k}: {speed[k][0] / 1e3:.1f}k tok/s, MFU {mfu}")
+    print(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    actions = {
+        "compare": ("time the baseline and every split of --bench-splits in one process (tokens/s, x baseline)",
+                    compare),
+        "charts": ("<out>/loss.png (train/val loss of --out and --runs) and <out>/speed.png (tokens/s, MFU per run)",
+                   charts),
+    }
+    return core.main(argv, ReflexConfig, build_model, load_model, actions=actions, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
