@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -676,7 +677,7 @@ def train(cfg, build_model, model=None):
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     model = (model or build_model(cfg)).to(device).train()
     optimizers = model.configure_optimizers(cfg, device.type)
-    start, best = 0, None
+    start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         for o, s in zip(optimizers, ckpt["optimizers"]):
@@ -701,9 +702,10 @@ def train(cfg, build_model, model=None):
             raise ConfigError("--wandb needs the wandb package: pip install wandb")
         wandb_run = wandb.init(project="attnlab", config=asdict(cfg))
 
-    fast = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    fast = compiled
     if ddp:
-        fast = nn.parallel.DistributedDataParallel(fast, device_ids=[local] if device.type == "cuda" else None)
+        fast = nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if device.type == "cuda" else None)
     peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     flops_per_token = model.flops_per_token()
@@ -741,9 +743,10 @@ def train(cfg, build_model, model=None):
         rec = dict(step=step, loss=round(loss_val, 5), lr=optimizers[0].param_groups[0]["lr"],
                    tokens=step * tokens_per_step, tok_s=round(tokens_per_step / dt), ms=round(dt * 1e3, 2),
                    mfu=round(flops_per_token * tokens_per_step / dt / (peak * world), 4) if peak else None,
-                   grad_norm=round(norm_val, 4), time=round(time.time(), 2))
+                   grad_norm=round(norm_val, 4), time=round(time.time(), 2),
+                   mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
         if evaluate_now:
-            rec["val_loss"] = val_loss = round(estimate_loss(model, data, cfg, device, rank, world), 5)
+            rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
         if master:
             mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
             val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
@@ -771,17 +774,12 @@ def train(cfg, build_model, model=None):
 def evaluate(model, data, cfg, device, split="val"):
     """Loss over the whole split (or eval_tokens of it) in non-overlapping windows: nats, perplexity, bits."""
     model.eval()
-    total, count, batch = 0.0, 0, []
-    windows = list(data.windows(split, cfg.block_size, cfg.eval_tokens)) + [None]
-    for w in windows:
-        if w is not None:
-            batch.append(w)
-        if batch and (len(batch) == cfg.batch_size or w is None):
-            xy = torch.stack(batch).to(device)
-            with autocast(device, cfg):
-                total += model(xy[:, :-1], xy[:, 1:]).item() * xy[:, 1:].numel()
-            count += xy[:, 1:].numel()
-            batch = []
+    total, count, windows = 0.0, 0, data.windows(split, cfg.block_size, cfg.eval_tokens)
+    while batch := list(itertools.islice(windows, cfg.batch_size)):
+        xy = torch.stack(batch).to(device)  # (B, T + 1)
+        with autocast(device, cfg):
+            total += model(xy[:, :-1], xy[:, 1:]).item() * xy[:, 1:].numel()
+        count += xy[:, 1:].numel()
     if not count:
         raise ConfigError(f"the {split} split is shorter than one window of {cfg.block_size + 1} tokens")
     loss = total / count
