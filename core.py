@@ -267,11 +267,15 @@ class Attention(nn.Module):
         """The reference: materialises the (T, S) scores; reports probabilities when recording."""
         T, S = q.size(-2), k.size(-2)
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, S)
-        att = att.masked_fill(~causal_mask(T, S, ctx.doc, q.device), float("-inf")).softmax(dim=-1)
+        att = att.masked_fill(~self.eager_mask(T, S, ctx, q.device), float("-inf")).softmax(dim=-1)
         if ctx.record is not None:
             ctx.record(self.layer, att)
         att = F.dropout(att, self.dropout, self.training)
         return att.type_as(v) @ v
+
+    def eager_mask(self, T, S, ctx, device):
+        """Bool (1|B, 1|H, T, S) mask of the eager path; a variant with another pattern overrides this."""
+        return causal_mask(T, S, ctx.doc, device)
 
     def attend_sdpa(self, q, k, v, ctx):
         if ctx.doc is not None:  # SDPA has no document mask: FlexAttention does it without a T x T tensor
@@ -880,7 +884,7 @@ def build_parser(cfg_cls, actions, doc):
     for name, help in {**STANDARD_ACTIONS, **{k: v[0] for k, v in actions.items()}}.items():
         g.add_argument(f"--{name}", action="store_true", help=help)
     g.add_argument("--preset", choices=sorted(cfg_cls.PRESETS), help="named config, applied before other flags")
-    g.add_argument("--runs", nargs="*", default=[], help="--plot: more run directories to compare")
+    g.add_argument("--runs", nargs="*", default=[], help="more run directories: --plot compares their loss curves; a paper's action may read them too")
     g.add_argument("--prompt", default="\n", help="--sample: prompt text")
     g.add_argument("--max-new-tokens", type=int, default=200, help="--sample: tokens to generate")
     g.add_argument("--temperature", type=float, default=0.8, help="--sample: temperature")
