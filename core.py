@@ -194,6 +194,7 @@ def causal_mask(T, S, doc=None, device=None):
     return mask
 
 
+@torch.compiler.disable  # built eagerly, outside the compiled graph: masks built inside it crashed on the H200
 def flex_block_mask(ctx, mask_mod, B, H, T, S, key="causal"):
     """A FlexAttention BlockMask built once per forward and shared by every layer."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -766,7 +767,8 @@ def train(cfg, build_model, model=None):
                                                 val_loss=val_loss))
         loss_sum.zero_()
         t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
-    if ddp:
+    if ddp:  # leave together: a rank tearing down while rank 0 still writes its checkpoint hung gloo
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return model
 
@@ -799,10 +801,11 @@ def evaluate(model, data, cfg, device, split="val"):
 def bench(cfg, build_model, steps=20, warmup=5):
     """Train-step timing on random tokens: ms/step, tokens/s, MFU, peak memory."""
     device = resolve_device(cfg)
+    torch._dynamo.reset()  # a fresh compile cache: earlier models in this process must not eat the recompile limits
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
     fast = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    (opt,) = model.configure_optimizers(cfg, device.type)[:1]
+    optimizers = model.configure_optimizers(cfg, device.type)
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -811,8 +814,9 @@ def bench(cfg, build_model, steps=20, warmup=5):
         with autocast(device, cfg):
             loss = fast(x[:, :-1], x[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     for _ in range(warmup):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -875,6 +879,8 @@ STANDARD_ACTIONS = {
     "plot": "plot loss curves of --out (and --runs) to <out>/loss.png",
     "sample": "generate text from --init-from or <out>/ckpt.pt",
     "bench": "time training steps on random tokens (ms/step, tokens/s, MFU, memory)",
+    "eval-tasks": "downstream eval of --init-from or <out>/ckpt.pt: comma list of lm-eval tasks or local .jsonl "
+                  "multiple-choice files (bench.py)",
 }
 
 
@@ -882,7 +888,8 @@ def build_parser(cfg_cls, actions, doc):
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("actions")
     for name, help in {**STANDARD_ACTIONS, **{k: v[0] for k, v in actions.items()}}.items():
-        g.add_argument(f"--{name}", action="store_true", help=help)
+        kind = dict(metavar="TASKS") if name == "eval-tasks" else dict(action="store_true")
+        g.add_argument(f"--{name}", help=help, **kind)
     g.add_argument("--preset", choices=sorted(cfg_cls.PRESETS), help="named config, applied before other flags")
     g.add_argument("--runs", nargs="*", default=[], help="more run directories: --plot compares their loss curves; a paper's action may read them too")
     g.add_argument("--prompt", default="\n", help="--sample: prompt text")
@@ -924,7 +931,7 @@ def main(argv=None, cfg_cls=Config, build_model=None, load_model=None, actions=N
         base, model = None, None
         if getattr(args, "resume", False):  # the run's own config; flags given now override it
             base = load_checkpoint(os.path.join(make_config(cfg_cls, args).out, "ckpt.pt"))["config"]
-        elif getattr(args, "init_from", "") or args.eval or args.sample:  # the checkpoint's model, our run settings
+        elif getattr(args, "init_from", "") or args.eval or args.sample or args.eval_tasks:  # checkpoint's model
             model = checked_load(load_model, getattr(args, "init_from", "") or
                                  os.path.join(make_config(cfg_cls, args).out, "ckpt.pt"))
             base = {k: v for k, v in asdict(model.cfg).items() if k not in cfg_cls.RUN_FIELDS}
@@ -971,6 +978,9 @@ def run_action(a, cfg, args, build_model, model, actions):
         idx = torch.tensor([tok.encode(args.prompt)], device=device)
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
+    elif a == "eval-tasks":
+        import bench as bench_py  # lm-eval adapter and multiple-choice scorer
+        bench_py.eval_tasks(cfg, args.eval_tasks, model)
     elif a == "bench":
         r = bench(cfg, build_model)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
