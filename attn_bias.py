@@ -10,7 +10,8 @@ Three GPT-2 small models (spec §1):
 - sink: one learned vector `reg_token` (1, 1, C) is prepended before the blocks (no position embedding) and dropped
   after the final norm, in training, eval and generation alike;
 - attn_bias: per layer and head a learned key k' and value v' (`k_bias`, `v_bias`, each (1, H, 1, D)) that every
-  query attends to: softmax(q [Kᵀ k'] / √D) [V; v'ᵀ]. Both start at N(0, 0.02²) and are weight-decayed, like reg_token.
+  query attends to: softmax(q [Kᵀ k'] / √D) [V; v'ᵀ]. Both start at N(0, 0.02²) and are weight-decayed, like
+  reg_token.
 
 Attention paths of attn_bias (--attn-impl): eager (prepend k', v' and mask with the T×(T+1) lower-right causal mask:
 the paper's math, the reference), sdpa (the same mask through SDPA: the paper's code, ×1.20 a plain step),
@@ -28,7 +29,8 @@ crash on it, §7.8); our GPU runs use data/docs, not OpenWebText.
     python attn_bias.py --train --preset paper --variant attn_bias --data data/openwebtext --out runs/owt_bias
     python attn_bias.py --train --preset short --variant sink --data data/docs --out runs/docs_sink
     python attn_bias.py --eval --init-from pretrained/attn_bias/ckpt_50000.pt --data data/openwebtext
-    python attn_bias.py --analyze --runs runs/docs_default runs/docs_sink runs/docs_attn_bias --data data/docs --out runs/ma
+    python attn_bias.py --analyze --runs runs/docs_default runs/docs_sink runs/docs_attn_bias --data data/docs \
+        --out runs/docs_analysis
     python attn_bias.py --bench --preset 124m --batch-size 12 --variant attn_bias
 """
 import json
@@ -213,7 +215,8 @@ def probe_kernel(kernel, device, D):
     except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
         KERNEL_OK[key], reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not KERNEL_OK[key]:
-        core.warn_once(f"attn_bias: the private {kernel} kernel failed its parity check ({reason}); using FlexAttention")
+        core.warn_once(f"attn_bias: the private {kernel} kernel failed its parity check ({reason}); "
+                       "using FlexAttention")
     return KERNEL_OK[key]
 
 
@@ -329,9 +332,9 @@ def from_published(ckpt, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing, unexpected or mis-shaped keys: one line
-        raise core.ConfigError(f"{path}: does not fit a {variant} model with n_layer {a['n_layer']}, n_head {a['n_head']}, "
-                               f"n_embd {a['n_embd']}: "
-                               + " ".join(l.strip() for l in str(e).splitlines()[1:])[:300]) from None
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
+        raise core.ConfigError(f"{path}: does not fit a {variant} model with n_layer {a['n_layer']}, "
+                               f"n_head {a['n_head']}, n_embd {a['n_embd']}: {why}") from None
     return model
 
 
@@ -465,12 +468,15 @@ def analyze(cfg, args):
         r["x_default"] = round(r["step_ms"] / base, 3) if base and r["step_ms"] else None
     os.makedirs(cfg.out, exist_ok=True)
     json.dump(dict(results=results), open(os.path.join(cfg.out, "analysis.json"), "w"))
-    print(f"{'variant':<10} {'loss':>7} {'top1 max':>9} {'median':>8} {'key0 attn':>9} {'ms/step':>8} {'x default':>9}")
+    print(f"{'variant':<10} {'val loss':>8} {'top-1':>8} {'layer':>5} {'median':>7} {'ratio':>7} {'key0 attn':>9} "
+          f"{'ms/step':>8} {'x default':>9}")
     for r in results:
-        lw = r["layerwise"]
-        ms = f"{r['step_ms']:.1f}" if r["step_ms"] else "n/a"
-        print(f"{r['variant']:<10} {r['window_loss']:>7.4f} {max(lw['top1']):>9.1f} {max(lw['median']):>8.3f} "
-              f"{sum(r['attention']['key0']) / r['n_layer']:>9.3f} {ms:>8} {r['x_default'] or 'n/a':>9}")
+        top1, median = r["layerwise"]["top1"], r["layerwise"]["median"]
+        peak = max(range(r["n_layer"]), key=top1.__getitem__)
+        ms, x = (f"{r['step_ms']:.1f}", r["x_default"]) if r["step_ms"] else ("n/a", "n/a")
+        key0 = sum(r["attention"]["key0"]) / r["n_layer"]
+        print(f"{r['variant']:<10} {r['val_loss_log'] or r['window_loss']:>8.4f} {top1[peak]:>8.1f} {peak + 1:>5} "
+              f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.0f} {key0:>9.3f} {ms:>8} {x or 'n/a':>9}")
     for p in [os.path.join(cfg.out, "analysis.json"), *plot_analysis(results, cfg.out)]:
         print(p)
 

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,17 @@ if triton is not None:
         blocks = blocks[-1:] if INTERPRET else blocks[:-1]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
+    _FP32 = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+
+    def _prune(configs, named_args, **kw):
+        """fp32 serves the parity tests: one small tile, no tuning (full-precision fp32 dots are unrolled FMAs that
+        compile slowly and fill shared memory)."""
+        return _FP32 if kw["PREC"] == "ieee" else configs
+
+    def _autotune(configs):
+        return triton.autotune(configs=configs, key=["T_BUCKET", "D", "HAS_DOC"],
+                               prune_configs_by={"early_config_prune": _prune})
+
     # forward and dq need BLOCK_M % BLOCK_N == 0, dk/dv needs BLOCK_N % BLOCK_M == 0 (diagonal-block split)
     _FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (32, 16, 4, 1)])
     _DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 32, 4, 1)])
@@ -137,7 +149,7 @@ if triton is not None:
                 kT = tl.load(k_ptr + offs_n[None, :] * skt + offs_d[:, None])
                 v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :])
             s = tl.dot(q, kT, input_precision=PREC)  # (M, N) q·k in fp32; its sign is σ
-            a = tl.abs(s) * qk_scale  # |s| in log2 units; the mask goes on |s|
+            a = (tl.abs(s) * qk_scale).to(tl.float32)  # |s| in log2 units (the cast: compile passes fp64 scalars); mask on |s|
             if MASKED:
                 a = tl.where(offs_m[:, None] >= offs_n[None, :], a, float("-inf"))
             if HAS_DOC:
@@ -152,10 +164,10 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.autotune(configs=_FWD, key=["T", "D", "HAS_DOC"])
+    @_autotune(_FWD)
     @triton.jit
     def _cog_fwd(Q, K, V, O, LSE, DOC, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                 H, T, D: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+                 H, T, T_BUCKET, D: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)
@@ -181,6 +193,18 @@ if triton is not None:
         tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
     @triton.jit
+    def _cog_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """D = rowsum(dO ⊙ O) in fp32: FA2's preprocess, unchanged for cog attention (§8.3.4)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, doc_ptr, doc_k, offs_n, lo, hi,
                     T, qk_scale, D: tl.constexpr, HAS_DOC: tl.constexpr, MASKED: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -192,7 +216,7 @@ if triton is not None:
             lse = tl.load(lse_ptr + offs_m, mask=offs_m < T, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + offs_m, mask=offs_m < T, other=0.0)
             sT = tl.dot(k, qT, input_precision=PREC)  # (N, M)
-            pT = tl.math.exp2(tl.abs(sT) * qk_scale - lse[None, :])
+            pT = tl.math.exp2((tl.abs(sT) * qk_scale).to(tl.float32) - lse[None, :])
             if MASKED:
                 pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
             if HAS_DOC:
@@ -205,11 +229,12 @@ if triton is not None:
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
         return dk, dv
 
-    @triton.autotune(configs=_DKDV, key=["T", "D", "HAS_DOC"])
+    @_autotune(_DKDV)
     @triton.jit
     def _cog_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOC, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
-                      svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, D: tl.constexpr,
-                      HAS_DOC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, T_BUCKET,
+                      D: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
         start_n = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -249,7 +274,7 @@ if triton is not None:
                 kT = tl.load(k_ptr + offs_n[None, :] * skt + offs_d[:, None])
                 vT = tl.load(v_ptr + offs_n[None, :] * svt + offs_d[:, None])
             s = tl.dot(q, kT, input_precision=PREC)
-            p = tl.math.exp2(tl.abs(s) * qk_scale - lse[:, None])
+            p = tl.math.exp2((tl.abs(s) * qk_scale).to(tl.float32) - lse[:, None])
             if MASKED:
                 p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
             if HAS_DOC:
@@ -261,10 +286,10 @@ if triton is not None:
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         return dq
 
-    @triton.autotune(configs=_DQ, key=["T", "D", "HAS_DOC"])
+    @_autotune(_DQ)
     @triton.jit
     def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
-                    svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, D: tl.constexpr,
+                    svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
                     HAS_DOC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)
@@ -289,43 +314,89 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
+def _bucket(T):
+    """The autotune key for T (the kernels ignore it): one tuning per power of two, not per length (sampling)."""
+    return max(16, triton.next_power_of_2(T))
+
+
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
-class CogTritonFn(torch.autograd.Function):
-    """Fused causal cog attention on (B, H, T, D): forward §8.2, backward §8.3; saves O and the log-sum-exp."""
+# The kernels run as torch.library custom ops: torch.compile treats them as opaque calls instead of tracing the
+# autotuner (tracing it inside a whole-model graph failed in dynamo on torch 2.11).
 
-    @staticmethod
-    def forward(ctx, q, k, v, doc):
-        B, H, T, D = q.shape
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # merge_heads is then free
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # log2 units of the scaled |s|
-        ctx.has_doc, ctx.prec = doc is not None, "ieee" if q.dtype == torch.float32 else "tf32"
-        doc = doc.to(torch.int32).contiguous() if doc is not None else lse  # a dummy pointer when unused
-        ctx.scale = D ** -0.5
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-        _cog_fwd[grid](q, k, v, o, lse, doc, ctx.scale * math.log2(math.e), *_strides(q, k, v, o), H, T, D=D,
-                       HAS_DOC=ctx.has_doc, PREC=ctx.prec)
-        ctx.save_for_backward(q, k, v, o, lse, doc)
-        return o
+@torch.library.custom_op("attnlab::cog_attn_fwd", mutates_args=())
+def cog_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused causal cog attention on (B, H, T, D), §8.2 -> (O, log-sum-exp in log2 units of the scaled |s|)."""
+    B, H, T, D = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o, lse = _fwd_outputs(q)
+    docp = doc.to(torch.int32).contiguous() if doc is not None else lse  # a dummy pointer when unused
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _cog_fwd[grid](q, k, v, o, lse, docp, D ** -0.5 * math.log2(math.e), *_strides(q, k, v, o), H, T, _bucket(T),
+                   D=D, HAS_DOC=doc is not None, PREC=_prec(q))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc = ctx.saved_tensors
-        B, H, T, D = q.shape
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)  # D = rowsum(dO ⊙ O), FA2's preprocess (§8.3.4)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        scales = (ctx.scale * math.log2(math.e), ctx.scale)
-        kw = dict(D=D, HAS_DOC=ctx.has_doc, PREC=ctx.prec)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)
-        _cog_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, doc, *scales, *_strides(q, k, v, do, dk, dv), H, T,
-                            **kw)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-        _cog_bwd_dq[grid](q, k, v, do, dq, lse, delta, doc, *scales, *_strides(q, k, v, do, dq), H, T, **kw)
-        return dq, dk, dv, None
+
+def _fwd_outputs(q):
+    B, H, T, D = q.shape
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # merge_heads is then free
+    return o, torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+
+
+def _prec(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@cog_attn_fwd.register_fake
+def _(q, k, v, doc):
+    return _fwd_outputs(q)
+
+
+@torch.library.custom_op("attnlab::cog_attn_bwd", mutates_args=())
+def cog_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """§8.3: dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D) with D = rowsum(dO ⊙ O), recomputing W from Q, K and the LSE."""
+    B, H, T, D = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    docp = doc.to(torch.int32).contiguous() if doc is not None else lse
+    delta = torch.empty_like(lse)
+    _cog_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o, do), H, T, D=D, BLOCK_M=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    scales = (D ** -0.5 * math.log2(math.e), D ** -0.5)
+    kw = dict(D=D, HAS_DOC=doc is not None, PREC=_prec(q))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+    _cog_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, docp, *scales, *_strides(q, k, v, do, dk, dv), H, T,
+                        _bucket(T), **kw)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _cog_bwd_dq[grid](q, k, v, do, dq, lse, delta, docp, *scales, *_strides(q, k, v, do, dq), H, T, _bucket(T), **kw)
+    return dq, dk, dv
+
+
+@cog_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, doc):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, doc = inputs
+    ctx.save_for_backward(q, k, v, *output, doc)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, doc = ctx.saved_tensors
+    return (*cog_attn_bwd(do, q, k, v, o, lse, doc), None)
+
+
+cog_attn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def cog_attention_triton(q, k, v, doc=None):
+    """Cog attention with the fused Triton kernel: saves only O and the log-sum-exp for backward."""
+    return cog_attn_fwd(q, k, v, doc)[0]
 
 
 def triton_ok(q, k):
@@ -340,7 +411,7 @@ class CogAttention(core.Attention):
     FAST, FAST_CPU = "triton", "eager"
 
     def attend_eager(self, q, k, v, ctx):
-        w = cog_weights(q, k, core.causal_mask(q.size(-2), k.size(-2), ctx.doc, q.device))  # (B, H, T, S)
+        w = cog_weights(q, k, self.eager_mask(q.size(-2), k.size(-2), ctx, q.device))  # (B, H, T, S)
         if ctx.record is not None:
             ctx.record(self.layer, w)
         w = F.dropout(w, self.dropout, self.training)
@@ -362,7 +433,7 @@ class CogAttention(core.Attention):
         if not triton_ok(q, k):
             core.warn_once("the cog Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex2x")
             return self.attend_flex2x(q, k, v, ctx)
-        return CogTritonFn.apply(q, k, v, ctx.doc)
+        return cog_attention_triton(q, k, v, ctx.doc)
 
 
 class SoftmaxAttention(core.Attention):
@@ -597,16 +668,16 @@ def kernel_bench(cfg, args):
         def sdpa(q, k, v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        fns = {"sdpa_flash_softmax": sdpa, "cog_triton": lambda q, k, v: CogTritonFn.apply(q, k, v, None),
+        fns = {"sdpa_flash_softmax": sdpa, "cog_triton": cog_attention_triton,
                "cog_flex2x": lambda q, k, v: flex(q, torch.cat([k, k], 2), torch.cat([v, -v], 2),
                                                   score_mod=score_mod, block_mask=block_mask),
                "cog_eager_compile": torch.compile(lambda q, k, v: cog_weights(q, k, mask).type_as(v) @ v)}
         inputs = [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         res = {name: time_fwd_bwd(fn, inputs) for name, fn in fns.items()}
-        ref = res["sdpa_flash_softmax"][0]
+        ref, eager_ms = res["sdpa_flash_softmax"][0], res["cog_eager_compile"][0]
         for name, (ms, gib) in res.items():
             rows.append(dict(B=B, H=H, T=T, D=D, impl=name, ms=round(ms, 3), peak_gib=round(gib, 3),
-                             x_sdpa=round(ms / ref, 2), eager_compile_over_this=round(res["cog_eager_compile"][0] / ms, 2)))
+                             x_sdpa=round(ms / ref, 2), eager_compile_over_this=round(eager_ms / ms, 2)))
             print(f"B={B:<3} T={T:<5} {name:<20} {ms:8.3f} ms  {gib:6.3f} GiB  {ms / ref:5.2f}x SDPA-flash")
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "kernel_bench.json")

@@ -833,6 +833,27 @@ def bench(cfg, build_model, steps=20, warmup=5):
                 params_m=model.num_params(False) / 1e6)
 
 
+def bench_line(r):
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    mem = f"{r['mem_gb']:.1f} GiB" if r["mem_gb"] else "n/a"
+    return f"{r['ms']:.1f} ms/step, {r['tok_s'] / 1e3:.1f}k tok/s, MFU {mfu}, peak {mem}"
+
+
+def bench_variants(runs, build_model, out):
+    """core.bench of several configs ({label: cfg}, the first is the baseline), each freshly compiled, in one
+    process; prints x baseline and writes <out>/compare.json."""
+    rows = {}
+    for label, cfg in runs.items():
+        r = rows[label] = bench(cfg, build_model)
+        r["x_baseline"] = r["tok_s"] / next(iter(rows.values()))["tok_s"]
+        print(f"{label:>18}: {bench_line(r)}, {r['params_m']:.2f}M params, {r['x_baseline']:.3f}x baseline", flush=True)
+    os.makedirs(out, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    json.dump(dict(device=device, torch=torch.__version__, results=rows), open(os.path.join(out, "compare.json"), "w"),
+              indent=1)
+    return rows
+
+
 def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path):
@@ -982,10 +1003,7 @@ def run_action(a, cfg, args, build_model, model, actions):
         import bench as bench_py  # lm-eval adapter and multiple-choice scorer
         bench_py.eval_tasks(cfg, args.eval_tasks, model)
     elif a == "bench":
-        r = bench(cfg, build_model)
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        mem = f"{r['mem_gb']:.1f} GiB" if r["mem_gb"] else "n/a"
-        print(f"{cfg.variant or 'model'}: {r['ms']:.1f} ms/step, {r['tok_s'] / 1e3:.1f}k tok/s, MFU {mfu}, peak {mem}")
+        print(f"{cfg.variant or 'model'}: {bench_line(bench(cfg, build_model))}")
     else:
         actions[a][1](cfg, args)
 

@@ -40,13 +40,14 @@ masks (same math). Our Muon is the published rule (muon/muon.py: Polar Express, 
 decay) in plain PyTorch ops; torch.optim.Muon (torch >= 2.9) is not used because it runs Newton-Schulz with one fixed
 coefficient triple, plain decoupled decay and no second moment, a different update. The paper text was not
 available here: the variant definitions above follow the official code and README; ResFormer is taken ungated as in
-Zhou et al. Not reproduced: downstream lm-eval tasks (run_eval.py) and options off in the paper runs (smear gate,
-per-layer backout, anchor delta, YaRN, SkyLadder): loading a checkpoint that uses them is refused.
+Zhou et al. Downstream tasks (run_eval.py) go through the core's --eval-tasks (not checked here). Not reproduced:
+options off in the paper runs (smear gate, per-layer backout, anchor delta, YaRN, SkyLadder): such checkpoints are
+refused.
 
     python exoformer.py --train --preset small --data data/docs --out runs/exo_dyn           # Dynamic E-ExoFormer
     python exoformer.py --train --preset small --data data/docs --variant resformer --out runs/exo_res
     python exoformer.py --plot --out runs/exo_dyn --runs runs/exo_res                        # val curves, one plot
-    python exoformer.py --compare --preset small                  # tokens/s of every variant vs baseline
+    python exoformer.py --compare --preset small --data data/docs     # tokens/s of every variant vs baseline
     python exoformer.py --eval --init-from 'ckpt_step:38146.pt' --data data/fineweb-edu10b   # published checkpoint
     python exoformer.py --analyze --init-from 'ckpt_step:38146.pt' --runs runs/exo_dyn --data data/docs --out runs/an
 """
@@ -77,8 +78,8 @@ VARIANT_FLAGS = {
     "nuresformer": dict(gate="on", mix="qkvg", anchor="layer0", anchor_norm="qkvg", dynamic="off"),
     "exoformer": dict(gate="on", mix="qkvg", anchor="exo", anchor_norm="qkvg", dynamic="off"),
 }
-PAPER = dict(n_layer=29, n_head=16, n_embd=1024, block_size=2048, batch_size=16, grad_accum=8, max_iters=38147,
-             eval_interval=100, eval_iters=10)  # train.py and analysis.py's fallback config
+PAPER = dict(n_layer=29, n_head=16, n_embd=1024, block_size=2048, vocab_size=57601, batch_size=16, grad_accum=8,
+             max_iters=38147, eval_interval=100, eval_iters=10)  # train.py and analysis.py's fallback config
 
 
 @dataclass
@@ -107,8 +108,8 @@ class ExoConfig(core.Config):
     muon_wd: float = opt(0.1, "Muon (cautious) weight decay")
 
     PRESETS = {**core.Config.PRESETS,
-               "small": dict(n_layer=6, n_head=12, n_embd=768, block_size=1024, batch_size=16, max_iters=600,
-                             warmup_iters=50, eval_interval=100, eval_iters=20, log_interval=25),
+               "small": dict(n_layer=4, n_head=12, n_embd=768, block_size=1024, batch_size=16, max_iters=600,
+                             warmup_iters=50, eval_interval=100, eval_iters=20, log_interval=25),  # GPU comparisons
                "paper": PAPER}
     VARIANTS = tuple(VARIANT_FLAGS)
     RUN_FIELDS = core.Config.RUN_FIELDS + ("z_loss", "muon_lr", "muon_wd")
@@ -190,7 +191,7 @@ class ExoAttention(core.Attention):
     def forward(self, x, ctx):
         B, T, C = x.shape
         proj = dict(zip(PATHS, self.c_attn(x).view(B, T, -1, self.n_head, self.head_dim).unbind(2)))  # (B, T, H, D)
-        s = self.dynamic_mixing(x) if self.mix and hasattr(self, "dynamic_mixing") else None
+        s = self.dynamic_mixing(x) if hasattr(self, "dynamic_mixing") else None  # per-token scales (B, T, 2P)
         stat = getattr(ctx.record, "stat", None)  # analysis hook (see Recorder)
         for p in self.mix:  # in the projections' dtype (bf16 under autocast)
             l1, l2 = self.coefficients(p, s, proj[p].dtype)
@@ -271,7 +272,8 @@ class ExoGPT(core.GPT):
     def configure_optimizers(self, cfg, device_type):
         """Muon for the block matrices and anchor_proj, AdamW for embeddings, head, norms, biases and lambdas."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        is_matrix = lambda n, p: p.dim() >= 2 and not n.startswith(("transformer.wte", "lm_head"))
+        is_matrix = lambda n, p: (p.dim() >= 2 and "lambda_" not in n  # elementwise lambdas are (H, D): AdamW
+                                  and not n.startswith(("transformer.wte", "lm_head")))
         muon = Muon([p for n, p in named if is_matrix(n, p)], cfg.muon_lr, cfg.muon_wd, cfg.max_iters)
         adamw = torch.optim.AdamW([p for n, p in named if not is_matrix(n, p)], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=device_type == "cuda")
@@ -294,11 +296,11 @@ def polar_express(G):
     X = G.bfloat16()
     wide = G.size(-2) <= G.size(-1)
     X = X if wide else X.mT
-    X = X / (X.norm() * 1.02 + 1e-6)  # spectral norm <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
     for a, b, c in POLAR_EXPRESS:
         Xf = X.float()
         A = Xf @ Xf.mT
-        X = (a * Xf + (b * A + c * A @ A) @ Xf).bfloat16()
+        X = (a * Xf + (b * A + c * (A @ A)) @ Xf).bfloat16()
     return X if wide else X.mT
 
 
@@ -334,10 +336,11 @@ class Muon(torch.optim.Optimizer):
                 buf, vbuf = state["momentum_buffer"], state["variance_buffer"]
                 buf.lerp_(p.grad, 1 - m)
                 u = polar_express(p.grad.lerp(buf, m))
-                norm = u.norm()
+                norm = u.norm(dim=(-2, -1), keepdim=True)
                 vbuf.lerp_(u.square().mean(dim=-1 if tall else -2, keepdim=True).to(vbuf.dtype), 1 - MUON_BETA2)
                 u = u * vbuf.clamp(min=1e-10).rsqrt()  # per-row (or column) second-moment normalisation
-                u = u * (norm / u.norm().clamp(min=1e-10)) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                u = u * (norm / u.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))  # keep the orthogonal norm
+                u = u * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 if wd:
                     p.addcmul_((u * p >= 0).to(p.dtype), p, value=-lr * wd)
                 p.add_(u.to(p.dtype), alpha=-lr)
@@ -421,18 +424,9 @@ def load_model(path, device="cpu"):
 
 def compare(cfg, args):
     """core.bench for each variant at this size, each freshly compiled; tokens/s, x baseline, MFU, memory."""
-    rows = {}
-    for v in ("baseline", *[v for v in VARIANT_FLAGS if v != "baseline"]):
-        torch._dynamo.reset()
-        rows[v] = core.bench(dataclasses.replace(cfg, variant=v, **VARIANT_FLAGS[v]), ExoGPT)
-        r = rows[v]
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] else "n/a"
-        print(f"{v:<18} {r['params_m']:7.2f}M {r['ms']:8.1f} ms {r['tok_s'] / 1e3:9.1f}k tok/s "
-              f"{r['tok_s'] / rows['baseline']['tok_s']:6.3f}x  MFU {mfu:>6}  {mem} GiB", flush=True)
-    os.makedirs(cfg.out, exist_ok=True)
-    json.dump(dict(config=dataclasses.asdict(cfg), device=torch.cuda.get_device_name() if torch.cuda.is_available()
-                   else "cpu", results=rows), open(os.path.join(cfg.out, "compare.json"), "w"), indent=1)
+    runs = {v: dataclasses.replace(cfg, variant=v, **VARIANT_FLAGS[v])
+            for v in ("baseline", *[v for v in VARIANT_FLAGS if v != "baseline"])}
+    return core.bench_variants(runs, ExoGPT, cfg.out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,22 +523,25 @@ PANELS = [("ratio_q", "query lam1/lam2"), ("ratio_k", "key lam1/lam2"), ("ratio_
           ("sink", "attention to the first token"), ("entropy", "attention entropy"), ("max_act", "max |activation|"),
           ("token_sim", "token-token cosine (mean)"), ("cos_to_embedding", "cosine to the embedding"),
           ("pca_core", "PCA core features (99%)")]
+HIDDEN_KEYS = ("max_act", "token_sim", "cos_to_embedding", "pca_core")  # measured on [embedding, layer outputs]
 
 
 def plot_analysis(results, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(3, 4, figsize=(18, 11))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name, r in results.items():
             ys = r["attention_layers"].get(key) or r["hidden_layers"].get(key)
-            if ys and any(y is not None for y in ys):  # hidden-state measures start at the embedding (x = -1)
-                x0 = -1 if key in r["hidden_layers"] else 0
+            if ys and any(y is not None for y in ys):
+                x0 = -1 if key in HIDDEN_KEYS else 0
                 ax.plot(range(x0, x0 + len(ys)), [float("nan") if y is None else y for y in ys], marker="o",
                         ms=3, label=name)
         ax.set_title(title)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (-1: the embedding)" if key in HIDDEN_KEYS else "layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_yscale("log" if key == "max_act" else "linear")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)

@@ -14,7 +14,8 @@ Method (model.py, README "Idea of Reflex attention"):
     H - i + j reads earlier layer j's K/V at that slot (j = 0: the first layer), as in the repository's commented-out
     code. Ambiguity: that code sits behind the guard `len(prevs) <= 1` (plain attention), which would also leave the
     second layer plain; the README's scheme (SA_1 (8); SA_2 (7) + CA_1 (1); ...; SA_6 (3) + 5 CA) and the guard's
-    commented alternative `len(prevs) == 0` give the second layer one cross head. We follow the README. It needs
+    commented alternative `len(prevs) == 0` give the second layer one cross head. We follow the README there, and
+    the code's slot order (the README writes the cross heads nearest layer first, the code oldest first). It needs
     n_layer <= n_head (the last layer keeps at least one self head).
   - Cross heads are causal like self heads (is_causal=True with T == S): query t sees positions <= t of the earlier
     layer's K/V. Those K/V are not detached: gradients flow from a later layer's cross heads into the earlier layer's
@@ -46,7 +47,6 @@ Usage:
     python reflex.py --charts --out runs/rx_base --runs runs/rx_521 runs/rx_all  # loss + speed figures
 """
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -172,21 +172,10 @@ def load_model(path, device="cpu"):
 
 def compare(cfg, args):
     """Time training steps of the baseline and each split of --bench-splits (core.bench, same shapes and batch)."""
-    rows = []
-    for heads in ["baseline", *[h.strip() for h in cfg.bench_splits.split(",") if h.strip()]]:
-        variant = "baseline" if heads == "baseline" else "reflex"
-        run = dataclasses.replace(cfg, variant=variant, heads=heads if variant == "reflex" else cfg.heads)
-        rows.append(dict(heads=heads, **core.bench(run, build_model)))
-        base = rows[0]["tok_s"]
-        r = rows[-1]
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        print(f"{heads:>10}: {r['ms']:7.1f} ms/step  {r['tok_s'] / 1e3:8.1f}k tok/s  {r['tok_s'] / base:5.3f}x "
-              f"baseline  MFU {mfu}", flush=True)
-    os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, "compare.json")
-    json.dump(dict(config=dataclasses.asdict(cfg), results=rows), open(path, "w"), indent=1)
-    print(path)
-    return rows
+    splits = [h.strip() for h in cfg.bench_splits.split(",") if h.strip()]
+    runs = {"baseline": dataclasses.replace(cfg, variant="baseline"),
+            **{h: dataclasses.replace(cfg, variant="reflex", heads=h) for h in splits}}
+    return core.bench_variants(runs, build_model, cfg.out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,8 +199,11 @@ def charts(cfg, args):
     labels = list(speed)
     axes[0].bar(labels, [speed[k][0] / 1e3 for k in labels])
     axes[0].set_ylabel("k tokens/s (median of logged steps)")
-    axes[1].bar(labels, [100 * (speed[k][1] or 0) for k in labels])
-    axes[1].set_ylabel("MFU % (0: no known GPU peak)")
+    mfu = [100 * (speed[k][1] or 0) for k in labels]
+    axes[1].bar(labels, mfu)
+    axes[1].set_ylabel("MFU % of the GPU's bf16 peak")
+    if not any(mfu):
+        axes[1].text(0.5, 0.5, "n/a: no known GPU peak", ha="center", transform=axes[1].transAxes)
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
         ax.grid(alpha=0.3, axis="y")

@@ -1,0 +1,854 @@
+"""bench.py: every variant of every paper script on equal footing: speed, a training comparison, downstream scores.
+
+Speed. One row per (script, variant, attention path, T): a fresh subprocess builds the model, checks the fast
+attention path against its eager reference (same weights, same batch, same device: logits and every parameter
+gradient, relative error against the fp32 eager result, tolerance by dtype), and only then times training steps with
+core.bench (random tokens, bf16 autocast and torch.compile on GPU). A mismatch is reported as FAIL and not timed.
+Columns: ms/step, tokens/s, x the paper's baseline variant, x the core GPT, MFU against the detected GPU's peak and
+peak memory. Sizes: each script's 124m-class preset (core's `124m`; cogformer `141m-gpt2`; reflex `124m-8h`);
+`tiny` on CPU. A fresh process per row matters: one long-lived process recompiling many models hits torch.compile's
+recompile limits and runs up to 1.8x slower.
+
+    python bench.py                                   # every variant of every script, T=1024, the GPU it finds
+    python bench.py --papers core,cogformer --impl eager,auto --batch 8
+    python bench.py --scaling                         # T = 1024 .. 8192 (OOM cells), baseline + main variant each
+    python bench.py --compare --data data/docs        # train baseline + main variant of each paper, same tokens
+    python bench.py --ddp 2                           # core baseline on 1 and 2 GPUs (torchrun): scaling efficiency
+
+Downstream evaluation of any checkpoint of any script (lm-eval is optional: pip install lm-eval):
+
+    python bench.py --eval-tasks hellaswag,arc_easy --ckpt runs/x/ckpt.pt    # lm-eval task names or .yaml files
+    python bench.py --eval-tasks mc.jsonl --ckpt runs/x/ckpt.pt --data data/docs   # local multiple choice, no lm-eval
+    python cogformer.py --eval-tasks mc.jsonl --init-from runs/cog/ckpt.pt --data data/docs   # from any script
+    python bench.py --lm-eval --model attnlab --model_args pretrained=runs/x/ckpt.pt --device cuda --tasks piqa
+
+Multiple-choice JSONL: one {"context": str, "choices": [str, ...], "label": int} per line; each choice is appended to
+the context as is (it carries its own leading space). The score of a choice is the summed log-likelihood of its
+tokens given the context (the papers' zero-shot scorer, as in lm-eval, whose rule that trailing spaces of the context
+are scored with the continuation we keep): acc takes the argmax of the scores, acc_norm the argmax of the score per
+UTF-8 byte of the choice. The tokenizer is the one of the model's dataset (--data, else the dataset recorded in the
+checkpoint).
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import core
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAPERS = ("exoformer", "attn_bias", "cogformer", "sparse_byte", "reflex")
+SCRIPTS = ("core", *PAPERS)
+BASELINE_NAMES = ("baseline", "default", "transformer", "dense")  # each paper's plain-attention variant
+SIZE_PRESETS = {"cogformer": "141m-gpt2", "reflex": "124m-8h"}   # 124m class where core's 124m shape does not fit
+SCALING_T = (1024, 2048, 4096, 8192)
+ROW_TIMEOUT = 900  # seconds for one row's process (compilation included)
+TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}  # fast vs fp32 eager reference; correct bf16 paths land near 1e-2
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scripts: what each one exposes, read from the call its main() makes to core.main
+
+
+@dataclasses.dataclass
+class Script:
+    name: str
+    cfg_cls: type
+    build_model: object
+    load_model: object = None
+
+    @property
+    def variants(self):
+        return self.cfg_cls.VARIANTS or ("",)
+
+    @property
+    def baseline(self):
+        v = self.cfg_cls.VARIANTS
+        return getattr(self.cfg_cls, "BASELINE", None) or next((x for x in v if x in BASELINE_NAMES), v[0] if v else "")
+
+    @property
+    def main(self):
+        v = self.cfg_cls.VARIANTS
+        return getattr(self.cfg_cls, "MAIN", None) or (v[0] if v and v[0] != self.baseline else v[-1] if v else "")
+
+    def load(self, path, device="cpu"):
+        if self.load_model is None:
+            return core.load_ours(path, self.cfg_cls, self.build_model, device)
+        return self.load_model(path, device)
+
+
+@functools.cache
+def script(name):
+    if name == "core":
+        return Script("core", core.Config, core.GPT)
+    if name not in SCRIPTS:
+        raise core.ConfigError(f"unknown script {name!r}: choose from {', '.join(SCRIPTS)}")
+    module = importlib.import_module(name)
+    got = {}
+
+    def capture(argv=None, cfg_cls=core.Config, build_model=None, load_model=None, actions=None, doc=None):
+        got.update(cfg_cls=cfg_cls, build_model=build_model or core.GPT, load_model=load_model)
+        return 0
+    real, core.main = core.main, capture
+    try:
+        module.main([])
+    finally:
+        core.main = real
+    return Script(name, **got)
+
+
+def make_cfg(s, variant, preset, **over):
+    """The script's config: preset, then variant and overrides (None = keep); random-token vocabulary if unset."""
+    if preset not in s.cfg_cls.PRESETS:
+        raise core.ConfigError(f"{s.name} has no preset {preset!r} ({', '.join(sorted(s.cfg_cls.PRESETS))})")
+    kw = {**s.cfg_cls.PRESETS[preset], **({"variant": variant} if variant else {})}
+    cfg = s.cfg_cls(**{**kw, **{k: v for k, v in over.items() if v is not None}})
+    cfg.vocab_size = cfg.vocab_size or 50304  # GPT-2's, padded to a multiple of 64
+    return cfg
+
+
+def preset_for(name, presets, gpu):
+    """--preset: 'NAME' for every script and/or 'script=NAME' entries; default the 124m class (tiny on CPU)."""
+    return presets.get(name) or presets.get("*") or ("tiny" if not gpu else SIZE_PRESETS.get(name, "124m"))
+
+
+def parse_presets(text):
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, preset = item.rpartition("=")
+        out[name or "*"] = preset
+    return out
+
+
+def pick_variants(s, which):
+    if not s.cfg_cls.VARIANTS:  # core: its one model
+        return [""]
+    if which == "all":
+        return [s.baseline, *[v for v in s.variants if v != s.baseline]]
+    if which == "main":
+        return list(dict.fromkeys([s.baseline, s.main]))
+    return [v for v in which.split(",") if v in s.variants]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity: the fast path against its eager reference
+
+
+def fwd_bwd(model, idx, amp):
+    model.zero_grad(set_to_none=True)
+    with amp:
+        logits = model(idx[:, :-1])  # (B, T, V)
+    F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
+    return logits.detach().float(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def parity_error(out, ref):
+    """Worst relative error over the logits and each parameter's gradient: (error, tensor name).
+    A gradient's error is taken against max(its norm, 1e-3 x the largest gradient norm): near-zero gradients
+    (e.g. K/V slots no later layer reads) cannot dominate."""
+    (logits, grads), (ref_logits, ref_grads) = out, ref
+    errs = {"logits": ((logits - ref_logits).norm() / ref_logits.norm().clamp_min(1e-30)).item()}
+    scale = max((g.float().norm().item() for g in ref_grads.values() if g is not None), default=0.0)
+    for name, g_ref in ref_grads.items():
+        g = grads[name]
+        if g is None and g_ref is None:
+            continue
+        g_ref = torch.zeros_like(g, dtype=torch.float32) if g_ref is None else g_ref.float()
+        g = torch.zeros_like(g_ref) if g is None else g.float()
+        errs[name] = ((g - g_ref).norm() / max(g_ref.norm().item(), 1e-3 * scale, 1e-30)).item()
+    worst = max(errs, key=errs.get)
+    return errs[worst], worst
+
+
+def check_parity(s, cfg, B=2, T=256):
+    """Fast path (cfg.attn_impl, in the bench dtype) vs the eager reference in fp32: same weights (perturbed, so that
+    zero-initialised projections cannot hide the attention), same batch, same device, training mode, no dropout.
+    Tolerance: TOL of the dtype, or twice the error of the eager path in that dtype if larger.
+    -> dict(status 'ok' | 'FAIL' | 'eager' (nothing to check), impls, err, tol, worst, floor (eager in the dtype))."""
+    device = core.resolve_device(cfg)
+    cfg = dataclasses.replace(cfg, dropout=0.0)
+    fast = s.build_model(cfg).to(device)
+    impls = sorted({m.impl(device) for m in fast.modules() if isinstance(m, core.Attention)})
+    if impls == ["eager"]:
+        return dict(status="eager", impls=impls)
+    torch.manual_seed(cfg.seed)
+    ref = s.build_model(dataclasses.replace(cfg, attn_impl="eager")).to(device)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    fast.load_state_dict(ref.state_dict())
+    T = min(T, cfg.block_size)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    amp = core.autocast(device, cfg)
+    dtype = getattr(amp, "fast_dtype", torch.float32)  # autocast's dtype; a null context: float32
+    want = fwd_bwd(ref, idx, contextlib.nullcontext())
+    res = dict(impls=impls, tol=TOL[dtype])
+    if dtype != torch.float32:  # the rounding of the dtype itself: the eager path in it (sign(s) of cog attention
+        res["floor"] = parity_error(fwd_bwd(ref, idx, amp), want)[0]  # flips near s = 0, whatever the kernel)
+        res["tol"] = max(res["tol"], 2 * res["floor"])
+    res["err"], res["worst"] = parity_error(fwd_bwd(fast, idx, amp), want)
+    return dict(res, status="ok" if res["err"] <= res["tol"] else "FAIL")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed rows: one subprocess each
+
+
+def measure(spec):
+    """One row: config, parity check, then core.bench. Never raises: the outcome is the row's status."""
+    row = dict(spec)
+    try:
+        s = script(spec["script"])
+        cfg = make_cfg(s, spec["variant"], spec["preset"], **spec["over"])
+        device = core.resolve_device(cfg)
+        row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if spec.get("check", True):
+            row["parity"] = check_parity(s, cfg)
+            if row["parity"]["status"] == "FAIL":
+                row["status"] = "FAIL"
+                return row
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.update(core.bench(cfg, s.build_model, spec.get("steps", 20), spec.get("warmup", 5)), status="ok")
+    except core.ConfigError as e:
+        row["status"] = f"skip: {e}"
+    except Exception as e:  # one broken variant must not stop the table; the traceback goes to the row's log
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        row["status"] = "OOM" if oom else f"error: {type(e).__name__}: {msg[:200]}"
+    return row
+
+
+def child(spec_json, out_path):
+    """Entry of the row subprocess."""
+    with open(out_path, "w") as f:
+        json.dump(measure(json.loads(spec_json)), f)
+
+
+def run_row(spec, log_path):
+    out = log_path + ".json"
+    cmd = [sys.executable, "-c", "import sys, bench; bench.child(sys.argv[1], sys.argv[2])", json.dumps(spec), out]
+    try:
+        with open(log_path, "w") as log:
+            code = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, timeout=ROW_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": f"error: no result after {ROW_TIMEOUT} s (log: {log_path})"}
+    if code == 0 and os.path.exists(out):
+        return json.load(open(out))
+    last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
+    return {**spec, "status": f"error: exit {code}: {last[0][:200]} (log: {log_path})"}
+
+
+def speed_specs(args, gpu):
+    """Rows to run; configs that the script refuses become 'skip' rows right away."""
+    presets, seqs, specs = parse_presets(args.preset), seq_list(args, gpu), []
+    for name in papers(args.papers, with_core=True):
+        s = script(name)
+        preset = preset_for(name, presets, gpu)
+        impls = [i for i in s.cfg_cls.ATTN_IMPLS if i != "auto"] if args.impl == "all" else args.impl.split(",")
+        for variant in pick_variants(s, args.variants or ("main" if args.scaling else "all")):
+            for impl in [i for i in impls if i in s.cfg_cls.ATTN_IMPLS]:
+                for T in seqs or [None]:
+                    spec = dict(script=name, variant=variant, baseline=s.baseline, preset=preset, impl=impl,
+                                steps=args.steps, warmup=args.warmup)
+                    try:
+                        cfg0 = make_cfg(s, variant, preset, device=args.device)
+                        T = T or cfg0.block_size
+                        B = args.batch or max(1, cfg0.batch_size * cfg0.block_size // T)  # the preset's tokens/step
+                        spec.update(T=T, B=B, over=dict(block_size=T, batch_size=B, attn_impl=impl, device=args.device,
+                                                       dtype=args.dtype, compile=args.compile))
+                        make_cfg(s, variant, preset, **spec["over"])
+                    except core.ConfigError as e:
+                        spec.update(T=T, B=args.batch or None, status=f"skip: {e}")
+                    specs.append(spec)
+    return specs
+
+
+def seq_list(args, gpu):
+    if args.seq:
+        if not all(t.isdigit() and int(t) > 0 for t in args.seq.split(",")):
+            raise core.ConfigError(f"--seq takes positive integers, comma separated, not {args.seq!r}")
+        return [int(t) for t in args.seq.split(",")]
+    return list(SCALING_T if gpu else (64, 128)) if args.scaling else []
+
+
+def papers(text, with_core=False):
+    names = text.split(",") if text else ([*SCRIPTS] if with_core else [*PAPERS])
+    for n in names:
+        if n not in SCRIPTS:
+            raise core.ConfigError(f"unknown script {n!r} in --papers: choose from {', '.join(SCRIPTS)}")
+    return names
+
+
+def add_ratios(rows):
+    """x baseline: against the paper's baseline variant; x core: against the core GPT (same T, impl auto if any)."""
+    def find(name, variant, T):
+        cands = [r for r in rows if (r["script"], r["variant"], r.get("T")) == (name, variant, T) and r.get("tok_s")]
+        return next((r for r in cands if r["impl"] == "auto"), cands[0] if cands else None)
+    for r in rows:
+        if r.get("tok_s"):
+            base, gpt = find(r["script"], r["baseline"], r["T"]), find("core", "", r["T"])
+            r["x_baseline"] = r["tok_s"] / base["tok_s"] if base else None
+            r["x_core"] = r["tok_s"] / gpt["tok_s"] if gpt else None
+
+
+def label(r):
+    return f"{r['script']}" + (f"/{r['variant']}" if r["variant"] else "")
+
+
+def check_cell(r):
+    p = r.get("parity")
+    if not p:
+        return "-"
+    if p["status"] == "eager":
+        return "eager"
+    floor = f", bf16 floor {p['floor']:.1e}" if "floor" in p else ""
+    worst = f" at {p['worst']}" if p["status"] == "FAIL" else ""
+    return f"{p['status']} {p['err']:.1e}{worst}{floor}"
+
+
+def fmt(x, spec="", unit=""):
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def md_table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def speed_table(rows):
+    head = ["script/variant", "impl", "T", "B", "check", "ms/step", "tokens/s", "x baseline", "x core", "MFU", "memory"]
+    out = []
+    for r in rows:
+        impl = r["impl"] + (f" ({'+'.join(r['parity']['impls'])})" if r.get("parity") else "")
+        impl += "" if r.get("over", {}).get("compile", True) else ", not compiled"
+        ok = r["status"] == "ok"
+        out.append([label(r), impl, fmt(r.get("T")), fmt(r.get("B")), check_cell(r),
+                    fmt(r.get("ms"), ".1f") if ok else r["status"].split(":")[0],
+                    fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("x_baseline"), ".2f", "x"),
+                    fmt(r.get("x_core"), ".2f", "x"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
+                    fmt(r.get("mem_gb"), ".1f", " GiB")])
+    return md_table(head, out)
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
+
+
+def plot_speed(rows, png, title):
+    """One T: tokens/s bars (x baseline written on each). Several T: tokens/s and memory against T."""
+    pyplot = plt()
+    colors = {n: pyplot.cm.tab10(i) for i, n in enumerate(SCRIPTS)}
+    if len({r.get("T") for r in rows}) <= 1:
+        fig, ax = pyplot.subplots(figsize=(9, 1 + 0.35 * len(rows)))
+        names = [f"{label(r)} [{r['impl']}]" for r in rows]
+        vals = [(r.get("tok_s") or 0) / 1e3 for r in rows]
+        ax.barh(names, vals, color=[colors[r["script"]] for r in rows])
+        for i, r in enumerate(rows):
+            text = fmt(r.get("x_baseline"), ".2f", "x") if r["status"] == "ok" else r["status"].split(":")[0]
+            ax.text(vals[i], i, f" {text}", va="center", fontsize=8, color="black" if r["status"] == "ok" else "red")
+        ax.invert_yaxis()
+        ax.set_xlabel("training tokens/s (thousands)")
+    else:
+        fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
+        for key in dict.fromkeys((label(r), r["impl"]) for r in rows):
+            pts = [r for r in rows if (label(r), r["impl"]) == key and r.get("tok_s")]
+            for ax, field, scale in ((axes[0], "tok_s", 1e-3), (axes[1], "mem_gb", 1)):
+                ys = [(r["T"], r[field] * scale) for r in pts if r.get(field) is not None]
+                if ys:
+                    ax.plot(*zip(*ys), marker="o", label=f"{key[0]} [{key[1]}]", color=colors[pts[0]["script"]],
+                            ls="-" if pts[0]["variant"] == pts[0]["baseline"] else "--")
+        for ax, name in zip(axes, ("training tokens/s (thousands)", "peak memory (GiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+    ax = fig.axes[0]
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    pyplot.close(fig)
+
+
+def speed(args, gpu):
+    name = "scaling" if args.scaling else "bench"
+    specs, rows, path = speed_specs(args, gpu), [], os.path.join(args.out, name + ".json")
+    if not specs:
+        raise core.ConfigError("no rows: --papers / --variants / --impl select nothing")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    for i, spec in enumerate(specs):
+        if "status" not in spec:
+            log = f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-{spec['B']}.txt"
+            spec = run_row(spec, os.path.join(args.out, "logs", log))
+        rows.append(spec)
+        print(f"[{i + 1}/{len(specs)}] {label(spec)} {spec['impl']} T={spec.get('T')}: {spec['status']}"
+              + (f", {spec['ms']:.1f} ms/step" if spec.get("ms") else ""), file=sys.stderr, flush=True)
+    if args.append:
+        rows = merge(path, "rows", rows, lambda r: (r["script"], r["variant"], r["impl"], r.get("T"), r.get("B")))
+    add_ratios(rows)
+    info = run_env(rows)
+    print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}, git {info['git']}\n")
+    print(speed_table(rows))
+    json.dump(dict(**info, rows=rows), open(path, "w"), indent=1)
+    png = os.path.join(args.out, name + ".png")
+    plot_speed(rows, png, f"{info['device']}, torch {info['torch']}")
+    print(f"\n{path}, {png}", file=sys.stderr)
+    return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+
+
+def merge(path, field, rows, key):
+    """--append: an earlier run's rows, less those run again, plus the new ones: one table from several runs."""
+    if not os.path.exists(path):
+        return rows
+    new = {key(r) for r in rows}
+    rows = [r for r in json.load(open(path))[field] if key(r) not in new] + rows
+    return sorted(rows, key=lambda r: SCRIPTS.index(r["script"]))
+
+
+def run_env(rows):
+    device = next((r["device"] for r in rows if r.get("device")), "cpu")
+    git = core.run_info(core.Config(), torch.device("cpu"))["git"]
+    return dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, git=git, argv=sys.argv,
+                peak_tflops=next((v / 1e12 for k, v in core.PEAK_BF16.items() if k in device), None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The comparison: train baseline and main variant of each paper with identical flags, one table, one plot
+
+
+def train_run(cmd, out):
+    """Run one training command; its output goes to <out>/stdout.txt. -> error line or None."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "stdout.txt"), "w") as log:
+        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode:
+        last = [l for l in open(os.path.join(out, "stdout.txt")).read().splitlines() if l.strip()][-1:] or [""]
+        return f"exit {p.returncode}: {last[0][:200]}"
+    return None
+
+
+def summarize(log):
+    """Final val loss, steady-state speed (the first logged interval holds the compilation), peak memory, and the
+    training time per record (compilation and evaluation excluded)."""
+    steady = log[1:] or log
+    med = lambda key: statistics.median(r[key] for r in steady) if steady[0].get(key) is not None else None
+    ms = med("ms")
+    t, prev, times = 0.0, 0, []
+    for i, r in enumerate(log):
+        t += (r["step"] - prev) * (ms if i == 0 else r["ms"]) / 1e3
+        prev = r["step"]
+        times.append(t)
+    val = [(r["tokens"], times[i], r["val_loss"]) for i, r in enumerate(log) if r.get("val_loss") is not None]
+    mem = [r["mem_gb"] for r in log if r.get("mem_gb") is not None]
+    return dict(val_loss=val[-1][2] if val else None, tokens=log[-1]["tokens"], tok_s=med("tok_s"), mfu=med("mfu"),
+                mem_gb=max(mem) if mem else None, train_s=times[-1], curve=val)
+
+
+def compare(args, gpu):
+    if not os.path.isdir(args.data):
+        raise core.ConfigError(f"dataset directory not found: {args.data} (make it with: python prepare.py text "
+                               "--input .cache/shared/docs_train.txt.xz --val .cache/shared/docs_val.txt.xz "
+                               "--tokenizer gpt2 --out data/docs)")
+    os.makedirs(args.out, exist_ok=True)
+    n = args.max_iters
+    flags = ["--data", args.data, "--seed", args.seed, "--max-iters", n, "--warmup-iters", max(1, n // 10),
+             "--eval-interval", max(1, n // 6), "--log-interval", max(1, min(25, n // 10))]  # eval = checkpoint
+    for name, value in (("--batch-size", args.batch), ("--block-size", args.seq), ("--attn-impl", args.impl),
+                        ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
+        flags += [name, value] if value and value != "auto" else []
+    flags += [] if args.compile else ["--no-compile"]
+    presets, runs = parse_presets(args.preset), []
+    for name in papers(args.papers):
+        s = script(name)
+        for variant in pick_variants(s, args.variants or "main"):
+            out = os.path.join(args.out, f"{name}-{variant}" if variant else name)
+            cmd = [sys.executable, f"{name}.py", "--train", "--preset", preset_for(name, presets, gpu), "--out", out,
+                   *(["--variant", variant] if variant else []), *map(str, flags)]
+            print(f"[{len(runs) + 1}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            err = train_run(cmd, out)
+            run = dict(script=name, variant=variant, baseline=s.baseline, out=out, cmd=cmd[1:], error=err)
+            runs.append({**run, **({} if err else summarize(core.read_log(out)))})
+    if args.append:
+        runs = merge(os.path.join(args.out, "compare.json"), "runs", runs, lambda r: (r["script"], r["variant"]))
+    for r in runs:
+        base = next((b for b in runs if b["script"] == r["script"] and b["variant"] == r["baseline"]), None)
+        r["d_val"] = r["val_loss"] - base["val_loss"] if r.get("val_loss") and base and base.get("val_loss") else None
+    head = ["script/variant", "tokens", "val loss", "vs baseline", "tokens/s", "MFU", "memory", "train time"]
+    table = [[label(r), fmt(r.get("tokens"), ","), fmt(r.get("val_loss"), ".4f") if not r["error"] else "failed",
+              fmt(r.get("d_val"), "+.4f"), fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"),
+              fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), fmt(r.get("mem_gb"), ".1f", " GiB"),
+              fmt(r.get("train_s"), ".0f", " s")] for r in runs]
+    info = run_env([])
+    device = next((json.load(open(p))["gpu"] for p in (os.path.join(r["out"], "run.json") for r in runs)
+                   if os.path.exists(p)), None) or "cpu"
+    print(f"data {args.data}, {device}, torch {info['torch']}, git {info['git']}\n")
+    print(md_table(head, table))
+    json.dump(dict(info, device=device, data=args.data, runs=runs), open(os.path.join(args.out, "compare.json"), "w"),
+              indent=1)
+    plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {device}")
+    for r in runs:
+        if r["error"]:
+            print(f"error: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
+    return 1 if any(r["error"] for r in runs) else 0
+
+
+def plot_compare(runs, png, title):
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    colors = {n: pyplot.cm.tab10(i) for i, n in enumerate(SCRIPTS)}
+    for r in runs:
+        if r.get("curve"):
+            tokens, times, loss = zip(*r["curve"])
+            style = dict(color=colors[r["script"]], marker="o", ms=3, label=label(r),
+                         ls="-" if r["variant"] != r["baseline"] else "--")
+            axes[0].plot(tokens, loss, **style)
+            axes[1].plot(times, loss, **style)
+    for ax, x in zip(axes, ("training tokens", "training time (s, compilation and evaluation excluded)")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    fig.savefig(png, dpi=120)
+    pyplot.close(fig)
+
+
+def ddp(args, gpu):
+    """The core baseline trained with identical flags on 1 process and under torchrun on N: tokens/s and
+    efficiency = tokens/s(N) / (N x tokens/s(1)); each rank keeps the same micro-batch (weak scaling)."""
+    n = args.ddp
+    os.makedirs(args.out, exist_ok=True)
+    flags = ["--train", "--preset", preset_for("core", parse_presets(args.preset), gpu), "--data", args.data,
+             "--max-iters", args.max_iters, "--log-interval", max(1, args.max_iters // 6), "--eval-interval",
+             args.max_iters, "--eval-iters", 1, "--warmup-iters", 1]
+    flags += ["--batch-size", args.batch] if args.batch else []
+    flags += ["--device", args.device] if args.device != "auto" else []
+    rows = []
+    for world in (1, n):
+        out = os.path.join(args.out, f"ddp{world}")
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+        err = train_run([sys.executable, *launch, "core.py", *map(str, flags), "--out", out], out)
+        if err:
+            raise core.ConfigError(f"{world}-process run failed: {err} (log: {out}/stdout.txt)")
+        rows.append(dict(world=world, **summarize(core.read_log(out))))
+    eff = rows[1]["tok_s"] / (n * rows[0]["tok_s"])
+    print(md_table(["processes", "tokens/s", "MFU"], [[r["world"], f"{r['tok_s'] / 1e3:.1f}k",
+                                                      fmt(r["mfu"] and 100 * r["mfu"], ".1f", "%")] for r in rows]))
+    print(f"\nscaling efficiency {n} vs 1: {100 * eff:.1f}%")
+    json.dump(dict(run_env([]), runs=rows, efficiency=eff), open(os.path.join(args.out, "ddp.json"), "w"), indent=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downstream evaluation: log-likelihood scorer, multiple choice on local JSONL, the lm-eval adapter
+
+
+class Scorer:
+    """Log-likelihoods and greedy continuations of one model (the engine of the MC scorer and of the adapter)."""
+
+    def __init__(self, model, tok, prefix, batch_size=16):
+        self.model, self.tok, self.prefix, self.batch_size = model.eval(), tok, prefix, batch_size
+        self.device = next(model.parameters()).device
+        self.T = model.cfg.block_size
+
+    def encode_pair(self, context, continuation):
+        """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's tokens are
+        those of context + continuation after the context's (BPE merges across the boundary stay consistent)."""
+        if not context:
+            return [self.prefix], self.tok.encode(continuation)
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = self.tok.encode(context)
+        return ctx, self.tok.encode(context + continuation)[len(ctx):]
+
+    @torch.no_grad()
+    def score_tokens(self, pairs):
+        """[(context ids, continuation ids)] -> [(summed log-prob of the continuation, is it the greedy one)].
+        Contexts are cut from the left to fit block_size; batches are right-padded (causal: padding is never seen)."""
+        out = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b:b + self.batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-(self.T + 1):][:-1] for i in chunk]
+            x = torch.zeros(len(chunk), max(map(len, seqs)), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                x[j, :len(s)] = torch.tensor(s)
+            with core.autocast(self.device, self.model.cfg):
+                logits = self.model(x.to(self.device))  # (B, T, V)
+            for j, i in enumerate(chunk):
+                cont = pairs[i][1]
+                if len(cont) > self.T:
+                    raise core.ConfigError(f"a continuation of {len(cont)} tokens exceeds block_size {self.T}")
+                lp = logits[j, len(seqs[j]) - len(cont):len(seqs[j])].float().log_softmax(-1)  # (n, V): predict cont
+                target = torch.tensor(cont, device=lp.device)
+                out[i] = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        return out
+
+    def loglikelihood(self, requests):
+        """[(context, continuation)] -> [(log-likelihood, is_greedy)]"""
+        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def rolling(self, text):
+        """Log-likelihood of the whole text after the prefix token, in windows of block_size predictions, each with
+        as much context as fits (lm-eval's loglikelihood_rolling)."""
+        seq = [self.prefix] + self.tok.encode(text)
+        pairs = [(seq[max(0, b - 1 - self.T):a], seq[a:b])
+                 for a, b in ((a, min(a + self.T, len(seq))) for a in range(1, len(seq), self.T))]
+        return sum(ll for ll, _ in self.score_tokens(pairs))
+
+    @torch.no_grad()
+    def generate(self, context, until=(), max_gen_toks=256, do_sample=False, temperature=0.0, **_):
+        """Greedy (or sampled) continuation, cut at the first stop string or the end-of-text token."""
+        until = [until] if isinstance(until, str) else list(until)
+        ids, new = self.tok.encode(context) or [self.prefix], []
+        for _ in range(max_gen_toks):
+            x = torch.tensor([(ids + new)[-self.T:]], device=self.device)
+            with core.autocast(self.device, self.model.cfg):
+                logits = self.model(x)[0, -1].float()
+            nxt = (torch.multinomial((logits / temperature).softmax(-1), 1).item() if do_sample and temperature > 0
+                   else logits.argmax().item())
+            if nxt == self.tok.eot_token:
+                break
+            new.append(nxt)
+            text = self.tok.decode(new)
+            if any(u in text for u in until):
+                break
+        text = self.tok.decode(new)
+        return text[:min([text.index(u) for u in until if u in text], default=len(text))]
+
+
+def tokenizer_of(data):
+    """(tokenizer, prefix token) of a dataset directory: the end-of-text token, or a newline without one."""
+    meta_path = os.path.join(data or "", "meta.json")
+    if not data or not os.path.exists(meta_path):
+        raise core.ConfigError(f"no dataset meta.json at {data!r}: pass --data (the model's dataset) for its tokenizer")
+    meta = json.load(open(meta_path))
+    tok = core.get_tokenizer(meta.get("tokenizer", "gpt2"))
+    prefix = next((t for t in (meta.get("eot_token"), tok.eot_token) if t is not None), None)
+    return tok, tok.encode("\n")[0] if prefix is None else prefix
+
+
+def script_of(path):
+    """Which script wrote a checkpoint: its run.json's command, else the config fields it holds."""
+    run = os.path.join(os.path.dirname(path), "run.json")
+    if os.path.exists(run):
+        name = os.path.splitext(os.path.basename(json.load(open(run))["argv"][0]))[0]
+        if name in SCRIPTS:
+            return name
+    keys = set(core.load_checkpoint(path).get("config", {}))
+    for name in SCRIPTS:
+        if keys == core.field_names(script(name).cfg_cls):
+            return name
+    raise core.ConfigError(f"cannot tell which script wrote {path}: pass --script NAME")
+
+
+def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16):
+    """A Scorer for a checkpoint of any script; the tokenizer is that of `data`, else of the model's dataset."""
+    s = script(script_name or script_of(path))
+    model = s.load(path, "cpu")
+    if model is None:
+        raise core.ConfigError(f"{path}: not a checkpoint {s.name}.py can read (pass --script NAME)")
+    device = core.resolve_device(argparse.Namespace(device=device))
+    return Scorer(model.to(device), *tokenizer_of(data or model.cfg.data), batch_size=batch_size)
+
+
+def read_mc(path):
+    docs = [json.loads(l) for l in open(path) if l.strip()]
+    for i, d in enumerate(docs):
+        label = d.get("label")
+        if not (isinstance(d.get("context"), str) and d.get("choices") and isinstance(label, int)
+                and 0 <= label < len(d["choices"])):
+            raise core.ConfigError(f"{path}, line {i + 1}: needs context (str), choices (list), label (index)")
+    if not docs:
+        raise core.ConfigError(f"{path}: no examples")
+    return docs
+
+
+def mc_score(scorer, path, limit=0):
+    """Zero-shot multiple choice: -> dict(acc, acc_norm, their stderr, n, lls (per doc, per choice))."""
+    docs = read_mc(path)[:limit or None]
+    flat = [ll for ll, _ in scorer.loglikelihood([(d["context"], c) for d in docs for c in d["choices"]])]
+    lls, hits, hits_norm = [], 0, 0
+    for d in docs:
+        s, flat = flat[:len(d["choices"])], flat[len(d["choices"]):]
+        norm = [x / max(1, len(c.encode())) for x, c in zip(s, d["choices"])]
+        hits += max(range(len(s)), key=s.__getitem__) == d["label"]
+        hits_norm += max(range(len(s)), key=norm.__getitem__) == d["label"]
+        lls.append(s)
+    n = len(docs)
+    se = lambda p: math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+    return dict(acc=hits / n, acc_stderr=se(hits / n), acc_norm=hits_norm / n, acc_norm_stderr=se(hits_norm / n),
+                n=n, lls=lls)
+
+
+@functools.cache
+def lm_eval_adapter():
+    """The lm-eval model class, registered as 'attnlab' (lm-eval is imported here: an optional dependency).
+    model_args: pretrained=CKPT[,script=NAME][,data=DATASET_DIR][,device=cuda][,batch_size=16]."""
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError:
+        raise core.ConfigError("lm-eval tasks need lm-eval: pip install lm-eval (local .jsonl tasks do not)") from None
+
+    @register_model("attnlab")
+    class AttnlabLM(LM):
+        def __init__(self, pretrained=None, script=None, data=None, device=None, batch_size=None, scorer=None, **_):
+            super().__init__()
+            if scorer is None and not pretrained:
+                raise core.ConfigError("the attnlab model needs model_args pretrained=CKPT")
+            bs = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval may pass 'auto'
+            self.scorer = scorer or load_scorer(pretrained, script, data, device or "auto", bs)
+            self._device = self.scorer.device
+
+        def loglikelihood(self, requests):
+            return self.scorer.loglikelihood([r.args for r in requests])
+
+        def loglikelihood_rolling(self, requests):
+            return [self.scorer.rolling(r.args[0]) for r in requests]
+
+        def generate_until(self, requests):
+            return [self.scorer.generate(r.args[0], **r.args[1]) for r in requests]
+    return AttnlabLM
+
+
+def mc_task(path, name=None):
+    """An lm-eval task config for a local multiple-choice JSONL (no network)."""
+    return dict(task=name or os.path.splitext(os.path.basename(path))[0], dataset_path="json",
+                dataset_kwargs=dict(data_files=dict(test=os.path.abspath(path))), test_split="test",
+                output_type="multiple_choice", doc_to_text="{{context}}", doc_to_choice="{{choices}}",
+                doc_to_target="{{label}}", target_delimiter="",
+                metric_list=[dict(metric=m, aggregation="mean", higher_is_better=True) for m in ("acc", "acc_norm")])
+
+
+def run_lm_eval(scorer, tasks, limit=0, **kw):
+    """lm-eval's simple_evaluate on our model: tasks are names, .yaml files or config dicts. -> its result dict."""
+    model = lm_eval_adapter()(scorer=scorer)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_defaults=any(isinstance(t, str) and not t.endswith((".yaml", ".yml")) for t in tasks))
+    return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit or None, **kw)
+
+
+def eval_tasks(cfg, tasks, model, limit=0):
+    """--eval-tasks of every script (core calls this); the tokenizer is that of --data, else the model's dataset."""
+    device = core.resolve_device(cfg)
+    return run_tasks(Scorer(model.to(device), *tokenizer_of(cfg.data or model.cfg.data), cfg.batch_size), tasks, limit)
+
+
+def run_tasks(scorer, tasks, limit=0):
+    """Comma list of tasks: local .jsonl files with our scorer, the rest with lm-eval; prints one table."""
+    rows, names = [], [t for t in tasks.split(",") if t]
+    for t in [t for t in names if t.endswith(".jsonl")]:
+        if not os.path.isfile(t):
+            raise core.ConfigError(f"task file not found: {t}")
+        r = mc_score(scorer, t, limit)
+        rows += [[os.path.basename(t), m, f"{r[m]:.4f}", fmt(r[m + "_stderr"], ".4f"), r["n"]]
+                 for m in ("acc", "acc_norm")]
+    others = [t for t in names if not t.endswith(".jsonl")]
+    if others:
+        res = run_lm_eval(scorer, others, limit)
+        for task, metrics in res["results"].items():
+            for key, value in metrics.items():
+                metric, _, _ = key.partition(",")
+                if isinstance(value, float) and not metric.endswith("_stderr"):
+                    stderr = metrics.get(key.replace(metric, metric + "_stderr"))
+                    stderr = stderr if isinstance(stderr, float) else None
+                    n = res.get("n-samples", {}).get(task, {}).get("effective", "-")
+                    rows.append([task, metric, f"{value:.4f}", fmt(stderr, ".4f"), n])
+    print(md_table(["task", "metric", "value", "stderr", "n"], rows))
+    return rows
+
+
+def lm_eval_cli(argv):
+    """lm-eval's own command line with the 'attnlab' model registered."""
+    lm_eval_adapter()
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = core._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--papers", default="", help="comma list of scripts (core, exoformer, ...; default: all; --compare: the papers)")
+    a("--variants", default="", help="all, main (baseline + main variant) or a comma list (default: all; main for "
+                                     "--scaling and --compare)")
+    a("--preset", default="", help="preset for every script and/or script=preset entries, comma separated "
+                                   "(default: the 124m class: 124m, cogformer=141m-gpt2, reflex=124m-8h; tiny on CPU)")
+    a("--seq", default="", help="sequence length(s) T, comma list (default: the preset's; --scaling 1024..8192)")
+    a("--batch", type=int, default=0, help="micro-batch size (default: the preset's tokens per step)")
+    a("--impl", default="auto", help="attention path(s), comma list, or all (every fast path and eager)")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--dtype", default="auto", help="auto (bfloat16 on GPU), float32 or bfloat16")
+    a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile on GPU")
+    a("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
+    a("--warmup", type=int, default=5, help="untimed steps per row (compilation)")
+    a("--out", default="", help="output directory (default runs/bench, runs/compare, runs/ddp)")
+    a("--append", action="store_true", help="merge into <out>'s bench.json / scaling.json / compare.json (rows run "
+                                            "again are replaced) and redraw: one table from several runs")
+    a("--scaling", action="store_true", help="time T = 1024, 2048, 4096, 8192 (tokens per step kept)")
+    a("--compare", action="store_true", help="train baseline and main variant of each paper with identical flags")
+    a("--ddp", type=int, default=0, help="train the core baseline on 1 and on N GPUs (torchrun): scaling efficiency")
+    a("--data", default="", help="--compare / --ddp: dataset directory (default data/docs); --eval-tasks: the "
+                                 "model's dataset, for its tokenizer (default: the one in the checkpoint)")
+    a("--max-iters", type=int, default=300, help="--compare / --ddp: optimizer steps per run")
+    a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
+    a("--seed", type=int, default=1337, help="--compare: seed of every run")
+    a("--eval-tasks", default="", help="downstream eval of --ckpt: comma list of lm-eval tasks / .yaml / .jsonl files")
+    a("--ckpt", default="", help="--eval-tasks: checkpoint of any script")
+    a("--script", default="", help="--eval-tasks: the script that wrote --ckpt (default: detected)")
+    a("--limit", type=int, default=0, help="--eval-tasks: at most N examples per task")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["--lm-eval"]:
+            return lm_eval_cli(argv[1:])
+        args = build_parser().parse_args(argv)
+        gpu = args.device != "cpu" and torch.cuda.is_available()
+        if args.eval_tasks:
+            if not args.ckpt:
+                raise core.ConfigError("--eval-tasks needs --ckpt (a checkpoint of any script)")
+            run_tasks(load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16), args.eval_tasks,
+                      args.limit)
+            return 0
+        args.data = args.data or "data/docs"
+        args.out = args.out or os.path.join("runs", "compare" if args.compare else "ddp" if args.ddp else "bench")
+        if args.compare:
+            return compare(args, gpu)
+        if args.ddp:
+            return ddp(args, gpu)
+        return speed(args, gpu)
+    except core.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
