@@ -243,6 +243,18 @@ def test_loader_reads_plain_and_llmc_shards(tmp_path):
         core.TokenData(str(tmp_path))
 
 
+def test_embedded_default_dataset_trains_without_data(tmp_path, monkeypatch, capsys):
+    """No --data: the shipped Python tutorial becomes a byte-level dataset (last 5% val) and a run trains on it."""
+    monkeypatch.setattr(core, "HERE", str(tmp_path))
+    assert core.main(["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "2", "--eval-interval", "2",
+                      "--out", str(tmp_path / "run")]) == 0
+    data = core.TokenData(str(tmp_path / "data" / "tutorial"))
+    assert data.meta["tokenizer"] == "bytes" and data.vocab_size == 256
+    assert data.tokens("train") + data.tokens("val") == os.path.getsize(core.DEFAULT_TEXT)
+    assert 0.04 < data.tokens("val") / os.path.getsize(core.DEFAULT_TEXT) < 0.06
+    assert core.read_log(str(tmp_path / "run"))[-1]["step"] == 2
+
+
 def test_gpt2_tokenizer_offline(monkeypatch):
     if not os.path.exists(TIKTOKEN):
         pytest.skip("no ../shared/data/gpt2.tiktoken")
