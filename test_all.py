@@ -54,6 +54,12 @@ def run_cli(script, *args, env=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def assert_one_line_error(err, message):
+    """A user mistake: one stderr line that names it."""
+    err = err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
 @pytest.fixture
 def flex_cpu_grad(monkeypatch):
     """FlexAttention has no CPU backward; its dense reference math does, once the device check is bypassed."""
@@ -362,7 +368,8 @@ def test_cli_help_lists_every_field():
 ])
 def test_cli_user_mistakes_give_one_line(args, msg):
     rc, out, err = run_cli("core.py", *args, "--device", "cpu")
-    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2
+    assert_one_line_error(err, msg)
 
 
 def test_cli_train_eval_sample_plot(tutorial, tmp_path):
@@ -1035,8 +1042,7 @@ def test_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
                       (["--train", "--variant", "sinks"], "--variant must be one of"),
                       (["--train", "--attn-impl", "fast"], "--attn-impl must be one of")):
         assert ab.main(args + ["--data", tutorial, "--device", "cpu"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert msg in err and len(err.splitlines()) == 1, err
+        assert_one_line_error(capsys.readouterr().err, msg)
 
 
 def test_published_checkpoint_of_other_sizes_is_one_line_error(tmp_path, tutorial, capsys):
@@ -1445,8 +1451,7 @@ def test_analysis_commands(trained, tutorial, tmp_path):
 ])
 def test_cogformer_cli_errors_are_one_line(flags, message, capsys):
     assert cg.main(["--train", "--preset", "tiny", "--device", "cpu", "--variant", "cogformer", *flags]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert_one_line_error(capsys.readouterr().err, message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
@@ -1986,8 +1991,7 @@ def test_exoformer_cli_errors_are_one_line(capsys):
                       (["--train", "--variant", "baseline", "--mix", "v"], "--mix and --anchor go together"),
                       (["--analyze", "--init-from", "missing.pt"], "checkpoint not found")):
         assert exo.main(args) == 2
-        err = capsys.readouterr().err
-        assert msg in err and len(err.strip().splitlines()) == 1, err
+        assert_one_line_error(capsys.readouterr().err, msg)
     p = subprocess.run([sys.executable, os.path.join(HERE, "exoformer.py"), "--train", "--residual-mode", "rowwise"],
                        capture_output=True, text=True, cwd=HERE, timeout=300)  # as a user runs it: no traceback
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
@@ -2342,8 +2346,7 @@ def test_cli_train_eval_metrics_cluster(tmp_path, capsys):
 ])
 def test_cli_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert_one_line_error(capsys.readouterr().err, message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
@@ -2524,7 +2527,8 @@ def cli(capsys, *args):
 ])
 def test_invalid_heads_one_line(args, msg, tutorial, capsys):
     rc, _, err = cli(capsys, "--train", "--device", "cpu", "--data", tutorial, *args)
-    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2
+    assert_one_line_error(err, msg)
 
 
 def test_cli_process_invalid_split_exits_nonzero(tutorial):
