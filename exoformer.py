@@ -131,7 +131,8 @@ class ExoConfig(core.Config):
               "--mix and --anchor-norm take a subset of the letters qkvg")
         check("g" not in self.mix or self.gate == "on", "mixing the gate (--mix with g) needs --gate on")
         check(bool(self.mix) == (self.anchor != "none"), "--mix and --anchor go together: both set or both none")
-        check(self.dynamic == "off" or self.mix, "--dynamic on needs mixed pathways")
+        check(self.dynamic == "off" or set(self.mix) == set(PATHS[:4 if self.gate == "on" else 3]),
+              "--dynamic on mixes every pathway: --mix qkvg (qkv with --gate off)")
         check(self.residual_mode in ("scalar", "headwise", "elementwise"),
               f"--residual-mode must be scalar, headwise or elementwise, not {self.residual_mode!r}")
         check(self.muon_lr > 0 and self.z_loss >= 0 and self.dynamic_hidden > 0,
@@ -140,6 +141,13 @@ class ExoConfig(core.Config):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
+
+def span(mix):
+    """(i0, i1): the pathways from the first to the last mixed one, in c_attn's block order; mixing runs on that
+    slice of the (B, T, P, H, D) projections at once."""
+    idx = [PATHS.index(p) for p in mix] or [0]
+    return min(idx), max(idx) + 1
+
 
 class DynamicMixing(nn.Module):
     """Per-token scales sigmoid(fc2(GELU(fc1 x))) of (q1, q2, k1, k2, v1, v2[, g1, g2]); fc2 starts at zero."""
@@ -165,6 +173,7 @@ class ExoAttention(core.Attention):
         self.q_norm, self.k_norm = nn.RMSNorm(D, eps=cfg.norm_eps), nn.RMSNorm(D, eps=cfg.norm_eps)
         # exogenous anchors exist before layer 0 and are mixed everywhere; layer 0's own projections only later
         self.mix = cfg.mix if cfg.anchor == "exo" or layer > 0 else ""
+        self.span = span(cfg.mix)
         self.makes_anchor = cfg.anchor == "layer0" and layer == 0
         shape = {"scalar": (), "headwise": (H,), "elementwise": (H, D)}[cfg.residual_mode]
         lam = cfg.lambda_init * (2.0 if cfg.dynamic == "on" else 1.0)
@@ -178,46 +187,59 @@ class ExoAttention(core.Attention):
         if cfg.dynamic == "on" and self.mix:
             self.dynamic_mixing = DynamicMixing(C, cfg.dynamic_hidden, 2 * (4 if self.gated else 3))
 
-    def coefficients(self, p, s, dtype):
-        """lam1, lam2 of pathway p, broadcastable to (B, T, H, D); s: dynamic scales (B, T, n_out) or None."""
-        l1, l2 = (getattr(self, f"lambda_{p}{i}").to(dtype) for i in "12")
-        if l1.dim() == 1:  # headwise (H,) -> (H, 1)
-            l1, l2 = l1[:, None], l2[:, None]
-        if s is not None:
-            j = 2 * PATHS.index(p)
-            l1, l2 = l1 * s[..., j, None, None], l2 * s[..., j + 1, None, None]  # (B, T, 1, 1) per token
+    def coefficients(self, dtype):
+        """lam1, lam2 of the pathways in self.span, stacked: (P', H|1, D|1); lam1 = 0, lam2 = 1 for a pathway inside
+        the span that --mix leaves out."""
+        ref = getattr(self, f"lambda_{self.mix[0]}1")
+        const = lambda i: ref.new_full(ref.shape, float(i == "2"))
+        lam = lambda p, i: getattr(self, f"lambda_{p}{i}") if p in self.mix else const(i)
+        l1, l2 = (torch.stack([lam(p, i) for p in PATHS[slice(*self.span)]]).to(dtype) for i in "12")
+        while l1.dim() < 3:  # scalar (P',) and headwise (P', H) -> broadcastable over (P', H, D)
+            l1, l2 = l1[..., None], l2[..., None]
         return l1, l2
 
     def forward(self, x, ctx):
         B, T, C = x.shape
-        proj = dict(zip(PATHS, self.c_attn(x).view(B, T, -1, self.n_head, self.head_dim).unbind(2)))  # (B, T, H, D)
-        s = self.dynamic_mixing(x) if hasattr(self, "dynamic_mixing") else None  # per-token scales (B, T, 2P)
-        stat = getattr(ctx.record, "stat", None)  # analysis hook (see Recorder)
-        for p in self.mix:  # in the projections' dtype (bf16 under autocast)
-            l1, l2 = self.coefficients(p, s, proj[p].dtype)
-            proj[p] = l1 * ctx.cache["anchor"][p] + l2 * proj[p]
-            if stat:
-                stat(self.layer, f"lam_{p}", torch.stack([l1.float().mean(), l2.float().mean()]))
-        q, k = self.q_norm(proj["q"]), self.k_norm(proj["k"])
+        proj = self.c_attn(x).view(B, T, -1, self.n_head, self.head_dim)  # (B, T, P, H, D): q, k, v[, g]
+        if self.mix:
+            proj = self.mix_anchor(proj, x, ctx)
+        q, k = self.q_norm(proj[:, :, 0]), self.k_norm(proj[:, :, 1])
         if self.makes_anchor:
             ctx.cache["anchor"] = self.layer0_anchor(proj, q, k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, proj["v"]))  # (B, H, T, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, proj[:, :, 2]))  # (B, H, T, D)
         q, k = core.apply_rope(q, *ctx.rope), core.apply_rope(k, *ctx.rope)
         y = self.attend(q, k, v, ctx).transpose(1, 2)  # (B, T, H, D)
         if self.gated:
-            gate = torch.sigmoid(proj["g"])
-            if stat:
+            gate = torch.sigmoid(proj[:, :, 3])
+            if stat := getattr(ctx.record, "stat", None):  # analysis hook (see Recorder)
                 stat(self.layer, "gate", gate)
             y = y * gate
         return self.c_proj(y.reshape(B, T, C))
 
+    def mix_anchor(self, proj, x, ctx):
+        """p <- lam1 * anchor_p + lam2 * p, for all pathways of self.span in one elementwise op (in the projections'
+        dtype, bf16 under autocast); the dynamic variant scales lam1, lam2 of each pathway per token."""
+        i0, i1 = self.span
+        l1, l2 = self.coefficients(proj.dtype)
+        if hasattr(self, "dynamic_mixing"):  # (B, T, P, 2): (lam1, lam2) scales of each pathway
+            s = self.dynamic_mixing(x).view(*x.shape[:2], -1, 2)[..., None, None]
+            l1, l2 = l1 * s[:, :, :, 0], l2 * s[:, :, :, 1]
+        if stat := getattr(ctx.record, "stat", None):
+            for p in self.mix:
+                i = PATHS.index(p) - i0
+                stat(self.layer, f"lam_{p}", torch.stack([l[..., i, :, :].float().mean() for l in (l1, l2)]))
+        mixed = l1 * ctx.cache["anchor"] + l2 * proj[:, :, i0:i1]
+        return torch.cat([proj[:, :, :i0], mixed, proj[:, :, i1:]], dim=2)
+
     def layer0_anchor(self, proj, q, k):
-        """ResFormer family: layer 0's pre-RoPE projections, RMS-normalised where --anchor-norm asks (NuResFormer)."""
+        """ResFormer family: layer 0's pre-RoPE projections of the span, RMS-normalised where --anchor-norm asks
+        (NuResFormer; q and k by this layer's QK-norm). (B, T, P', H, D)"""
         norm = self.cfg.anchor_norm
-        anchor = {"q": q if "q" in norm else proj["q"], "k": k if "k" in norm else proj["k"]}
-        for p in "vg"[:2 if self.gated else 1]:
-            anchor[p] = getattr(self, f"{p}_res_norm")(proj[p]) if hasattr(self, f"{p}_res_norm") else proj[p]
-        return anchor
+        parts = {"q": q if "q" in norm else proj[:, :, 0], "k": k if "k" in norm else proj[:, :, 1]}
+        for i, p in enumerate("vg"[:2 if self.gated else 1], start=2):
+            res_norm = getattr(self, f"{p}_res_norm", None)
+            parts[p] = res_norm(proj[:, :, i]) if res_norm else proj[:, :, i]
+        return torch.stack([parts[p] for p in PATHS[slice(*span(self.cfg.mix))]], dim=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,9 +276,11 @@ class ExoGPT(core.GPT):
         x = super().embed(idx, ctx)
         if self.cfg.anchor == "exo":
             B, T, C = x.shape
-            a = self.anchor_proj(x).view(B, T, -1, self.cfg.n_head, self.cfg.head_dim).unbind(2)  # (B, T, H, D)
+            a = self.anchor_proj(x).view(B, T, -1, self.cfg.n_head, self.cfg.head_dim)  # (B, T, P, H, D)
             norm = lambda p, t: getattr(self, f"anchor_{p}_norm")(t) if hasattr(self, f"anchor_{p}_norm") else t
-            ctx.cache["anchor"] = {p: norm(p, t).type_as(t) for p, t in zip(PATHS, a)}
+            i0, i1 = span(self.cfg.mix)
+            ctx.cache["anchor"] = torch.stack([norm(p, a[:, :, i]).type_as(a) for i, p in enumerate(PATHS[i0:i1], i0)],
+                                              dim=2)  # (B, T, P', H, D)
         return x
 
     def loss_fn(self, logits, targets):
@@ -292,15 +316,22 @@ MUON_MOMENTUM, MUON_MOMENTUM_STEPS, MUON_BETA2 = (0.85, 0.95), 100, 0.95
 
 
 def polar_express(G):
-    """~U V^T of G = U S V^T: X <- a X + (b A + c A^2) X with A = X X^T, fp32 math, bf16 between steps."""
+    """~U V^T of G = U S V^T (one matrix or a (N, rows, cols) batch): X <- a X + (b A + c A^2) X with A = X X^T,
+    X in bf16 between steps. On CUDA the matmuls run in bf16 with fp32 accumulation, as the published Triton kernels
+    (its default path) do; elsewhere in fp32, as its PyTorch fallback does."""
     X = G.bfloat16()
     wide = G.size(-2) <= G.size(-1)
     X = X if wide else X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
+    mm_add = torch.baddbmm if X.dim() == 3 else torch.addmm  # beta * input + alpha * (m1 @ m2)
     for a, b, c in POLAR_EXPRESS:
-        Xf = X.float()
-        A = Xf @ Xf.mT
-        X = (a * Xf + (b * A + c * (A @ A)) @ Xf).bfloat16()
+        if X.is_cuda:
+            A = X @ X.mT
+            X = mm_add(X, mm_add(A, A, A, beta=b, alpha=c), X, beta=a)
+        else:
+            Xf = X.float()
+            A = Xf @ Xf.mT
+            X = (a * Xf + (b * A + c * (A @ A)) @ Xf).bfloat16()
     return X if wide else X.mT
 
 
@@ -325,25 +356,35 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             m, lr, wd = muon_momentum(group["step"], group["total_steps"]), group["lr"], group["weight_decay"]
             group["step"] += 1
+            shapes = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                tall = p.size(-2) >= p.size(-1)
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                    state["variance_buffer"] = p.new_zeros((p.size(0), 1) if tall else (1, p.size(1)))
-                buf, vbuf = state["momentum_buffer"], state["variance_buffer"]
-                buf.lerp_(p.grad, 1 - m)
-                u = polar_express(p.grad.lerp(buf, m))
-                norm = u.norm(dim=(-2, -1), keepdim=True)
-                vbuf.lerp_(u.square().mean(dim=-1 if tall else -2, keepdim=True).to(vbuf.dtype), 1 - MUON_BETA2)
-                u = u * vbuf.clamp(min=1e-10).rsqrt()  # per-row (or column) second-moment normalisation
-                u = u * (norm / u.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))  # keep the orthogonal norm
-                u = u * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                if wd:
-                    p.addcmul_((u * p >= 0).to(p.dtype), p, value=-lr * wd)
-                p.add_(u.to(p.dtype), alpha=-lr)
+                if p.grad is not None:
+                    shapes.setdefault(p.shape, []).append(p)
+            for params in shapes.values():  # one batched update per shape: few kernel launches per step
+                self.update(params, m, lr, wd)
+
+    def update(self, params, m, lr, wd):
+        rows, cols = params[0].shape
+        tall = rows >= cols
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(momentum_buffer=torch.zeros_like(p),
+                                     variance_buffer=p.new_zeros((rows, 1) if tall else (1, cols)))
+        grads = [p.grad for p in params]
+        bufs, vbufs = ([self.state[p][k] for p in params] for k in ("momentum_buffer", "variance_buffer"))
+        torch._foreach_lerp_(bufs, grads, 1 - m)
+        u = polar_express(torch.stack(grads).lerp_(torch.stack(bufs), m))  # Nesterov; (N, rows, cols)
+        norm = u.norm(dim=(-2, -1), keepdim=True)
+        v = torch.stack(vbufs).lerp_(u.square().mean(dim=-1 if tall else -2, keepdim=True).to(vbufs[0].dtype),
+                                     1 - MUON_BETA2)
+        torch._foreach_copy_(vbufs, v.unbind(0))
+        u = u * v.clamp(min=1e-10).rsqrt()  # per-row (or column) second-moment normalisation
+        u = u * (norm / u.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))  # keep the orthogonal norm
+        u = (u * max(1.0, rows / cols) ** 0.5).to(params[0].dtype)
+        if wd:  # cautious: decay only where update and weight agree in sign
+            torch._foreach_addcmul_(params, (u * torch.stack(params) >= 0).to(u.dtype).unbind(0), params,
+                                    value=-lr * wd)
+        torch._foreach_add_(params, u.unbind(0), alpha=-lr)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1753,7 +1753,8 @@ def ref_muon_step(p, grad, state, lr, wd, momentum, beta2=0.95):
 @pytest.mark.usefixtures("exo_one_thread")
 def test_muon_matches_the_published_rule():
     torch.manual_seed(0)
-    params = [torch.randn(48, 16), torch.randn(16, 40), torch.randn(24, 24)]  # tall, wide, square
+    params = [torch.randn(48, 16), torch.randn(16, 40), torch.randn(24, 24), torch.randn(48, 16)]  # tall, wide,
+    # square, and a second tall one of the same shape: updated in one batch with the first
     ours = [p.clone().requires_grad_() for p in params]
     opt = exo.Muon(ours, lr=0.02, weight_decay=0.1, total_steps=1000)
     ref, states = [p.clone() for p in params], [{} for _ in params]
@@ -2059,6 +2060,17 @@ def test_cuda_compiled_flex_matches_eager(variant):
         model(idx, idx).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(close(b, a, 5e-3) for a, b in zip(*grads))
+
+
+@cuda
+def test_cuda_polar_express_matches_the_fp32_fallback():
+    """The CUDA path (bf16 products, fp32 accumulation, batched) against the published PyTorch fallback (fp32)."""
+    torch.manual_seed(0)
+    for shape in [(3, 256, 64), (2, 96, 384)]:
+        G = torch.randn(shape, device="cuda")
+        fast, ref = exo.polar_express(G).float(), exo.polar_express(G.cpu()).float()
+        assert fast.shape == shape
+        assert F.cosine_similarity(fast.flatten(1).cpu(), ref.flatten(1), dim=1).min() > 0.99
 
 
 # ================================================================================================================
