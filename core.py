@@ -194,13 +194,18 @@ def causal_mask(T, S, doc=None, device=None):
     return mask
 
 
-@torch.compiler.disable  # built eagerly, outside the compiled graph: masks built inside it crashed on the H200
-def flex_block_mask(ctx, mask_mod, B, H, T, S, key="causal"):
-    """A FlexAttention BlockMask built once per forward and shared by every layer."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(ctx, mask_mod, B, H, T, S, key="causal", device=None):
+    """A FlexAttention BlockMask built once per forward and shared by every layer. The document mask is built in
+    GPT.context, before the layers: a layer then only reads it, and its compiled graph has no break in it."""
     if key not in ctx.cache:
-        ctx.cache[key] = create_block_mask(mask_mod, B, H, T, S, device=ctx.x0.device)
+        ctx.cache[key] = build_block_mask(mask_mod, B, H, T, S, device or ctx.x0.device)
     return ctx.cache[key]
+
+
+@torch.compiler.disable  # built eagerly, outside the compiled graph: masks built inside it crashed on the H200
+def build_block_mask(mask_mod, B, H, T, S, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(mask_mod, B, H, T, S, device=device)
 
 
 def flex_attention(q, k, v, **kw):
@@ -377,8 +382,11 @@ class GPT(nn.Module):
 
     def context(self, idx, doc=None, record=None):
         ctx = Ctx(doc=doc, record=record)
+        B, T = idx.shape
+        if doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
+            flex_block_mask(ctx, doc_causal_mask_mod(ctx), B, None, T, T, device=idx.device)
         if self.cfg.family == "llama":
-            ctx.rope = rope_tables(idx.size(1), self.cfg.head_dim, self.cfg.rope_theta, idx.device)
+            ctx.rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, idx.device)
         return ctx
 
     def embed(self, idx, ctx):
