@@ -421,7 +421,10 @@ def merge(path, field, rows, key):
 
 
 def run_env(rows):
-    device = next((r["device"] for r in rows if r.get("device")), "cpu")
+    """Device (of the rows, or the GPU recorded in a training run's run.json), torch, CUDA, git, argv, peak."""
+    runs = (os.path.join(r["out"], "run.json") for r in rows if r.get("out"))
+    device = next((r["device"] for r in rows if r.get("device")), None) or next(
+        (json.load(open(p))["gpu"] for p in runs if os.path.exists(p)), None) or "cpu"
     git = core.run_info(core.Config(), torch.device("cpu"))["git"]
     return dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, git=git, argv=sys.argv,
                 peak_tflops=next((v / 1e12 for k, v in core.PEAK_BF16.items() if k in device), None))
@@ -493,12 +496,11 @@ def compare(args, gpu):
               fmt(r.get("d_val"), "+.4f"), fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"),
               fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), fmt(r.get("mem_gb"), ".1f", " GiB"),
               fmt(r.get("train_s"), ".0f", " s")] for r in runs]
-    info = run_env([])
-    device = next((json.load(open(p))["gpu"] for p in (os.path.join(r["out"], "run.json") for r in runs)
-                   if os.path.exists(p)), None) or "cpu"
+    info = run_env(runs)
+    device = info["device"]
     print(f"data {args.data}, {device}, torch {info['torch']}, git {info['git']}\n")
     print(md_table(head, table))
-    json.dump(dict(info, device=device, data=args.data, runs=runs), open(os.path.join(args.out, "compare.json"), "w"),
+    json.dump(dict(info, data=args.data, runs=runs), open(os.path.join(args.out, "compare.json"), "w"),
               indent=1)
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {device}")
     for r in runs:
@@ -547,12 +549,12 @@ def ddp(args, gpu):
         err = train_run([sys.executable, *launch, "core.py", *map(str, flags), "--out", out], out)
         if err:
             raise core.ConfigError(f"{world}-process run failed: {err} (log: {out}/stdout.txt)")
-        rows.append(dict(world=world, **summarize(core.read_log(out))))
+        rows.append(dict(world=world, out=out, **summarize(core.read_log(out))))
     eff = rows[1]["tok_s"] / (n * rows[0]["tok_s"])
     print(md_table(["processes", "tokens/s", "MFU"], [[r["world"], f"{r['tok_s'] / 1e3:.1f}k",
                                                       fmt(r["mfu"] and 100 * r["mfu"], ".1f", "%")] for r in rows]))
     print(f"\nscaling efficiency {n} vs 1: {100 * eff:.1f}%")
-    json.dump(dict(run_env([]), runs=rows, efficiency=eff), open(os.path.join(args.out, "ddp.json"), "w"), indent=1)
+    json.dump(dict(run_env(rows), runs=rows, efficiency=eff), open(os.path.join(args.out, "ddp.json"), "w"), indent=1)
     return 0
 
 
