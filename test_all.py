@@ -179,6 +179,24 @@ def test_document_mask_blocks_other_documents():
     assert torch.allclose(a[0, 16:], b[0, 16:], atol=1e-6)  # the second document never saw it
 
 
+def test_document_block_mask_built_once_per_forward(monkeypatch):
+    """Every layer reads one FlexAttention document mask; only the first request builds it (outside the graph)."""
+    calls, build = [], core.build_block_mask
+    monkeypatch.setattr(core, "build_block_mask", lambda *a: calls.append(a) or build(*a))
+    model = core.GPT(tiny("llama", attn_impl="sdpa")).eval()
+    idx, doc = torch.randint(0, 256, (2, 32)), torch.tensor([[0] * 16 + [1] * 16] * 2)
+    with torch.no_grad():
+        model(idx, doc=doc)
+    assert len(calls) == 1 and model.cfg.n_layer > 1
+
+
+@cuda
+def test_gpu_context_builds_the_document_mask_before_the_layers():
+    model = core.GPT(tiny("llama")).cuda()
+    idx, doc = torch.randint(0, 256, (2, 256), device="cuda"), torch.zeros(2, 256, dtype=torch.long, device="cuda")
+    assert "causal" in model.context(idx, doc).cache and "causal" not in model.context(idx).cache
+
+
 def test_flash_fallback_when_not_installed(monkeypatch, capsys):
     monkeypatch.setattr(core, "flash_attn_func", None)
     torch.manual_seed(0)
