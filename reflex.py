@@ -146,11 +146,9 @@ class ReflexAttention(core.Attention):
             # the reference, as the original computes it: one causal attention per head group, outputs concatenated
             return torch.cat([self.attend_eager(q[:, h0:h1], ks[:, h0:h1], vs[:, h0:h1], ctx)
                               for ks, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
-        # fast path: gather each head's K/V slot from its layer (one cat), then one fused call over all heads. The cat
-        # runs in the (B, T, H, D) memory layout of c_attn's output, which q keeps: SDPA then picks the baseline's kernel
-        slots = lambda t, h0, h1: t.transpose(1, 2)[:, :, h0:h1]  # (B, T, h, D)
-        k = torch.cat([slots(ks, h0, h1) for ks, _, h0, h1 in src], dim=2).transpose(1, 2)  # (B, H, T, D)
-        v = torch.cat([slots(vs, h0, h1) for _, vs, h0, h1 in src], dim=2).transpose(1, 2)
+        # fast path: gather each head's K/V slot from its layer (one cat), then one fused call over all heads
+        k = torch.cat([ks[:, h0:h1] for ks, _, h0, h1 in src], dim=1)  # (B, H, T, D)
+        v = torch.cat([vs[:, h0:h1] for _, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
         return super().attend(q, k, v, ctx)
 
 
