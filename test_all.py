@@ -2,6 +2,7 @@
 
 Sections: core, prepare, attn_bias, cogformer, exoformer, sparse_byte, reflex, bench. Helpers shared by several sections
 come first; a helper that differs between papers carries the paper's prefix (ab_, cog_, exo_, reflex_, bench_)."""
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -1787,6 +1788,33 @@ def test_muon_matches_the_published_rule():
             torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=1e-6)
     assert [exo.muon_momentum(s, 1000) for s in (0, 50, 100, 500, 950, 1000)] == pytest.approx(
         [0.85, 0.90, 0.95, 0.95, 0.90, 0.85])
+
+
+@pytest.mark.usefixtures("exo_one_thread")
+def test_muon_state_dict_resumes_exactly():
+    """Stopping after 2 of 4 steps, saving the optimizer state and loading it into a fresh Muon changes nothing."""
+    torch.manual_seed(0)
+    start = [torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 24)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+
+    def run(params, opt, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    full = [p.clone().requires_grad_() for p in start]
+    run(full, exo.Muon(full, lr=0.02, weight_decay=0.1, total_steps=150), grads)
+    cut = [p.clone().requires_grad_() for p in start]
+    opt = exo.Muon(cut, lr=0.02, weight_decay=0.1, total_steps=150)
+    run(cut, opt, grads[:2])
+    saved = copy.deepcopy(opt.state_dict())
+    opt = exo.Muon(cut, lr=0.02, weight_decay=0.1, total_steps=150)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["step"] == 2
+    run(cut, opt, grads[2:])
+    for a, b in zip(full, cut):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.usefixtures("exo_one_thread")
