@@ -88,6 +88,17 @@ def tutorial(tmp_path_factory):
     return write_bytes_dataset(str(tmp_path_factory.mktemp("tutorial")), text)
 
 
+def cli_runs(main, root, runs, *flags):
+    """{name: out dir}: `main --train --preset tiny --device cpu *flags *runs[name] --out root/name`, each exiting 0
+    (same seed, so every run sees the same batches)."""
+    out = {}
+    for name, run_flags in runs.items():
+        out[name] = str(root / name)
+        argv = ["--train", "--preset", "tiny", "--device", "cpu", *flags, *run_flags, "--out", out[name]]
+        assert main(argv) == 0, name
+    return out
+
+
 # ================================================================================================================
 # core
 # ================================================================================================================
@@ -803,13 +814,8 @@ def ab_tiny(**kw):
 @pytest.fixture(scope="module")
 def ab_runs(tutorial, tmp_path_factory):
     """The three variants trained for 60 steps through the CLI."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for v in ab.AttnBiasConfig.VARIANTS:
-        out[v] = str(root / v)
-        assert ab.main(["--train", "--preset", "tiny", "--variant", v, "--data", tutorial, "--out", out[v],
-                        "--max-iters", "60", "--eval-interval", "30", "--device", "cpu"]) == 0
-    return out
+    return cli_runs(ab.main, tmp_path_factory.mktemp("runs"), {v: ["--variant", v] for v in ab.AttnBiasConfig.VARIANTS},
+                    "--data", tutorial, "--max-iters", "60", "--eval-interval", "30")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1423,13 +1429,8 @@ def test_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tutorial):
     """Both variants trained briefly with identical seeds and data order."""
-    root = tmp_path_factory.mktemp("runs")
-    outs = {}
-    for variant in cg.CogConfig.VARIANTS:
-        outs[variant] = str(root / variant)
-        assert cg.main(["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "20", "--variant", variant,
-                        "--batch-size", "4", "--data", tutorial, "--out", outs[variant]]) == 0
-    return outs
+    return cli_runs(cg.main, tmp_path_factory.mktemp("runs"), {v: ["--variant", v] for v in cg.CogConfig.VARIANTS},
+                    "--max-iters", "20", "--batch-size", "4", "--data", tutorial)
 
 
 def test_train_both_variants_loss_falls(trained):
@@ -2597,24 +2598,19 @@ def test_cli_process_invalid_split_exits_nonzero(tutorial):
 @pytest.fixture(scope="module")
 def reflex_runs(tutorial, tmp_path_factory):
     """CLI training runs of the baseline and three splits on the same batches (tiny, real text)."""
-    root = tmp_path_factory.mktemp("reflex_runs")
-    out = {}
-    for name, flags in [("base", ["--variant", "baseline"]), ("521", ["--heads", "5-2-1"]),
-                        ("422", ["--heads", "4-2-2"]), ("all", ["--heads", "all"])]:
-        out[name] = root / name
-        rc = reflex.main(["--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial, "--max-iters", "60",
-                          "--eval-interval", "30", "--out", str(out[name]), *flags])
-        assert rc == 0, name
-    return out
+    splits = {"base": ["--variant", "baseline"], "521": ["--heads", "5-2-1"], "422": ["--heads", "4-2-2"],
+              "all": ["--heads", "all"]}
+    return cli_runs(reflex.main, tmp_path_factory.mktemp("reflex_runs"), splits, "--data", tutorial,
+                    "--max-iters", "60", "--eval-interval", "30")
 
 
 def test_cli_smoke_runs_learn(reflex_runs):
     for name, path in reflex_runs.items():
-        log = core.read_log(str(path))
-        cfg = json.load(open(path / "run.json"))["config"]
+        log = core.read_log(path)
+        cfg = json.load(open(os.path.join(path, "run.json")))["config"]
         assert cfg["variant"] == ("baseline" if name == "base" else "reflex")
         assert log[0]["loss"] > 4.5 and log[-1]["val_loss"] < 3.6, (name, log[-1])
-    model = reflex.load_model(str(reflex_runs["all"] / "ckpt.pt"))
+    model = reflex.load_model(os.path.join(reflex_runs["all"], "ckpt.pt"))
     assert model.cfg.heads == "all" and isinstance(model.transformer.h[1].attn, reflex.ReflexAttention)
 
 
@@ -2623,7 +2619,7 @@ def test_cli_charts(reflex_runs, tutorial, capsys):
                           "--runs", reflex_runs["521"], reflex_runs["422"], reflex_runs["all"])
     assert rc == 0, err
     for png in ("loss.png", "speed.png"):
-        assert os.path.getsize(reflex_runs["base"] / png) > 5000
+        assert os.path.getsize(os.path.join(reflex_runs["base"], png)) > 5000
     assert "tok/s" in stdout and "MFU n/a" in stdout
 
 
