@@ -11,7 +11,7 @@ recompile limits and runs up to 1.8x slower.
 
     python bench.py                                   # every variant of every script, T=1024, the GPU it finds
     python bench.py --papers core,cogformer --impl eager,auto --batch 8
-    python bench.py --scaling                         # T = 1024 .. 8192 (OOM cells), baseline + main variant each
+    python bench.py --scaling                         # T = 1024 .. 8192 (OOM cells): core GPT + each main variant
     python bench.py --compare --data data/docs        # train baseline + main variant of each paper, same tokens
     python bench.py --ddp 2                           # core baseline on 1 and 2 GPUs (torchrun): scaling efficiency
 
@@ -257,7 +257,8 @@ def speed_specs(args, gpu):
         s = script(name)
         preset = preset_for(name, presets, gpu)
         impls = [i for i in s.cfg_cls.ATTN_IMPLS if i != "auto"] if args.impl == "all" else args.impl.split(",")
-        for variant in pick_variants(s, args.variants or ("main" if args.scaling else "all")):
+        # scaling: the core GPT is the one baseline (every paper's baseline runs the same SDPA kernel)
+        for variant in pick_variants(s, args.variants or (s.main if args.scaling else "all")):
             for impl in [i for i in impls if i in s.cfg_cls.ATTN_IMPLS]:
                 for T in seqs or [None]:
                     spec = dict(script=name, variant=variant, baseline=s.baseline, preset=preset, impl=impl,
@@ -391,10 +392,18 @@ def speed(args, gpu):
     if not specs:
         raise core.ConfigError("no rows: --papers / --variants / --impl select nothing")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    checked = {}  # (script, variant, impl) -> parity: the check runs at T=256 whatever the row's T, so once each
     for i, spec in enumerate(specs):
+        key = (spec["script"], spec["variant"], spec["impl"])
+        if key in checked:
+            spec.update(check=False, parity=checked[key])
+            if checked[key]["status"] == "FAIL":
+                spec["status"] = "FAIL"
         if "status" not in spec:
             log = f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-{spec['B']}.txt"
             spec = run_row(spec, os.path.join(args.out, "logs", log))
+            if spec.get("parity"):
+                checked.setdefault(key, spec["parity"])
         rows.append(spec)
         print(f"[{i + 1}/{len(specs)}] {label(spec)} {spec['impl']} T={spec.get('T')}: {spec['status']}"
               + (f", {spec['ms']:.1f} ms/step" if spec.get("ms") else ""), file=sys.stderr, flush=True)

@@ -2768,8 +2768,8 @@ def test_row_selection_and_scaling_batches():
                                             "--preset", "tiny"])
     specs = bench.speed_specs(args, gpu=False)
     got = [(bench.label(s), s["T"], s["B"]) for s in specs]
-    assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/baseline", 32, 16), ("reflex/baseline", 128, 4),
-                   ("reflex/reflex", 32, 16), ("reflex/reflex", 128, 4)]  # tokens per step kept at 8 x 64
+    assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/reflex", 32, 16),
+                   ("reflex/reflex", 128, 4)]  # the core GPT is the baseline; tokens per step kept at 8 x 64
     args = bench.build_parser().parse_args(["--papers", "reflex", "--preset", "124m", "--impl", "eager,flash"])
     specs = bench.speed_specs(args, gpu=True)  # 124m has 12 heads: the reflex split 5-2-1 is refused, not run
     assert [(bench.label(s), s["impl"], s.get("status", "run")[:4]) for s in specs] == [
@@ -2780,6 +2780,24 @@ def test_row_selection_and_scaling_batches():
     rows = [dict(s, status="ok", tok_s=1000.0 * s["B"], mem_gb=0.1 * s["T"]) for s in specs[:2]]
     bench.add_ratios(rows)
     assert [r["x_baseline"] for r in rows] == [1.0, 1.0]  # no auto row: each impl against the first baseline row
+
+
+def test_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path, monkeypatch):
+    ran = []
+    def fake_row(spec, log):
+        ran.append((bench.label(spec), spec["T"], spec.get("check", True)))
+        status = "FAIL" if spec["script"] == "reflex" else "ok"
+        parity = dict(status=status, err=0.5 if status == "FAIL" else 1e-3, impls=["sdpa"], worst="logits")
+        return dict(spec, status=status, **({"parity": parity} if spec.get("check", True) else {}),
+                    **(dict(ms=1.0, tok_s=1e3 * spec["B"]) if status == "ok" else {}))
+    monkeypatch.setattr(bench, "run_row", fake_row)
+    args = bench.build_parser().parse_args(["--papers", "core,reflex", "--scaling", "--seq", "32,64,128",
+                                            "--device", "cpu", "--out", str(tmp_path)])
+    assert bench.speed(args, gpu=False) == 1  # a FAIL row: non-zero exit
+    assert ran == [("core", 32, True), ("core", 64, False), ("core", 128, False), ("reflex/reflex", 32, True)]
+    rows = json.load(open(tmp_path / "scaling.json"))["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "FAIL", "FAIL", "FAIL"]
+    assert all(r["parity"]["status"] == ("FAIL" if r["script"] == "reflex" else "ok") for r in rows)
 
 
 def test_append_replaces_rows_run_again(tmp_path):
