@@ -407,17 +407,26 @@ def speed(args, gpu):
         rows.append(spec)
         print(f"[{i + 1}/{len(specs)}] {label(spec)} {spec['impl']} T={spec.get('T')}: {spec['status']}"
               + (f", {spec['ms']:.1f} ms/step" if spec.get("ms") else ""), file=sys.stderr, flush=True)
-    if args.append:
+        table, info = save_rows(path, rows, args.append)  # after every row: a run cut short keeps what it measured
+    print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}, git {info['git']}\n")
+    print(speed_table(table))
+    png = os.path.join(args.out, name + ".png")
+    plot_speed(table, png, f"{info['device']}, torch {info['torch']}")
+    print(f"\n{path}, {png}", file=sys.stderr)
+    return 1 if any(r["status"] == "FAIL" for r in table) else 0
+
+
+def save_rows(path, rows, append):
+    """Write <path> atomically: this run's rows (merged into the file's when appending; merging again is harmless,
+    this run's rows replace their own earlier save) with ratios and the environment. -> (all rows, env)."""
+    if append:
         rows = merge(path, "rows", rows, lambda r: (r["script"], r["variant"], r["impl"], r.get("T"), r.get("B")))
     add_ratios(rows)
     info = run_env(rows)
-    print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}, git {info['git']}\n")
-    print(speed_table(rows))
-    json.dump(dict(**info, rows=rows), open(path, "w"), indent=1)
-    png = os.path.join(args.out, name + ".png")
-    plot_speed(rows, png, f"{info['device']}, torch {info['torch']}")
-    print(f"\n{path}, {png}", file=sys.stderr)
-    return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(**info, rows=rows), f, indent=1)
+    os.replace(path + ".tmp", path)
+    return rows, info
 
 
 def merge(path, field, rows, key):

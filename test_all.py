@@ -2798,6 +2798,15 @@ def test_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path, monke
     rows = json.load(open(tmp_path / "scaling.json"))["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "FAIL", "FAIL", "FAIL"]
     assert all(r["parity"]["status"] == ("FAIL" if r["script"] == "reflex" else "ok") for r in rows)
+    def cut(spec, log):  # the run is killed at its third row: the rows measured before are on disk
+        if len(ran) == 6:
+            raise KeyboardInterrupt
+        return fake_row(spec, log)
+    monkeypatch.setattr(bench, "run_row", cut)
+    args.papers, args.out = "core", str(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        bench.speed(args, gpu=False)
+    assert [r["T"] for r in json.load(open(tmp_path / "cut" / "scaling.json"))["rows"]] == [32, 64]
 
 
 def test_append_replaces_rows_run_again(tmp_path):
