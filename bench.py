@@ -815,8 +815,8 @@ def build_parser():
     p = core._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--papers", default="", help="comma list of scripts (core, exoformer, ...; default: all; --compare: the papers)")
-    a("--variants", default="", help="all, main (baseline + main variant) or a comma list (default: all; main for "
-                                     "--scaling and --compare)")
+    a("--variants", default="", help="all, main (baseline + main variant) or a comma list (default: all; --compare: "
+                                     "main; --scaling: each paper's main variant, the core GPT as the baseline)")
     a("--preset", default="", help="preset for every script and/or script=preset entries, comma separated "
                                    "(default: the 124m class: 124m, cogformer=141m-gpt2, reflex=124m-8h; tiny on CPU)")
     a("--seq", default="", help="sequence length(s) T, comma list (default: the preset's; --scaling 1024..8192)")
