@@ -423,9 +423,8 @@ def save_rows(path, rows, append):
         rows = merge(path, "rows", rows, lambda r: (r["script"], r["variant"], r["impl"], r.get("T"), r.get("B")))
     add_ratios(rows)
     info = run_env(rows)
-    with open(path + ".tmp", "w") as f:
+    with core.atomic(path, "w") as f:
         json.dump(dict(**info, rows=rows), f, indent=1)
-    os.replace(path + ".tmp", path)
     return rows, info
 
 

@@ -591,11 +591,19 @@ def autocast(device, cfg):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def save_checkpoint(path, obj):
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+@contextlib.contextmanager
+def atomic(path, mode="wb"):
+    """Write path.tmp and rename it to path only when the block completes: a crash never leaves a valid-looking file."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, mode) as f:
+        yield f
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, obj):
+    """Atomic: a temporary file renamed over the old checkpoint."""
+    with atomic(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path):

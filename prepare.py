@@ -103,15 +103,6 @@ def _fmt(n, unit):
         n /= 1000
 
 
-@contextlib.contextmanager
-def atomic(path):
-    """Write path.tmp and rename it to path only when the block completes: a crash never leaves a valid-looking file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        yield f
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- downloads
 
 def mirror(args, default):
@@ -273,7 +264,7 @@ def open_out(out, source):
 
 def write_meta(out, vocab, splits, source):
     """meta.json, written last: its presence marks a finished dataset."""
-    with atomic(out / "meta.json") as f:
+    with core.atomic(out / "meta.json") as f:
         f.write(json.dumps({**vocab, "splits": splits, "source": source}, indent=1).encode())
     print(f"wrote {out}: " + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in splits.items()))
 
@@ -346,7 +337,7 @@ def prepare_text(inputs, out, tokenizer="gpt2", val=(), workers=None):
         if not any(ds):
             raise PrepareError(f"the {split} split is empty: give more text (or --val)")
         ids = encode_docs(ds, tok, workers or os.cpu_count(), np.dtype(dtype), f"tokenize {split}")
-        with atomic(out / f"{split}.bin") as f:
+        with core.atomic(out / f"{split}.bin") as f:
             f.write(ids.tobytes())
         splits[split] = {"tokens": len(ids), "bytes": sum(len(d.encode()) for d in ds)}
     write_meta(out, dict(tokenizer=tokenizer, vocab_size=tok.n_vocab, dtype=dtype, eot_token=tok.eot_token), splits,
@@ -380,7 +371,7 @@ def cmd_enwik8(args):
     a, b = len(data) * 90 // 100, len(data) * 95 // 100   # 90M / 5M / 5M, the standard enwik8 split
     splits = {}
     for split, chunk in (("train", data[:a]), ("val", data[a:b]), ("test", data[b:])):
-        with atomic(args.out / f"{split}.bin") as f:
+        with core.atomic(args.out / f"{split}.bin") as f:
             f.write(chunk)
         splits[split] = {"tokens": len(chunk), "bytes": len(chunk)}
     write_meta(args.out, BYTES, splits, source)
@@ -426,7 +417,7 @@ def tokenize_openwebtext(archive, out, workers):
     kept = 2 * sum(sum(r["tokens"]) for r in done)
     if not tokens.exists() or tokens.stat().st_size < kept:
         done, kept = [], 0
-    with atomic(index) as f:
+    with core.atomic(index) as f:
         f.write("".join(json.dumps(r) + "\n" for r in done).encode())
     bar = Progress("tokenize openwebtext", archive.stat().st_size, done=sum(r["size"] for r in done))
     with open(tokens, "ab") as ft, open(index, "a") as fi:
@@ -458,7 +449,7 @@ def split_openwebtext(out, records):
     data, splits = np.memmap(out / "tokens.tmp", np.uint16, "r"), {}
     for split, docs in (("val", perm[:n_val]), ("train", perm[n_val:])):
         bar = Progress(f"write {split}.bin", len(docs), unit="doc")
-        with atomic(out / f"{split}.bin") as f:
+        with core.atomic(out / f"{split}.bin") as f:
             for d in docs:
                 f.write(data[first[d]:first[d] + n_tok[d]])
                 bar.update(1)
@@ -492,7 +483,7 @@ def check_shard(path):
 def write_shard(out, index, ids):
     header = np.zeros(SHARD_HEADER, np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(ids)
-    with atomic(out / f"{FINEWEB['prefix']}_{'val' if index == 0 else 'train'}_{index:06d}.bin") as f:
+    with core.atomic(out / f"{FINEWEB['prefix']}_{'val' if index == 0 else 'train'}_{index:06d}.bin") as f:
         f.write(header.tobytes())
         f.write(ids.tobytes())
 
