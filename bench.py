@@ -517,8 +517,8 @@ def compare(args, gpu):
     device = info["device"]
     print(f"data {args.data}, {device}, torch {info['torch']}, git {info['git']}\n")
     print(md_table(head, table))
-    json.dump(dict(info, data=args.data, runs=runs), open(os.path.join(args.out, "compare.json"), "w"),
-              indent=1)
+    with core.atomic(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(dict(info, data=args.data, runs=runs), f, indent=1)
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {device}")
     for r in runs:
         if r["error"]:
@@ -571,7 +571,8 @@ def ddp(args, gpu):
     print(md_table(["processes", "tokens/s", "MFU"], [[r["world"], f"{r['tok_s'] / 1e3:.1f}k",
                                                       fmt(r["mfu"] and 100 * r["mfu"], ".1f", "%")] for r in rows]))
     print(f"\nscaling efficiency {n} vs 1: {100 * eff:.1f}%")
-    json.dump(dict(run_env(rows), runs=rows, efficiency=eff), open(os.path.join(args.out, "ddp.json"), "w"), indent=1)
+    with core.atomic(os.path.join(args.out, "ddp.json"), "w") as f:
+        json.dump(dict(run_env(rows), runs=rows, efficiency=eff), f, indent=1)
     return 0
 
 
