@@ -46,6 +46,7 @@ crashes there.
     python sparse_byte.py --kernel-bench --preset thesis --out runs/bench          # GPU: sparse vs dense attention
 """
 import csv
+import functools
 import json
 import math
 import os
@@ -213,12 +214,9 @@ class SparseAttention(core.Attention):
         return att.type_as(v) @ v
 
     def attend_flex(self, q, k, v, ctx):
-        T = q.size(-2)
-        key = ("sparse", tuple(self.clusters), T)
-        if key not in ctx.cache:  # built once per forward, shared by the layers
-            src, region = kv_layout(self.clusters, T, q.device)
-            ctx.cache[key] = src, create_block_mask(sparse_mask_mod(self.clusters, src, region), None, self.n_head,
-                                                    T, len(src), device=q.device)
+        key = ("sparse", tuple(self.clusters), q.size(-2))
+        if key not in ctx.cache:  # SparseGPT.context fills it before the layers; direct calls land here
+            ctx.cache[key] = sparse_block_mask(*key[1:], q.device)
         src, mask = ctx.cache[key]
         k, v = extend(k, src), extend(v, src)  # (B, H, S, D)
         try:
@@ -227,13 +225,34 @@ class SparseAttention(core.Attention):
             raise core.ConfigError(f"{e} Train on CPU with --attn-impl eager (or auto).") from None
 
 
+@torch.compiler.disable
+@functools.cache
+def sparse_block_mask(clusters, T, device):
+    """(src, BlockMask) of one head assignment at length T. The pattern is static: built once per process,
+    eagerly, outside any compiled graph (traced inside the model it was rebuilt every step)."""
+    src, region = kv_layout(clusters, T, device)
+    mask_mod = sparse_mask_mod(clusters, src, region)
+    return src, create_block_mask(mask_mod, None, len(clusters), T, len(src), device=device,
+                                  _compile=device.type == "cuda")  # never materialises the (H, T, S) grid
+
+
+class SparseGPT(core.GPT):
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        flex = self.cfg.variant == "sparse" and self.transformer.h[0].attn.impl(idx.device) == "flex"
+        if flex and record is None:
+            clusters = tuple(head_clusters(self.cfg.n_head, self.cfg.mask_subset))
+            ctx.cache["sparse", clusters, idx.size(1)] = sparse_block_mask(clusters, idx.size(1), idx.device)
+        return ctx
+
+
 ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
 
 
 def build_model(cfg):
     if cfg.variant == "sparse" and cfg.dropout and cfg.attn_impl != "eager":
         core.warn_once("the sparse flex path has no dropout on attention probabilities (the rest of the model has)")
-    return core.GPT(cfg, ATTENTION[cfg.variant])
+    return SparseGPT(cfg, ATTENTION[cfg.variant])
 
 
 def load_model(path, device="cpu"):
@@ -462,10 +481,8 @@ def time_ms(fn, q, k, v, reps=10, warmup=3):
 
 def bench_attention(T, clusters, D, B, device, dtype=torch.bfloat16):
     H = len(clusters)
-    make_mask = torch.compile(create_block_mask)  # the (H, T, S) mask_mod grid never materialises
-    src, region = kv_layout(clusters, T, device)
-    sparse = make_mask(sparse_mask_mod(clusters, src, region), None, H, T, len(src), device=device)
-    causal = make_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device=device)
+    src, sparse = sparse_block_mask(tuple(clusters), T, device)
+    causal = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device=device, _compile=True)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     t_sdpa = time_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
     t_flex = time_ms(lambda q, k, v: core.flex_attention(q, k, v, block_mask=causal), q, k, v)

@@ -2226,15 +2226,25 @@ def test_cpu_flex_training_is_refused():
         att.attend_flex(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
 
 
-def test_sparse_flex_model_traces_in_one_graph():
-    """The GPU training path (torch.compile of the model, block mask built inside) has no graph break; the
-    'eager' backend runs it on CPU."""
-    cfg = sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=1, n_head=8, n_embd=64, block_size=160,
+def test_sparse_block_mask_is_built_once_before_the_layers_which_trace_in_one_graph():
+    """GPU training path: the static block mask is built once per length, eagerly, in the model's context; the
+    layers then only read it and compile without a graph break (the 'eager' backend runs that check on CPU)."""
+    cfg = sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=64, block_size=160,
                               attn_impl="flex")
     model = sb.build_model(cfg).eval()
     x = torch.randint(0, 256, (1, 160))
+    key = ("sparse", tuple(sb.head_clusters(8)), 160)
+    ctx = model.context(x)
+    assert ctx.cache[key] is model.context(x).cache[key] is sb.sparse_block_mask(*key[1:], x.device)
+
+    def layers(idx, ctx):
+        h = ctx.x0 = model.embed(idx, ctx)
+        for block in model.transformer.h:
+            h = block(h, ctx)
+        return model.lm_head(model.final(h, ctx))
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), model(x))
+        torch.testing.assert_close(torch.compile(layers, backend="eager", fullgraph=True)(x, ctx), model(x))
+    assert not model.context(x, record=lambda *a: None).cache  # recording runs the eager reference: no mask
 
 
 def test_sparse_model_is_causal_and_records_masked_probabilities():
