@@ -229,11 +229,12 @@ class SparseAttention(core.Attention):
 @functools.cache
 def sparse_block_mask(clusters, T, device):
     """(src, BlockMask) of one head assignment at length T. The pattern is static: built once per process,
-    eagerly, outside any compiled graph (traced inside the model it was rebuilt every step)."""
+    outside the model's compiled graph (traced inside it, it was rebuilt every step). On GPU the builder is compiled
+    with dynamic shapes: it never materialises the (H, T, S) grid (eager: 9 GiB at T=8192), and a static compile
+    (create_block_mask's _compile) spent minutes in ptxas at T=8192 on the H100."""
     src, region = kv_layout(clusters, T, device)
-    mask_mod = sparse_mask_mod(clusters, src, region)
-    return src, create_block_mask(mask_mod, None, len(clusters), T, len(src), device=device,
-                                  _compile=device.type == "cuda")  # never materialises the (H, T, S) grid
+    make = torch.compile(create_block_mask, dynamic=True) if device.type == "cuda" else create_block_mask
+    return src, make(sparse_mask_mod(clusters, src, region), None, len(clusters), T, len(src), device=device)
 
 
 class SparseGPT(core.GPT):
