@@ -58,6 +58,14 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import core
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the triton path is optional: eager and flex still work
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -190,8 +198,323 @@ def computed_blocks(block_mask):
     return int(n + (block_mask.full_kv_num_blocks.sum() if block_mask.full_kv_num_blocks is not None else 0))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: the fused Triton kernel (FlashAttention-2 over the pattern's tiles only)
+#
+# Per query block [m0, m1) and head, three key ranges, masked arithmetically (d = i - j):
+#   band     keys m0 - reach .. m1 - 1, entries 0 <= d <= reach
+#   columns  keys stride * n for n < cdiv(m1, stride), loaded in place (rows of K and V stride apart), d > reach
+#   anchors  the global head's anchors off its stride (<= 16 positions), d > reach
+# d > reach is causal since reach >= -1, and a column within the band is counted by the band only: each key once.
+# The backward's dK/dV programs own either a block of plain keys (its band queries; column keys are not stored)
+# or a block of one head's columns (every query i >= j), so each row of dK and dV has one writer.
+
+N_ANCHOR = 16  # anchor slots per head (11 ratios), one tile
+
+
+def triton_pattern(clusters, T, device=None):
+    """The kernel's per-head parameters: (H, 4 + N_ANCHOR) int32 rows [reach, stride, strided columns, anchors,
+    anchor positions off the stride (padding T)], and the most columns of a head (the dK/dV grid)."""
+    rows = []
+    for c in clusters:
+        s = STRIDE.get(c, 1)
+        n_strided = -(-T // s) if c in STRIDE else 0
+        anchors = [j for j in columns(c, T) if j % s] if c in STRIDE else []
+        rows.append([REACH[c], s, n_strided, len(anchors), *anchors, *[T] * (N_ANCHOR - len(anchors))])
+    return torch.tensor(rows, dtype=torch.int32, device=device), max(r[2] + r[3] for r in rows)
+
+
+if triton is not None:
+    def _autotune(blocks, fp32):
+        """Autotune over (BLOCK_M, BLOCK_N, warps, stages); fp32 (the parity tests) and the interpreter take the small
+        fp32 tile untuned (full-precision fp32 dots compile slowly and fill shared memory)."""
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in ([fp32] if INTERPRET else blocks)]
+        small = [triton.Config({"BLOCK_M": fp32[0], "BLOCK_N": fp32[1]}, num_warps=fp32[2], num_stages=fp32[3])]
+        return triton.autotune(configs=configs, key=["T_BUCKET", "D"], prune_configs_by={
+            "early_config_prune": lambda configs, named_args, **kw: small if kw["PREC"] == "ieee" else configs})
+
+    _FWD = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+    _DKDV = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
+    _DQ = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+
+    @triton.jit
+    def _keys(idx, hi, S, NS, anch_ptr, COLS: tl.constexpr):
+        """Key positions of a tile of indices (valid: < hi): the band's own, or column n -> S * n (n < NS), else the
+        anchor n - NS."""
+        j = idx
+        if COLS:
+            j = tl.where(idx < NS, idx * S, tl.load(anch_ptr + idx - NS, mask=(idx >= NS) & (idx < hi), other=0))
+        return j, idx < hi
+
+    @triton.jit
+    def _mask(d, R, COLS: tl.constexpr):
+        """Allowed entries of d = i - j: the columns' part d > R, or the band 0 <= d <= R."""
+        keep = d > R
+        if not COLS:
+            keep = (d >= 0) & (d <= R)
+        return keep
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
+                   D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start in range(lo, hi, BLOCK_N):
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, COLS)
+            kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            v = tl.load(v_ptr + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # log2 units
+            s = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, COLS), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _ranges(PAT, spat, h, start_m, end_m):
+        """A query block's three key ranges (band, strided columns, anchors) and the head's pattern."""
+        p = PAT + h * spat
+        R, S, NS, NA = tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+        band_lo = tl.where(R >= 0, tl.maximum(start_m - R, 0), end_m)
+        return R, S, NS, p + 4, band_lo, tl.minimum(NS, tl.cdiv(end_m, S)), NS + NA
+
+    @_autotune(_FWD, (32, 16, 4, 1))
+    @triton.jit
+    def _sparse_fwd(Q, K, V, O, LSE, PAT, spat, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                    H, T, T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        end_m = tl.minimum(start_m + BLOCK_M, T)
+        R, S, NS, anch, band_lo, cols_hi, anch_hi = _ranges(PAT, spat, h, start_m, end_m)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T,
+                    other=0.0)
+        m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a tile without keys for a row keeps alpha = 1, p = 0
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        args = (q, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
+        pat = (R, S, NS, anch, qk_scale)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, band_lo, end_m, *pat, D, False, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, 0, cols_hi, *pat, D, True, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, NS, anch_hi, *pat, D, True, PREC, BLOCK_N)
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], (acc / l_i[:, None]).to(
+            O.dtype.element_ty), mask=offs_m[:, None] < T)
+        tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+    @triton.jit
+    def _sparse_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+        """D = rowsum(dO ⊙ O) in fp32 (FA2's preprocess)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
+    def _dkdv_inner(k, v, j, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, lo, hi, T, R, qk_scale,
+                    D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m < T
+            qT = tl.load(q_ptr + offs_m[None, :] * sqt + offs_d[:, None], mask=rows[None, :], other=0.0)
+            do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))  # padded rows: P = 0
+            delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
+            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (N, M)
+            pT = tl.where(_mask(offs_m[None, :] - j[:, None], R, COLS), pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dk += tl.dot((pT * (dpT - delta[None, :])).to(qT.dtype), tl.trans(qT), input_precision=PREC)
+        return dk, dv
+
+    @_autotune(_DKDV, (16, 32, 4, 1))
+    @triton.jit
+    def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh,
+                         skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, T_BUCKET,
+                         D: tl.constexpr, PREC: tl.constexpr, N_ANCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """Programs below cdiv(T, BLOCK_N) own a block of keys (band part), the others BLOCK_N of the head's columns."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        n_band = tl.cdiv(T, BLOCK_N)
+        R, S, NS, anch, _, _, anch_hi = _ranges(PAT, spat, h, 0, 0)
+        if pid < n_band:
+            j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = j < T
+        else:
+            j, ok = _keys((pid - n_band) * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, True)
+        k = tl.load(K + b * skb + h * skh + j[:, None] * skt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        args = (k, v, j, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * T, DELTA + bh * T, sqt, sdot)
+        if pid < n_band:  # queries j .. j + R; a column key's row is its column program's
+            start_n = pid * BLOCK_N
+            hi = tl.where(R >= 0, tl.minimum(start_n + BLOCK_N + R, T), start_n)
+            dk, dv = _dkdv_inner(*args, start_n, hi, T, R, qk_scale, D, False, PREC, BLOCK_M, BLOCK_N)
+            anchors = tl.load(anch + tl.arange(0, N_ANCH))
+            col = ((j % S == 0) & (NS > 0)) | (tl.sum((j[:, None] == anchors[None, :]).to(tl.int32), 1) > 0)
+            ok = ok & ~col
+        else:  # every query i >= j
+            lo = tl.min(tl.where(ok, j, T))
+            dk, dv = _dkdv_inner(*args, lo, T, T, -1, qk_scale, D, True, PREC, BLOCK_M, BLOCK_N)
+        tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkt + offs_d[None, :], (dk * sm_scale).to(
+            DK.dtype.element_ty), mask=ok[:, None])
+        tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=ok[:, None])
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
+                  D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start in range(lo, hi, BLOCK_N):
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, COLS)
+            kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            vT = tl.load(v_ptr + j[None, :] * svt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
+            p = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, COLS), p, 0.0)
+            ds = p * (tl.dot(do, vT, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
+        return dq
+
+    @_autotune(_DQ, (32, 16, 4, 1))
+    @triton.jit
+    def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
+                       svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        R, S, NS, anch, band_lo, cols_hi, anch_hi = _ranges(PAT, spat, h, start_m, tl.minimum(start_m + BLOCK_M, T))
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
+        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        args = (q, do, lse, delta, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
+        pat = (R, S, NS, anch, qk_scale)
+        dq = _dq_inner(dq, *args, band_lo, tl.minimum(start_m + BLOCK_M, T), *pat, D, False, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, 0, cols_hi, *pat, D, True, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, NS, anch_hi, *pat, D, True, PREC, BLOCK_N)
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
+
+
+def _bucket(T):
+    """The autotune key for T (the kernels ignore it): one tuning per power of two."""
+    return max(16, triton.next_power_of_2(T))
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def _prec(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _scales(D):
+    return D ** -0.5 * math.log2(math.e), D ** -0.5
+
+
+def _last_unit(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+# torch.library custom ops: torch.compile treats them as opaque calls instead of tracing the autotuner.
+
+@torch.library.custom_op("attnlab::sparse_attn_fwd", mutates_args=())
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: torch.Tensor,
+                    ncols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pattern's attention on (B, H, T, D) -> (O, log-sum-exp in log2 units of the scaled scores)."""
+    B, H, T, D = q.shape
+    q, k, v = _last_unit(q, k, v)
+    o, lse = _fwd_outputs(q)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _sparse_fwd[grid](q, k, v, o, lse, pat, pat.stride(0), _scales(D)[0], *_strides(q, k, v, o), H, T, _bucket(T),
+                      D=D, PREC=_prec(q))
+    return o, lse
+
+
+def _fwd_outputs(q):
+    B, H, T, D = q.shape
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # merge_heads is then free
+    return o, torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+
+
+@sparse_attn_fwd.register_fake
+def _(q, k, v, pat, ncols):
+    return _fwd_outputs(q)
+
+
+@torch.library.custom_op("attnlab::sparse_attn_bwd", mutates_args=())
+def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, pat: torch.Tensor, ncols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA2's backward on the pattern's tiles: D = rowsum(dO ⊙ O), then dK/dV and dQ recomputing P from the LSE."""
+    B, H, T, D = q.shape
+    q, k, v, do = _last_unit(q, k, v, do)
+    delta = torch.empty_like(lse)
+    _sparse_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o, do), H, T, D=D, BLOCK_M=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kw = dict(D=D, PREC=_prec(q))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) + triton.cdiv(ncols, meta["BLOCK_N"]), B * H)
+    _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *_scales(D),
+                           *_strides(q, k, v, do, dk, dv), H, T, _bucket(T), N_ANCH=N_ANCHOR, **kw)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _sparse_bwd_dq[grid](q, k, v, do, dq, lse, delta, pat, pat.stride(0), *_scales(D), *_strides(q, k, v, do, dq),
+                         H, T, _bucket(T), **kw)
+    return dq, dk, dv
+
+
+@sparse_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, pat, ncols):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, pat, ncols = inputs
+    ctx.ncols = ncols
+    ctx.save_for_backward(q, k, v, *output, pat)
+
+
+def _backward(ctx, do, dlse):
+    return (*sparse_attn_bwd(do, *ctx.saved_tensors, ctx.ncols), None, None)
+
+
+sparse_attn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def sparse_attention_triton(q, k, v, pat, ncols):
+    """The thesis's patterns with the fused kernel; pat, ncols from triton_pattern. Saves only O and the LSE."""
+    return sparse_attn_fwd(q, k, v, pat, ncols)[0]
+
+
+def triton_ok(q):
+    """The kernel's domain: head dim a power of two in 16..128, on GPU or in the interpreter."""
+    return (triton is not None and (q.is_cuda or INTERPRET) and q.size(-1) in (16, 32, 64, 128)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
 class SparseAttention(core.Attention):
-    """The thesis's static per-head patterns: block-sparse FlexAttention, eager masked reference."""
+    """The thesis's static per-head patterns: block-sparse FlexAttention, the fused Triton kernel, eager masked
+    reference."""
     FAST, FAST_CPU = "flex", "eager"  # CPU FlexAttention has no backward
 
     def __init__(self, cfg, layer):
@@ -225,6 +548,15 @@ class SparseAttention(core.Attention):
             return core.flex_attention(q, k, v, block_mask=mask)
         except NotImplementedError as e:  # torch's own check: no FlexAttention backward on CPU
             raise core.ConfigError(f"{e} Train on CPU with --attn-impl eager (or auto).") from None
+
+    def attend_triton(self, q, k, v, ctx):
+        if not triton_ok(q):
+            core.warn_once("the sparse Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex")
+            return self.attend_flex(q, k, v, ctx)
+        key = ("sparse-triton", tuple(self.clusters), q.size(-2))
+        if key not in ctx.cache:
+            ctx.cache[key] = triton_pattern(self.clusters, q.size(-2), q.device)
+        return sparse_attention_triton(q, k, v, *ctx.cache[key])
 
 
 ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
