@@ -246,32 +246,34 @@ if triton is not None:
     _DQ = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)]
 
     @triton.jit
-    def _keys(idx, hi, S, NS, anch_ptr, COLS: tl.constexpr):
-        """Key positions of a tile of indices (valid: < hi): the band's own, or column n -> S * n (n < NS), else the
-        anchor n - NS."""
+    def _keys(idx, hi, S, NS, anch_ptr, MODE: tl.constexpr):
+        """Key positions of a tile of indices (valid: < hi). MODE 0: the band's own positions; 1: column n -> S * n;
+        2: the same for n < NS, else the anchor n - NS. Mode 1 loads no index: the long column loops stay plain."""
         j = idx
-        if COLS:
+        if MODE == 1:
+            j = idx * S
+        if MODE == 2:
             j = tl.where(idx < NS, idx * S, tl.load(anch_ptr + idx - NS, mask=(idx >= NS) & (idx < hi), other=0))
         return j, idx < hi
 
     @triton.jit
-    def _mask(d, R, COLS: tl.constexpr):
-        """Allowed entries of d = i - j: the columns' part d > R, or the band 0 <= d <= R."""
+    def _mask(d, R, MODE: tl.constexpr):
+        """Allowed entries of d = i - j: the band 0 <= d <= R, or the columns' part d > R."""
         keep = d > R
-        if not COLS:
+        if MODE == 0:
             keep = (d >= 0) & (d <= R)
         return keep
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
-                   D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                   D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
         offs_d = tl.arange(0, D)
         for start in range(lo, hi, BLOCK_N):
-            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, COLS)
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, MODE)
             kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
             v = tl.load(v_ptr + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # log2 units
-            s = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, COLS), s, float("-inf"))
+            s = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
@@ -293,7 +295,7 @@ if triton is not None:
     def _sparse_fwd(Q, K, V, O, LSE, PAT, spat, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                     H, T, T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-        start_m = tl.program_id(0) * BLOCK_M
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -307,9 +309,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         args = (q, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
         pat = (R, S, NS, anch, qk_scale)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, band_lo, end_m, *pat, D, False, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, 0, cols_hi, *pat, D, True, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, NS, anch_hi, *pat, D, True, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, band_lo, end_m, *pat, D, 0, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, 0, cols_hi, *pat, D, 1, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, NS, anch_hi, *pat, D, 2, PREC, BLOCK_N)
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], (acc / l_i[:, None]).to(
             O.dtype.element_ty), mask=offs_m[:, None] < T)
         tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
@@ -329,7 +331,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_inner(k, v, j, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, lo, hi, T, R, qk_scale,
-                    D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
         offs_d = tl.arange(0, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -342,7 +344,7 @@ if triton is not None:
             lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
             pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (N, M)
-            pT = tl.where(_mask(offs_m[None, :] - j[:, None], R, COLS), pT, 0.0)
+            pT = tl.where(_mask(offs_m[None, :] - j[:, None], R, MODE), pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
             dk += tl.dot((pT * (dpT - delta[None, :])).to(qT.dtype), tl.trans(qT), input_precision=PREC)
@@ -351,34 +353,35 @@ if triton is not None:
     @_autotune(_DKDV, (16, 32, 4, 1))
     @triton.jit
     def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh,
-                         skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, T_BUCKET,
-                         D: tl.constexpr, PREC: tl.constexpr, N_ANCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                         skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, NCOL,
+                         T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, N_ANCH: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-        """Programs below cdiv(T, BLOCK_N) own a block of keys (band part), the others BLOCK_N of the head's columns."""
+        """Programs below cdiv(NCOL, BLOCK_N) own BLOCK_N of the head's columns (launched first: they run longest,
+        over every later query), the others a block of keys (their band part)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         offs_d = tl.arange(0, D)
-        n_band = tl.cdiv(T, BLOCK_N)
+        n_col = tl.cdiv(NCOL, BLOCK_N)
         R, S, NS, anch, _, _, anch_hi = _ranges(PAT, spat, h, 0, 0)
-        if pid < n_band:
-            j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            ok = j < T
+        if pid < n_col:
+            j, ok = _keys(pid * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, 2)
         else:
-            j, ok = _keys((pid - n_band) * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, True)
+            j = (pid - n_col) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = j < T
         k = tl.load(K + b * skb + h * skh + j[:, None] * skt + offs_d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
         args = (k, v, j, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * T, DELTA + bh * T, sqt, sdot)
-        if pid < n_band:  # queries j .. j + R; a column key's row is its column program's
-            start_n = pid * BLOCK_N
+        if pid < n_col:  # every query i >= j
+            lo = tl.min(tl.where(ok, j, T))
+            dk, dv = _dkdv_inner(*args, lo, T, T, -1, qk_scale, D, 2, PREC, BLOCK_M, BLOCK_N)
+        else:  # queries j .. j + R; a column key's row is its column program's
+            start_n = (pid - n_col) * BLOCK_N
             hi = tl.where(R >= 0, tl.minimum(start_n + BLOCK_N + R, T), start_n)
-            dk, dv = _dkdv_inner(*args, start_n, hi, T, R, qk_scale, D, False, PREC, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_inner(*args, start_n, hi, T, R, qk_scale, D, 0, PREC, BLOCK_M, BLOCK_N)
             anchors = tl.load(anch + tl.arange(0, N_ANCH))
             col = ((j % S == 0) & (NS > 0)) | (tl.sum((j[:, None] == anchors[None, :]).to(tl.int32), 1) > 0)
             ok = ok & ~col
-        else:  # every query i >= j
-            lo = tl.min(tl.where(ok, j, T))
-            dk, dv = _dkdv_inner(*args, lo, T, T, -1, qk_scale, D, True, PREC, BLOCK_M, BLOCK_N)
         tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkt + offs_d[None, :], (dk * sm_scale).to(
             DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -386,14 +389,14 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
-                  D: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                  D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
         offs_d = tl.arange(0, D)
         for start in range(lo, hi, BLOCK_N):
-            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, COLS)
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, MODE)
             kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
             vT = tl.load(v_ptr + j[None, :] * svt + offs_d[:, None], mask=ok[None, :], other=0.0)
             p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
-            p = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, COLS), p, 0.0)
+            p = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), p, 0.0)
             ds = p * (tl.dot(do, vT, input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         return dq
@@ -403,7 +406,7 @@ if triton is not None:
     def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
                        svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        start_m = tl.program_id(0) * BLOCK_M
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -417,9 +420,9 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         args = (q, do, lse, delta, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
         pat = (R, S, NS, anch, qk_scale)
-        dq = _dq_inner(dq, *args, band_lo, tl.minimum(start_m + BLOCK_M, T), *pat, D, False, PREC, BLOCK_N)
-        dq = _dq_inner(dq, *args, 0, cols_hi, *pat, D, True, PREC, BLOCK_N)
-        dq = _dq_inner(dq, *args, NS, anch_hi, *pat, D, True, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, band_lo, tl.minimum(start_m + BLOCK_M, T), *pat, D, 0, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, 0, cols_hi, *pat, D, 1, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, NS, anch_hi, *pat, D, 2, PREC, BLOCK_N)
         tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
@@ -482,9 +485,9 @@ def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _sparse_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o, do), H, T, D=D, BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kw = dict(D=D, PREC=_prec(q))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) + triton.cdiv(ncols, meta["BLOCK_N"]), B * H)
+    grid = lambda meta: (triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]), B * H)
     _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *_scales(D),
-                           *_strides(q, k, v, do, dk, dv), H, T, _bucket(T), N_ANCH=N_ANCHOR, **kw)
+                           *_strides(q, k, v, do, dk, dv), H, T, ncols, _bucket(T), N_ANCH=N_ANCHOR, **kw)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _sparse_bwd_dq[grid](q, k, v, do, dq, lse, delta, pat, pat.stride(0), *_scales(D), *_strides(q, k, v, do, dq),
                          H, T, _bucket(T), **kw)
