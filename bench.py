@@ -308,6 +308,11 @@ def label(r):
     return f"{r['script']}" + (f"/{r['variant']}" if r["variant"] else "")
 
 
+def impl_cell(r):
+    """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'."""
+    return r["impl"] + (f" ({'+'.join(r['parity']['impls'])})" if r.get("parity") else "")
+
+
 def check_cell(r):
     p = r.get("parity")
     if not p:
@@ -332,8 +337,7 @@ def speed_table(rows):
     head = ["script/variant", "impl", "T", "B", "check", "ms/step", "tokens/s", "x baseline", "x core", "MFU", "memory"]
     out = []
     for r in rows:
-        impl = r["impl"] + (f" ({'+'.join(r['parity']['impls'])})" if r.get("parity") else "")
-        impl += "" if r.get("over", {}).get("compile", True) else ", not compiled"
+        impl = impl_cell(r) + ("" if r.get("over", {}).get("compile", True) else ", not compiled")
         ok = r["status"] == "ok"
         out.append([label(r), impl, fmt(r.get("T")), fmt(r.get("B")), check_cell(r),
                     fmt(r.get("ms"), ".1f") if ok else r["status"].split(":")[0],
@@ -366,12 +370,12 @@ def plot_speed(rows, png, title):
         ax.set_xlabel("training tokens/s (thousands)")
     else:
         fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
-        for key in dict.fromkeys((label(r), r["impl"]) for r in rows):
-            pts = [r for r in rows if (label(r), r["impl"]) == key and r.get("tok_s")]
+        for i, key in enumerate(dict.fromkeys((label(r), impl_cell(r)) for r in rows)):  # one line per kernel
+            pts = [r for r in rows if (label(r), impl_cell(r)) == key and r.get("tok_s")]
             for ax, field, scale in ((axes[0], "tok_s", 1e-3), (axes[1], "mem_gb", 1)):
                 ys = [(r["T"], r[field] * scale) for r in pts if r.get(field) is not None]
                 if ys:
-                    ax.plot(*zip(*ys), marker="o", label=f"{key[0]} [{key[1]}]", color=colors[pts[0]["script"]],
+                    ax.plot(*zip(*ys), marker="o", label=f"{key[0]} [{key[1]}]", color=pyplot.cm.tab10(i % 10),
                             ls="-" if pts[0]["variant"] == pts[0]["baseline"] else "--")
         for ax, name in zip(axes, ("training tokens/s (thousands)", "peak memory (GiB)")):
             ax.set_xscale("log", base=2)

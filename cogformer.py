@@ -37,13 +37,7 @@ import torch.nn.functional as F
 
 import core
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the triton path is optional: eager and flex2x still work
-    triton = None
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+from core import triton, tl  # optional: without Triton the eager and flex2x paths still work
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -114,26 +108,11 @@ def flex2x_mods(T, doc=None):
 
 
 if triton is not None:
-    def _configs(blocks):
-        """Autotune candidates (BLOCK_M, BLOCK_N, warps, stages); the interpreter runs the last (small) one only."""
-        blocks = blocks[-1:] if INTERPRET else blocks[:-1]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
-
-    _FP32 = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-
-    def _prune(configs, named_args, **kw):
-        """fp32 serves the parity tests: one small tile, no tuning (full-precision fp32 dots are unrolled FMAs that
-        compile slowly and fill shared memory)."""
-        return _FP32 if kw["PREC"] == "ieee" else configs
-
-    def _autotune(configs):
-        return triton.autotune(configs=configs, key=["T_BUCKET", "D", "HAS_DOC"],
-                               prune_configs_by={"early_config_prune": _prune})
-
     # forward and dq need BLOCK_M % BLOCK_N == 0, dk/dv needs BLOCK_N % BLOCK_M == 0 (diagonal-block split)
-    _FWD = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (32, 16, 4, 1)])
-    _DKDV = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 32, 4, 1)])
-    _DQ = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (32, 16, 4, 1)])
+    _FWD = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)]
+    _DKDV = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]
+    _DQ = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)]
+    _KEY = ["T_BUCKET", "D", "HAS_DOC"]
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, doc_ptr, doc_q, offs_m, lo, hi, T, qk_scale,
@@ -164,7 +143,7 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @_autotune(_FWD)
+    @core.triton_autotune(_FWD, (32, 16, 4, 1), _KEY)
     @triton.jit
     def _cog_fwd(Q, K, V, O, LSE, DOC, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                  H, T, T_BUCKET, D: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
@@ -193,18 +172,6 @@ if triton is not None:
         tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
     @triton.jit
-    def _cog_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """D = rowsum(dO ⊙ O) in fp32: FA2's preprocess, unchanged for cog attention (§8.3.4)."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        offs_d = tl.arange(0, D)
-        rows = offs_m[:, None] < T
-        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
-        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
-
-    @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, doc_ptr, doc_k, offs_n, lo, hi,
                     T, qk_scale, D: tl.constexpr, HAS_DOC: tl.constexpr, MASKED: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -229,7 +196,7 @@ if triton is not None:
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
         return dk, dv
 
-    @_autotune(_DKDV)
+    @core.triton_autotune(_DKDV, (16, 32, 4, 1), _KEY)
     @triton.jit
     def _cog_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOC, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
                       svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, T_BUCKET,
@@ -286,7 +253,7 @@ if triton is not None:
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         return dq
 
-    @_autotune(_DQ)
+    @core.triton_autotune(_DQ, (32, 16, 4, 1), _KEY)
     @triton.jit
     def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
                     svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
@@ -314,45 +281,23 @@ if triton is not None:
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
-def _bucket(T):
-    """The autotune key for T (the kernels ignore it): one tuning per power of two, not per length (sampling)."""
-    return max(16, triton.next_power_of_2(T))
-
-
-def _strides(*ts):
-    return [s for t in ts for s in t.stride()[:3]]
-
-
-# The kernels run as torch.library custom ops: torch.compile treats them as opaque calls instead of tracing the
-# autotuner (tracing it inside a whole-model graph failed in dynamo on torch 2.11).
-
 @torch.library.custom_op("attnlab::cog_attn_fwd", mutates_args=())
 def cog_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused causal cog attention on (B, H, T, D), §8.2 -> (O, log-sum-exp in log2 units of the scaled |s|)."""
     B, H, T, D = q.shape
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o, lse = _fwd_outputs(q)
+    q, k, v = core.unit_stride(q, k, v)
+    o, lse = core.attn_outputs(q)
     docp = doc.to(torch.int32).contiguous() if doc is not None else lse  # a dummy pointer when unused
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _cog_fwd[grid](q, k, v, o, lse, docp, D ** -0.5 * math.log2(math.e), *_strides(q, k, v, o), H, T, _bucket(T),
-                   D=D, HAS_DOC=doc is not None, PREC=_prec(q))
+    _cog_fwd[grid](q, k, v, o, lse, docp, core.triton_scales(D)[0], *core.triton_strides(q, k, v, o), H, T,
+                   core.triton_bucket(T), D=D, HAS_DOC=doc is not None, PREC=core.triton_prec(q))
     return o, lse
-
-
-def _fwd_outputs(q):
-    B, H, T, D = q.shape
-    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # merge_heads is then free
-    return o, torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-
-
-def _prec(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 @cog_attn_fwd.register_fake
 def _(q, k, v, doc):
-    return _fwd_outputs(q)
+    return core.attn_outputs(q)
 
 
 @torch.library.custom_op("attnlab::cog_attn_bwd", mutates_args=())
@@ -360,19 +305,18 @@ def cog_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse: torch.Tensor, doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§8.3: dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D) with D = rowsum(dO ⊙ O), recomputing W from Q, K and the LSE."""
     B, H, T, D = q.shape
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    do = do if do.stride(-1) == 1 else do.contiguous()
+    q, k, v, do = core.unit_stride(q, k, v, do)
     docp = doc.to(torch.int32).contiguous() if doc is not None else lse
-    delta = torch.empty_like(lse)
-    _cog_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o, do), H, T, D=D, BLOCK_M=64)
+    delta = core.attn_bwd_delta(o, do)  # unchanged for cog attention (§8.3.4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    scales = (D ** -0.5 * math.log2(math.e), D ** -0.5)
-    kw = dict(D=D, HAS_DOC=doc is not None, PREC=_prec(q))
+    scales = core.triton_scales(D)
+    kw = dict(D=D, HAS_DOC=doc is not None, PREC=core.triton_prec(q))
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)
-    _cog_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, docp, *scales, *_strides(q, k, v, do, dk, dv), H, T,
-                        _bucket(T), **kw)
+    _cog_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, docp, *scales, *core.triton_strides(q, k, v, do, dk, dv),
+                        H, T, core.triton_bucket(T), **kw)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _cog_bwd_dq[grid](q, k, v, do, dq, lse, delta, docp, *scales, *_strides(q, k, v, do, dq), H, T, _bucket(T), **kw)
+    _cog_bwd_dq[grid](q, k, v, do, dq, lse, delta, docp, *scales, *core.triton_strides(q, k, v, do, dq), H, T,
+                      core.triton_bucket(T), **kw)
     return dq, dk, dv
 
 
@@ -400,10 +344,8 @@ def cog_attention_triton(q, k, v, doc=None):
 
 
 def triton_ok(q, k):
-    """The kernel's domain: causal self-attention, head dim a power of two in 16..128, on GPU or the interpreter."""
-    D = q.size(-1)
-    return (triton is not None and (q.is_cuda or INTERPRET) and q.size(-2) == k.size(-2)
-            and D in (16, 32, 64, 128) and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    """The kernel's domain: causal self-attention (as many keys as queries), see core.triton_ok."""
+    return q.size(-2) == k.size(-2) and core.triton_ok(q)
 
 
 class CogAttention(core.Attention):

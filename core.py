@@ -32,6 +32,14 @@ try:  # optional fast path
 except ImportError:
     flash_attn_func = None
 
+try:  # the papers' fused kernels (cogformer, sparse_byte); without it they fall back to FlexAttention
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEXT = os.path.join(HERE, "assets", "python_tutorial.txt")  # embedded default dataset (PSF licence)
 
@@ -310,6 +318,77 @@ def warn_once(msg):
     if msg not in _warned:
         _warned.add(msg)
         print(f"warning: {msg}", file=sys.stderr)
+
+
+# Shared plumbing of the papers' FlashAttention-2-style Triton kernels (cogformer, sparse_byte). Each kernel runs as
+# a torch.library custom op: torch.compile treats it as an opaque call instead of tracing the autotuner (tracing it
+# inside a whole-model graph failed in dynamo on torch 2.11).
+
+def triton_ok(q):
+    """A fused kernel's domain: head dim a power of two in 16..128, on GPU or in Triton's interpreter."""
+    return (triton is not None and (q.is_cuda or TRITON_INTERPRET) and q.size(-1) in (16, 32, 64, 128)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def triton_autotune(blocks, small, key):
+    """Autotune over (BLOCK_M, BLOCK_N, warps, stages) candidates. The interpreter, and fp32 inputs (PREC 'ieee': the
+    parity tests), take the small tile untuned: full-precision fp32 dots compile slowly and fill shared memory."""
+    def cfg(m, n, w, s):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    configs = [cfg(*small)] if TRITON_INTERPRET else [cfg(*b) for b in blocks]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={
+        "early_config_prune": lambda configs, named_args, **kw: [cfg(*small)] if kw["PREC"] == "ieee" else configs})
+
+
+def triton_bucket(T):
+    """The autotune key for T (the kernels ignore it): one tuning per power of two, not per length (sampling)."""
+    return max(16, triton.next_power_of_2(T))
+
+
+def triton_strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def triton_scales(D):
+    """(qk scale in log2 units: the kernels use exp2, softmax scale)."""
+    return D ** -0.5 * math.log2(math.e), D ** -0.5
+
+
+def triton_prec(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def unit_stride(*ts):
+    """The kernels index the head dim densely."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def attn_outputs(q):
+    """Empty (O, LSE) of a fused forward; O is laid out (B, T, H, D), so merge_heads after it is free."""
+    B, H, T, D = q.shape
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return o, torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+
+
+def attn_bwd_delta(o, do):
+    """FA2's backward preprocess, D = rowsum(dO ⊙ O) in fp32: (B, H, T)."""
+    B, H, T, D = o.shape
+    delta = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
+    _bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *triton_strides(o, do), H, T, D=D, BLOCK_M=64)
+    return delta
+
+
+if triton is not None:
+    @triton.jit
+    def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,18 +25,22 @@ extended key sequence [K ; K at the j % 8 columns ; K at the global columns] (ea
 use the band of the first region, strided heads the band without its j % 8 columns plus the gathered columns, global
 heads only their gathered columns. The softmax sees exactly the thesis's key set, and FlexAttention skips the empty
 128 x 128 blocks: 0.45 / 0.17 / 0.12 of dense causal's blocks at T = 1024 / 4096 / 8192 (the allowed entries
-are 0.097 / 0.071 / 0.067 of causal's). The eager path (the spec) masks the full T x T scores.
+are 0.097 / 0.071 / 0.067 of causal's). The GPU default (auto) is --attn-impl triton, a fused FlashAttention-2-style
+kernel with arithmetic masks instead: per query block it visits the band's tiles and tiles of columns read in place
+(K and V rows a stride apart, the anchors as a 16-row tile), so it touches no extended copy and evaluates no
+per-element lookup: 2.1-3.7x faster than flex in fwd+bwd on an H100 (without Triton, auto falls back to flex). The
+eager path (the spec) masks the full T x T scores.
 
 Deviations. Both variants share core's GPT-2 body (pre-norm LayerNorm, learned positions, GELU MLP of 2048, tied head),
 so they differ only in attention; the thesis's dense model also has a SiLU MLP of 4096, a learned position MLP,
 residual gains, stochastic depth, token and growing dropouts, and its sparse model has sinusoidal positions and no
 final norm. Batches are random windows (core), not the thesis's fixed order, and there is no early stopping;
 --num-epochs E sets max_iters = E * (train bytes // (batch_size * block_size)) // grad_accum (the thesis's step count).
-min_lr 1e-9: the thesis passes min_lr=1e-5 as a ratio of lr 1e-4. The flex path has no attention-probability dropout.
-The thesis splits enwik8 90/10 and reports loss; we use the standard 90M/5M/5M split and bits per byte on val and
-test, following Child et al. 2019. k-means replaces the thesis plot's Ward clustering, as asked. Head counts without a
-table use the intent of the thesis's fallback (one head per cluster in order 0, 1, 2, 3, then round-robin); its code
-crashes there.
+min_lr 1e-9: the thesis passes min_lr=1e-5 as a ratio of lr 1e-4. The flex and triton paths have no
+attention-probability dropout. The thesis splits enwik8 90/10 and reports loss; we use the standard 90M/5M/5M split
+and bits per byte on val and test, following Child et al. 2019. k-means replaces the thesis plot's Ward clustering,
+as asked. Head counts without a table use the intent of the thesis's fallback (one head per cluster in order 0, 1, 2,
+3, then round-robin); its code crashes there.
 
     python prepare.py enwik8
     python sparse_byte.py --train --preset thesis --variant sparse --data data/enwik8 --num-epochs 20 --out runs/sparse
@@ -59,6 +63,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import core
 
+from core import triton, tl  # optional: without Triton the eager and flex paths still work
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -78,15 +84,18 @@ class SparseByteConfig(core.Config):
                               block_size=1024, dropout=0.05, batch_size=32, grad_accum=4, lr=1e-4, min_lr=1e-9,
                               warmup_iters=1000, weight_decay=0.1, beta2=0.999, grad_clip=1.0)}
     VARIANTS = ("dense", "sparse")
+    ATTN_IMPLS = core.Config.ATTN_IMPLS + ("triton",)
     RUN_FIELDS = core.Config.RUN_FIELDS + ("num_epochs", "metric_seqs", "cluster_k_max", "cluster_k")
 
     def __post_init__(self):
         if self.seq_length:  # the thesis's knobs are consumed: the saved config holds block_size / max_iters
             self.block_size, self.seq_length = self.seq_length, 0
         super().__post_init__()
-        if self.variant == "sparse" and self.attn_impl not in ("auto", "eager", "flex"):
-            raise core.ConfigError("the sparse variant runs --attn-impl auto, flex (block-sparse) or eager "
-                                   f"(masked reference), not {self.attn_impl!r}")
+        if self.variant == "sparse" and self.attn_impl not in ("auto", "eager", "flex", "triton"):
+            raise core.ConfigError("the sparse variant runs --attn-impl auto, flex (block-sparse), triton (fused "
+                                   f"kernel) or eager (masked reference), not {self.attn_impl!r}")
+        if self.variant == "dense" and self.attn_impl == "triton":
+            raise core.ConfigError("--attn-impl triton is the sparse variant's kernel (dense: auto, sdpa, flex, ...)")
         if not self.mask_subset or set(self.mask_subset) - set("0123"):
             raise core.ConfigError(f"--mask-subset takes cluster ids 0-3 (e.g. 0123 or 03), not {self.mask_subset!r}")
         if self.num_epochs < 0 or self.metric_seqs < 1 or self.cluster_k_max < 2 or self.cluster_k < 0:
@@ -191,9 +200,273 @@ def computed_blocks(block_mask):
     return int(n + (block_mask.full_kv_num_blocks.sum() if block_mask.full_kv_num_blocks is not None else 0))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: the fused Triton kernel (FlashAttention-2 over the pattern's tiles only)
+#
+# Per query block [m0, m1) and head, three key ranges, masked arithmetically (d = i - j):
+#   band     keys m0 - reach .. m1 - 1, entries 0 <= d <= reach
+#   columns  keys stride * n for n < cdiv(m1, stride), loaded in place (rows of K and V stride apart), d > reach
+#   anchors  the global head's anchors off its stride (<= 16 positions), d > reach
+# d > reach is causal since reach >= -1, and a column within the band is counted by the band only: each key once.
+# The backward's dK/dV programs own either a block of plain keys (its band queries; column keys are not stored)
+# or a block of one head's columns (every query i >= j), so each row of dK and dV has one writer.
+
+N_ANCHOR = 16  # anchor slots per head (11 ratios), one tile
+
+
+def triton_pattern(clusters, T, device=None):
+    """The kernel's per-head parameters: (H, 4 + N_ANCHOR) int32 rows [reach, stride, strided columns, anchors,
+    anchor positions off the stride (padding T)], and the most columns of a head (the dK/dV grid)."""
+    rows = []
+    for c in clusters:
+        s = STRIDE.get(c, 1)
+        n_strided = -(-T // s) if c in STRIDE else 0
+        anchors = [j for j in columns(c, T) if j % s] if c in STRIDE else []
+        rows.append([REACH[c], s, n_strided, len(anchors), *anchors, *[T] * (N_ANCHOR - len(anchors))])
+    return torch.tensor(rows, dtype=torch.int32, device=device), max(r[2] + r[3] for r in rows)
+
+
+if triton is not None:
+    # candidates ptxas compiles for sm_90 at D = 64 with no (fwd 64x64: 16 bytes of) register spills; untimed
+    _FWD = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+    _DKDV = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]
+    _DQ = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)]
+    _KEY = ["T_BUCKET", "D"]
+
+    @triton.jit
+    def _keys(idx, hi, S, NS, anch_ptr, MODE: tl.constexpr):
+        """Key positions of a tile of indices (valid: < hi). MODE 0: the band's own positions; 1: column n -> S * n;
+        2: the same for n < NS, else the anchor n - NS. Mode 1 loads no index: the long column loops stay plain."""
+        j = idx
+        if MODE == 1:
+            j = idx * S
+        if MODE == 2:
+            j = tl.where(idx < NS, idx * S, tl.load(anch_ptr + idx - NS, mask=(idx >= NS) & (idx < hi), other=0))
+        return j, idx < hi
+
+    @triton.jit
+    def _mask(d, R, MODE: tl.constexpr):
+        """Allowed entries of d = i - j: the band 0 <= d <= R, or the columns' part d > R."""
+        keep = d > R
+        if MODE == 0:
+            keep = (d >= 0) & (d <= R)
+        return keep
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
+                   D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start in range(lo, hi, BLOCK_N):
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, MODE)
+            kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            v = tl.load(v_ptr + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # log2 units
+            s = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _ranges(PAT, spat, h, start_m, end_m):
+        """A query block's three key ranges (band, strided columns, anchors) and the head's pattern."""
+        p = PAT + h * spat
+        R, S, NS, NA = tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+        band_lo = tl.where(R >= 0, tl.maximum(start_m - R, 0), end_m)
+        return R, S, NS, p + 4, band_lo, tl.minimum(NS, tl.cdiv(end_m, S)), NS + NA
+
+    @core.triton_autotune(_FWD, (32, 16, 4, 1), _KEY)
+    @triton.jit
+    def _sparse_fwd(Q, K, V, O, LSE, PAT, spat, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                    H, T, T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        end_m = tl.minimum(start_m + BLOCK_M, T)
+        R, S, NS, anch, band_lo, cols_hi, anch_hi = _ranges(PAT, spat, h, start_m, end_m)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < T,
+                    other=0.0)
+        m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a tile without keys for a row keeps alpha = 1, p = 0
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        args = (q, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
+        pat = (R, S, NS, anch, qk_scale)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, band_lo, end_m, *pat, D, 0, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, 0, cols_hi, *pat, D, 1, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, *args, NS, anch_hi, *pat, D, 2, PREC, BLOCK_N)
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], (acc / l_i[:, None]).to(
+            O.dtype.element_ty), mask=offs_m[:, None] < T)
+        tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+    @triton.jit
+    def _dkdv_inner(k, v, j, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, lo, hi, T, R, qk_scale,
+                    D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m < T
+            qT = tl.load(q_ptr + offs_m[None, :] * sqt + offs_d[:, None], mask=rows[None, :], other=0.0)
+            do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))  # padded rows: P = 0
+            delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
+            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (N, M)
+            pT = tl.where(_mask(offs_m[None, :] - j[:, None], R, MODE), pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dk += tl.dot((pT * (dpT - delta[None, :])).to(qT.dtype), tl.trans(qT), input_precision=PREC)
+        return dk, dv
+
+    @core.triton_autotune(_DKDV, (16, 32, 4, 1), _KEY)
+    @triton.jit
+    def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh,
+                         skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, NCOL,
+                         T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, N_ANCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """Programs below cdiv(NCOL, BLOCK_N) own BLOCK_N of the head's columns (launched first: they run longest,
+        over every later query), the others a block of keys (their band part)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        n_col = tl.cdiv(NCOL, BLOCK_N)
+        R, S, NS, anch, _, _, anch_hi = _ranges(PAT, spat, h, 0, 0)
+        if pid < n_col:
+            j, ok = _keys(pid * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, 2)
+        else:
+            j = (pid - n_col) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = j < T
+        k = tl.load(K + b * skb + h * skh + j[:, None] * skt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        args = (k, v, j, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * T, DELTA + bh * T, sqt, sdot)
+        if pid < n_col:  # every query i >= j
+            lo = tl.min(tl.where(ok, j, T))
+            dk, dv = _dkdv_inner(*args, lo, T, T, -1, qk_scale, D, 2, PREC, BLOCK_M, BLOCK_N)
+        else:  # queries j .. j + R; a column key's row is its column program's
+            start_n = (pid - n_col) * BLOCK_N
+            hi = tl.where(R >= 0, tl.minimum(start_n + BLOCK_N + R, T), start_n)
+            dk, dv = _dkdv_inner(*args, start_n, hi, T, R, qk_scale, D, 0, PREC, BLOCK_M, BLOCK_N)
+            anchors = tl.load(anch + tl.arange(0, N_ANCH))
+            col = ((j % S == 0) & (NS > 0)) | (tl.sum((j[:, None] == anchors[None, :]).to(tl.int32), 1) > 0)
+            ok = ok & ~col
+        tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkt + offs_d[None, :], (dk * sm_scale).to(
+            DK.dtype.element_ty), mask=ok[:, None])
+        tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=ok[:, None])
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, skt, svt, offs_m, lo, hi, R, S, NS, anch_ptr, qk_scale,
+                  D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        for start in range(lo, hi, BLOCK_N):
+            j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, MODE)
+            kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            vT = tl.load(v_ptr + j[None, :] * svt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
+            p = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), p, 0.0)
+            ds = p * (tl.dot(do, vT, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
+        return dq
+
+    @core.triton_autotune(_DQ, (32, 16, 4, 1), _KEY)
+    @triton.jit
+    def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
+                       svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        R, S, NS, anch, band_lo, cols_hi, anch_hi = _ranges(PAT, spat, h, start_m, tl.minimum(start_m + BLOCK_M, T))
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
+        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        args = (q, do, lse, delta, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
+        pat = (R, S, NS, anch, qk_scale)
+        dq = _dq_inner(dq, *args, band_lo, tl.minimum(start_m + BLOCK_M, T), *pat, D, 0, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, 0, cols_hi, *pat, D, 1, PREC, BLOCK_N)
+        dq = _dq_inner(dq, *args, NS, anch_hi, *pat, D, 2, PREC, BLOCK_N)
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
+
+
+@torch.library.custom_op("attnlab::sparse_attn_fwd", mutates_args=())
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: torch.Tensor,
+                    ncols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pattern's attention on (B, H, T, D) -> (O, log-sum-exp in log2 units of the scaled scores)."""
+    B, H, T, D = q.shape
+    q, k, v = core.unit_stride(q, k, v)
+    o, lse = core.attn_outputs(q)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _sparse_fwd[grid](q, k, v, o, lse, pat, pat.stride(0), core.triton_scales(D)[0], *core.triton_strides(q, k, v, o),
+                      H, T, core.triton_bucket(T), D=D, PREC=core.triton_prec(q))
+    return o, lse
+
+
+@sparse_attn_fwd.register_fake
+def _(q, k, v, pat, ncols):
+    return core.attn_outputs(q)
+
+
+@torch.library.custom_op("attnlab::sparse_attn_bwd", mutates_args=())
+def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, pat: torch.Tensor,
+                    ncols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA2's backward on the pattern's tiles: D = rowsum(dO ⊙ O), then dK/dV and dQ recomputing P from the LSE."""
+    B, H, T, D = q.shape
+    q, k, v, do = core.unit_stride(q, k, v, do)
+    delta = core.attn_bwd_delta(o, do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    scales, kw = core.triton_scales(D), dict(D=D, PREC=core.triton_prec(q))
+    grid = lambda meta: (triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]), B * H)
+    _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *scales,
+                           *core.triton_strides(q, k, v, do, dk, dv), H, T, ncols, core.triton_bucket(T),
+                           N_ANCH=N_ANCHOR, **kw)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _sparse_bwd_dq[grid](q, k, v, do, dq, lse, delta, pat, pat.stride(0), *scales,
+                         *core.triton_strides(q, k, v, do, dq), H, T, core.triton_bucket(T), **kw)
+    return dq, dk, dv
+
+
+@sparse_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, pat, ncols):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, pat, ncols = inputs
+    ctx.ncols = ncols
+    ctx.save_for_backward(q, k, v, *output, pat)
+
+
+def _backward(ctx, do, dlse):
+    return (*sparse_attn_bwd(do, *ctx.saved_tensors, ctx.ncols), None, None)
+
+
+sparse_attn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def sparse_attention_triton(q, k, v, pat, ncols):
+    """The thesis's patterns with the fused kernel; pat, ncols from triton_pattern. Saves only O and the LSE."""
+    return sparse_attn_fwd(q, k, v, pat, ncols)[0]
+
+
 class SparseAttention(core.Attention):
-    """The thesis's static per-head patterns: block-sparse FlexAttention, eager masked reference."""
-    FAST, FAST_CPU = "flex", "eager"  # CPU FlexAttention has no backward
+    """The thesis's static per-head patterns: block-sparse FlexAttention, the fused Triton kernel, eager masked
+    reference."""
+    FAST, FAST_CPU = "triton", "eager"  # CPU FlexAttention has no backward
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
@@ -224,6 +497,15 @@ class SparseAttention(core.Attention):
         except NotImplementedError as e:  # torch's own check: no FlexAttention backward on CPU
             raise core.ConfigError(f"{e} Train on CPU with --attn-impl eager (or auto).") from None
 
+    def attend_triton(self, q, k, v, ctx):
+        if not core.triton_ok(q):
+            core.warn_once("the sparse Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex")
+            return self.attend_flex(q, k, v, ctx)
+        key = ("sparse-triton", tuple(self.clusters), q.size(-2))
+        if key not in ctx.cache:
+            ctx.cache[key] = triton_pattern(self.clusters, q.size(-2), q.device)
+        return sparse_attention_triton(q, k, v, *ctx.cache[key])
+
 
 @torch.compiler.disable
 @functools.cache
@@ -252,7 +534,8 @@ ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
 
 def build_model(cfg):
     if cfg.variant == "sparse" and cfg.dropout and cfg.attn_impl != "eager":
-        core.warn_once("the sparse flex path has no dropout on attention probabilities (the rest of the model has)")
+        core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
+                       "model has)")
     return SparseGPT(cfg, ATTENTION[cfg.variant])
 
 
@@ -489,11 +772,14 @@ def bench_attention(T, clusters, D, B, device, dtype=torch.bfloat16):
     t_flex = time_ms(lambda q, k, v: core.flex_attention(q, k, v, block_mask=causal), q, k, v)
     t_sparse = time_ms(lambda q, k, v: core.flex_attention(q, extend(k, src), extend(v, src), block_mask=sparse),
                        q, k, v)
+    pat = triton_pattern(clusters, T, device)
+    t_triton = time_ms(lambda q, k, v: sparse_attention_triton(q, k, v, *pat), q, k, v) if core.triton_ok(q) else None
     density = computed_blocks(sparse) / (H * computed_blocks(causal))
     elements = sum(allowed_counts(c, T).sum().item() for c in clusters) / (H * T * (T + 1) / 2)
     dense = min(t_sdpa, t_flex)
     return dict(T=T, B=B, H=H, D=D, block_density=density, element_density=elements, dense_sdpa_ms=t_sdpa,
-                dense_flex_ms=t_flex, sparse_ms=t_sparse, ratio=t_sparse / (density * dense), goal=1.5)
+                dense_flex_ms=t_flex, sparse_ms=t_sparse, ratio=t_sparse / (density * dense), triton_ms=t_triton,
+                triton_ratio=t_triton and t_triton / (density * dense), goal=1.5)
 
 
 def kernel_bench_action(cfg, args):
@@ -503,17 +789,19 @@ def kernel_bench_action(cfg, args):
     clusters = head_clusters(cfg.n_head, cfg.mask_subset)
     print(f"heads {clusters}, head dim {cfg.head_dim}, bf16, fwd+bwd, {torch.cuda.get_device_name(device)}")
     print(f"{'T':>6} {'B':>3} {'blocks':>7} {'elems':>7} {'sdpa ms':>8} {'flex ms':>8} {'sparse ms':>9} "
-          f"{'sparse/(dens*dense)':>20}")
+          f"{'sparse/(dens*dense)':>20} {'triton ms':>9} {'triton/(dens*dense)':>20}")
     rows = []
     for T in (1024, 4096, 8192):
         r = bench_attention(T, clusters, cfg.head_dim, max(1, 32768 // T), device)
         rows.append(r)
         print(f"{T:>6} {r['B']:>3} {r['block_density']:>7.3f} {r['element_density']:>7.3f} {r['dense_sdpa_ms']:>8.3f} "
-              f"{r['dense_flex_ms']:>8.3f} {r['sparse_ms']:>9.3f} {r['ratio']:>20.2f}")
+              f"{r['dense_flex_ms']:>8.3f} {r['sparse_ms']:>9.3f} {r['ratio']:>20.2f} {r['triton_ms'] or 0:>9.3f} "
+              f"{r['triton_ratio'] or 0:>20.2f}")
     os.makedirs(cfg.out, exist_ok=True)
-    json.dump(dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, rows=rows),
+    json.dump(dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
+                   triton=getattr(triton, "__version__", None), rows=rows),
               open(os.path.join(cfg.out, "kernel_bench.json"), "w"), indent=1)
-    print("ratio = sparse time / (block density x best dense time); goal <= 1.5 at T >= 4096")
+    print("ratio = sparse (flex) or triton time / (flex block density x best dense time); goal <= 1.5 at T >= 4096")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,7 +812,8 @@ def main(argv=None):
                     "--metric-seqs val windows of --data -> <out>/head_metrics.csv", metrics_action),
         "cluster": ("k-means of the head metrics of --runs (run dirs or CSVs; default --out): silhouettes, "
                     "plots, clusters.csv in --out", cluster_action),
-        "kernel-bench": ("GPU: sparse vs dense attention fwd+bwd at T = 1024, 4096, 8192", kernel_bench_action),
+        "kernel-bench": ("GPU: sparse (flex, triton) vs dense attention fwd+bwd at T = 1024, 4096, 8192",
+                         kernel_bench_action),
     })
 
 

@@ -1288,7 +1288,7 @@ def test_model_layers_and_flops():
 # ----------------------------------------------------------------------------------------------------------------
 # cogformer: the Triton kernel in Triton's CPU interpreter
 
-INTERPRETER_CHECK = r"""
+INTERPRETER_PRELUDE = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import numpy as np
@@ -1300,9 +1300,12 @@ def _patch_index(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element ar
 interp._patch_lang_tensor = _patch_index
 import importlib.util, torch
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-spec = importlib.util.spec_from_file_location("cog_tests", sys.argv[1])  # this test file: its helpers
+spec = importlib.util.spec_from_file_location("tests", sys.argv[1])  # this test file: its helpers
 t = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(t)
+"""
+
+INTERPRETER_CHECK = INTERPRETER_PRELUDE + r"""
 import cogformer as cg, core
 for B, H, T, D, with_doc in [(2, 2, 50, 64, False), (1, 2, 37, 64, True), (1, 1, 1, 64, False), (1, 1, 20, 128, False)]:
     q, k, v = t.rand_qkv(B, H, T, D, seed=T, scale=1.5)
@@ -1331,7 +1334,12 @@ print("OK")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_matches_eager_in_interpreter():
     """Forward, dq, dk, dv at ragged T (not a multiple of the blocks), head dims 64 and 128, with documents."""
-    p = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, os.path.abspath(__file__)], capture_output=True,
+    run_in_interpreter(INTERPRETER_CHECK)
+
+
+def run_in_interpreter(check):
+    """Runs a check script (INTERPRETER_PRELUDE + its body, which prints OK) in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", check, os.path.abspath(__file__)], capture_output=True,
                        text=True, cwd=HERE, timeout=300)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
 
@@ -2219,11 +2227,75 @@ def test_flex_matches_eager_forward_and_gradients(subset, flex_cpu_grad):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_sparse_triton_pattern_lists_each_column_once():
+    """The kernel's per-head rows: the strided columns S * n plus the anchors off the stride are columns(c, T)."""
+    for T in (5, 13, 200, 4096):
+        clusters = sb.head_clusters(8)
+        pat, ncols = sb.triton_pattern(clusters, T)
+        assert pat.shape == (8, 4 + sb.N_ANCHOR) and pat.dtype == torch.int32
+        for c, (reach, s, ns, na, *anchors) in zip(clusters, pat.tolist()):
+            strided = [s * n for n in range(ns)]
+            assert reach == sb.REACH[c] and len(set(strided) | set(anchors[:na])) == ns + na
+            assert sorted(strided + anchors[:na]) == (sb.columns(c, T) if c in sb.STRIDE else [])
+            assert anchors[na:] == [T] * (sb.N_ANCHOR - na)  # padding: past every query
+        assert ncols == max(len(sb.columns(c, T)) for c in clusters if c in sb.STRIDE)
+
+
+SPARSE_INTERPRETER_CHECK = INTERPRETER_PRELUDE + r"""
+import core, sparse_byte as sb
+# ragged T (200, 40: not multiples of the 16/32 tiles), T < 16 and T < 8 (degenerate columns), each pattern alone
+for B, T, D, subset in [(2, 200, 32, "0123"), (1, 40, 16, "0123"), (1, 13, 16, "0123"), (1, 5, 16, "0123"),
+                        (1, 200, 16, "0"), (1, 200, 16, "2"), (1, 72, 16, "1"), (1, 72, 16, "3")]:
+    att = t.attention(subset, "triton", T=T, D=D)
+    res = []
+    for fn in (att.attend_eager, att.attend_triton):
+        q, k, v = t.qkv(B, 8, T, D, seed=T)
+        assert core.triton_ok(q)
+        y = fn(q, k, v, core.Ctx(x0=torch.zeros(B, T, 1)))
+        y.pow(2).sum().backward()
+        res.append((y, q.grad, k.grad, v.grad))
+    for name, a, b in zip(("y", "dq", "dk", "dv"), res[1], res[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} T={T} {subset}: {m}")
+# the whole model: q/k/v are strided views of the core's projection
+x = torch.randint(0, 256, (2, 41))
+losses, gs = [], []
+for impl in ("triton", "eager"):
+    torch.manual_seed(0)
+    m = sb.build_model(sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=128,
+                                           block_size=40, attn_impl=impl))
+    loss = m(x[:, :-1], x[:, 1:])
+    losses.append(loss.detach())
+    gs.append(torch.autograd.grad(loss, list(m.parameters())))
+torch.testing.assert_close(losses[0], losses[1])
+for a, b in zip(*gs):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_sparse_triton_kernel_matches_eager_in_interpreter():
+    """Forward, dq, dk, dv of the fused kernel vs the masked reference, in Triton's CPU interpreter (fp32)."""
+    run_in_interpreter(SPARSE_INTERPRETER_CHECK)
+
+
 def test_cpu_flex_training_is_refused():
     att = attention("0123", "flex")
     q, k, v = qkv(1, 8, 64, 16)
     with pytest.raises(core.ConfigError, match="backward on CPU"):
         att.attend_flex(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+
+
+def test_sparse_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsys, monkeypatch):
+    monkeypatch.setattr(core, "_warned", set())
+    att = attention("0123", "auto")
+    assert att.impl(torch.device("cuda")) == "triton" and att.impl(torch.device("cpu")) == "eager"
+    q, k, v = (t.detach() for t in qkv(1, 8, 64, 16))  # CPU, no interpreter: outside the kernel's domain
+    with torch.no_grad():
+        y = attention("0123", "triton").attend_triton(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+    assert "sparse Triton kernel cannot run here" in capsys.readouterr().err
+    ref = att.attend_eager(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)  # flex's forward runs on CPU
 
 
 def test_sparse_block_mask_is_built_once_before_the_layers_which_trace_in_one_graph():
@@ -2408,6 +2480,7 @@ def test_cli_train_eval_metrics_cluster(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--train", "--variant", "sparse", "--attn-impl", "sdpa"], "sparse variant runs"),
+    (["--train", "--attn-impl", "triton"], "sparse variant's kernel"),
     (["--train", "--mask-subset", "05"], "--mask-subset"),
     (["--train", "--variant", "banded"], "--variant must be"),
     (["--metrics", "--out", "/nonexistent/run"], "checkpoint not found"),
@@ -2441,6 +2514,20 @@ def test_compiled_flex_matches_eager_on_gpu(T):
 
 
 @cuda
+@pytest.mark.parametrize("T", [300, 1024, 4096])
+def test_sparse_triton_matches_eager_on_gpu(T):
+    """The fused kernel in bf16 (autotuned tiles) vs the masked reference in fp32."""
+    att = attention("0123", "triton", T=T, D=64).cuda()
+    res = []
+    for fn, dtype in ((att.attend_eager, torch.float32), (att.attend_triton, torch.bfloat16)):
+        q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in qkv(2, 8, T, 64))
+        y = fn(q, k, v, core.Ctx(x0=torch.zeros(2, T, 1, device="cuda")))
+        y.float().pow(2).sum().backward()
+        res.append([t.float() for t in (y, q.grad, k.grad, v.grad)])
+    assert max(rel_errors(res[1], res[0])) < 2e-2
+
+
+@cuda
 def test_compiled_sparse_model_matches_eager_reference_on_gpu():
     """The training path end to end: inductor-compiled model with block-sparse flex vs the masked eager model."""
     kw = dict(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=128, block_size=256)
@@ -2461,7 +2548,7 @@ def test_compiled_sparse_model_matches_eager_reference_on_gpu():
 @cuda
 def test_kernel_bench_runs_on_gpu():
     r = sb.bench_attention(1024, sb.head_clusters(8), 64, 4, torch.device("cuda"))
-    assert 0.4 < r["block_density"] < 0.5 and r["sparse_ms"] > 0 and r["dense_sdpa_ms"] > 0
+    assert 0.4 < r["block_density"] < 0.5 and r["sparse_ms"] > 0 and r["dense_sdpa_ms"] > 0 and r["triton_ms"] > 0
 
 
 # ================================================================================================================
