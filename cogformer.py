@@ -26,7 +26,6 @@ zeros s = 0 get weight 0 in every path, but flex2x also drops them from the deno
     python cogformer.py --eval --init-from cog_ckpt_100.00_Bi.pt --data <llama-2 tokenized data>
 """
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
