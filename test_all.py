@@ -1317,16 +1317,7 @@ for B, H, T, D, with_doc in [(2, 2, 50, 64, False), (1, 2, 37, 64, True), (1, 1,
         torch.testing.assert_close(gt, ge, atol=2e-5, rtol=1e-5, msg=lambda m: f"d{name} T={T}: {m}")
 # the whole model: strided q/k/v views from the core's projection, RoPE, softmax layers around
 x = torch.randint(0, 256, (2, 40))
-losses, gs = [], []
-for impl in ("triton", "eager"):
-    torch.manual_seed(0)
-    m = cg.CogGPT(t.cog_tiny(attn_impl=impl))
-    loss = m(x, x)
-    losses.append(loss.detach())
-    gs.append(torch.autograd.grad(loss, list(m.parameters())))
-torch.testing.assert_close(losses[0], losses[1])
-for a, b in zip(*gs):
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+t.assert_triton_model_matches_eager(lambda impl: cg.CogGPT(t.cog_tiny(attn_impl=impl)), x, x)
 print("OK")
 """
 
@@ -1335,6 +1326,21 @@ print("OK")
 def test_triton_kernel_matches_eager_in_interpreter():
     """Forward, dq, dk, dv at ragged T (not a multiple of the blocks), head dims 64 and 128, with documents."""
     run_in_interpreter(INTERPRETER_CHECK)
+
+
+def assert_triton_model_matches_eager(build, x, y):
+    """build(impl) -> model, same seed for both: the triton model's loss and every parameter gradient equal the eager
+    model's (fp32). Run inside the interpreter checks."""
+    losses, grads = [], []
+    for impl in ("triton", "eager"):
+        torch.manual_seed(0)
+        model = build(impl)
+        loss = model(x, y)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def run_in_interpreter(check):
@@ -2258,17 +2264,9 @@ for B, T, D, subset in [(2, 200, 32, "0123"), (1, 40, 16, "0123"), (1, 13, 16, "
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} T={T} {subset}: {m}")
 # the whole model: q/k/v are strided views of the core's projection
 x = torch.randint(0, 256, (2, 41))
-losses, gs = [], []
-for impl in ("triton", "eager"):
-    torch.manual_seed(0)
-    m = sb.build_model(sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=128,
-                                           block_size=40, attn_impl=impl))
-    loss = m(x[:, :-1], x[:, 1:])
-    losses.append(loss.detach())
-    gs.append(torch.autograd.grad(loss, list(m.parameters())))
-torch.testing.assert_close(losses[0], losses[1])
-for a, b in zip(*gs):
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+cfg = dict(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=128, block_size=40)
+build = lambda impl: sb.build_model(sb.SparseByteConfig(**cfg, attn_impl=impl))
+t.assert_triton_model_matches_eager(build, x[:, :-1], x[:, 1:])
 print("OK")
 """
 
