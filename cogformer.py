@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 import core
-
 from core import triton, tl  # optional: without Triton the eager and flex2x paths still work
 
 # ----------------------------------------------------------------------------------------------------------------

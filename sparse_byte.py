@@ -62,7 +62,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 import core
-
 from core import triton, tl  # optional: without Triton the eager and flex paths still work
 
 
