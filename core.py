@@ -262,7 +262,11 @@ class Attention(nn.Module):
         return self.c_proj(merge_heads(y))
 
     def project(self, x, ctx):
-        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).chunk(3, dim=-1))  # (B, H, T, D) each
+        return self.split_qkv(self.c_attn(x), ctx)
+
+    def split_qkv(self, qkv, ctx):
+        """c_attn's output (B, T, 3C) -> q, k, v (B, H, T, D) each, RoPE on q and k (llama family)."""
+        q, k, v = (split_heads(t, self.n_head) for t in qkv.chunk(3, dim=-1))
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         return q, k, v

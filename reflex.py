@@ -24,11 +24,16 @@ Method (model.py, README "Idea of Reflex attention"):
   - `--variant baseline` is the same model with plain causal attention everywhere (the repository's 'original').
     `--heads s-0-0` is exactly the baseline (tested bit for bit).
 
-Fast path: each layer gathers one K and one V (B, H, T, D) by taking head slots from this and earlier layers' K/V
-(kept by reference in ctx.layers, no copies until the single cat) and makes ONE fused causal attention call (SDPA:
-flash/cuDNN on GPU) over all heads; T x T is never materialised. FLOPs equal the baseline's (reflex changes which
-K/V a head reads, not how much work it does), so MFU uses the core's 6N + attention count. `--attn-impl eager` runs
-the reference: one eager attention call per head group against its own layer's K/V, as the original does.
+Fast path: each layer gathers one K and one V by taking head columns from this and earlier layers' K/V, kept as
+(B, T, C) views of their c_attn outputs (by reference, no copies until the single cat), and makes ONE fused causal
+attention call (SDPA: flash/cuDNN on GPU) over all heads; T x T is never materialised. The gather cuts contiguous
+column ranges in c_attn's own layout, so the backward assembles each c_attn gradient from column ranges: a plain copy
+(H100: 0.98x the baseline's tokens/s; the same cat along the head dim of (B, H, T, D) views ran at 0.94x, its inductor
+kernel indexing heads with div/mod at a quarter of HBM bandwidth). RoPE (llama family) is applied after the gather:
+it depends on the position only, so rotating the gathered keys equals gathering rotated keys. FLOPs equal the
+baseline's (reflex changes which K/V a head reads, not how much work it does), so MFU uses the core's 6N + attention
+count. `--attn-impl eager` runs the reference: one eager attention call per head group against its own layer's K/V,
+as the original does.
 
 Deviations from the original:
   - One fused c_attn (C -> 3C) instead of three Linear layers query/key/value: the same map (c_attn's rows are
@@ -133,23 +138,28 @@ class ReflexAttention(core.Attention):
         self.groups = head_groups(cfg, layer)
 
     def project(self, x, ctx):
-        q, k, v = super().project(x, ctx)
-        # layer i's K/V is ctx.layers[i]; kept by reference and not detached: later cross heads backprop into it
-        ctx.layers.append((k, v))
-        return q, k, v
+        qkv = self.c_attn(x)
+        # layer i's K, V as (B, T, C) views of its c_attn output, before RoPE, in ctx.layers[i]; kept by reference and
+        # not detached: later cross heads backprop into them
+        ctx.layers.append(qkv.chunk(3, dim=-1)[1:])
+        return self.split_qkv(qkv, ctx)
 
     def attend(self, q, k, v, ctx):
         if self.groups == [(0, 0, self.n_head)]:  # a plain layer
             return super().attend(q, k, v, ctx)
-        src = [(*ctx.layers[self.layer - back], h0, h1) for back, h0, h1 in self.groups]
+        D = self.head_dim
+        src = [[t[..., h0 * D:h1 * D] for t in ctx.layers[self.layer - back]] for back, h0, h1 in self.groups]
         if ctx.record is None and self.impl(q.device) == "eager":
             # the reference, as the original computes it: one causal attention per head group, outputs concatenated
-            return torch.cat([self.attend_eager(q[:, h0:h1], ks[:, h0:h1], vs[:, h0:h1], ctx)
-                              for ks, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
-        # fast path: gather each head's K/V slot from its layer (one cat), then one fused call over all heads
-        k = torch.cat([ks[:, h0:h1] for ks, _, h0, h1 in src], dim=1)  # (B, H, T, D)
-        v = torch.cat([vs[:, h0:h1] for _, vs, h0, h1 in src], dim=1)  # (B, H, T, D)
-        return super().attend(q, k, v, ctx)
+            return torch.cat([self.attend_eager(q[:, h0:h1], *self.heads(ks, vs, ctx), ctx)
+                              for (ks, vs), (_, h0, h1) in zip(src, self.groups)], dim=1)  # (B, H, T, D)
+        # fast path: one cat of the groups' head columns (B, T, C), then one fused call over all heads
+        return super().attend(q, *self.heads(*(torch.cat(t, dim=-1) for t in zip(*src)), ctx), ctx)
+
+    def heads(self, k, v, ctx):
+        """Head columns (B, T, h D) of K and V -> (B, h, T, D) each, RoPE on the keys (llama family)."""
+        k, v = (core.split_heads(t, t.size(-1) // self.head_dim) for t in (k, v))
+        return (core.apply_rope(k, *ctx.rope) if ctx.rope is not None else k), v
 
 
 # ----------------------------------------------------------------------------------------------------------------

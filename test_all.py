@@ -2632,6 +2632,22 @@ def test_fused_matches_per_group_reference(heads):
         assert torch.allclose(gf[n], ge[n], atol=1e-6, rtol=1e-4), n
 
 
+def test_rope_on_gathered_keys_equals_gathering_rotated_keys():
+    """llama family: the fast path rotates the gathered head columns; RoPE depends on the position only, so that
+    equals slicing the rotated keys of the layer they come from."""
+    cfg = rcfg(family="llama")
+    model, att = reflex.build_model(cfg), reflex.ReflexAttention(cfg, 2)
+    idx = torch.randint(0, 256, (2, 24))
+    ctx, D = model.context(idx), cfg.head_dim
+    qkv = torch.randn(2, 24, 3 * cfg.n_embd)
+    _, k, v = att.split_qkv(qkv, ctx)  # every head rotated
+    kc, vc = (t[..., 5 * D:7 * D] for t in qkv.chunk(3, dim=-1)[1:])
+    k2, v2 = att.heads(kc, vc, ctx)
+    assert ctx.rope is not None and not torch.allclose(k2, core.split_heads(kc, 2))
+    torch.testing.assert_close(k2, k[:, 5:7])
+    torch.testing.assert_close(v2, v[:, 5:7])
+
+
 def test_cross_heads_backprop_into_earlier_layers_same_slots():
     """5-2-1 over 4 layers: a K/V head slot gets gradient iff some head reads it (not detached, same slots)."""
     torch.manual_seed(0)
