@@ -151,12 +151,12 @@ class ReflexAttention(core.Attention):
         src = [[t[..., h0 * D:h1 * D] for t in ctx.layers[self.layer - back]] for back, h0, h1 in self.groups]
         if ctx.record is None and self.impl(q.device) == "eager":
             # the reference, as the original computes it: one causal attention per head group, outputs concatenated
-            return torch.cat([self.attend_eager(q[:, h0:h1], *self.heads(ks, vs, ctx), ctx)
+            return torch.cat([self.attend_eager(q[:, h0:h1], *self.kv_heads(ks, vs, ctx), ctx)
                               for (ks, vs), (_, h0, h1) in zip(src, self.groups)], dim=1)  # (B, H, T, D)
         # fast path: one cat of the groups' head columns (B, T, C), then one fused call over all heads
-        return super().attend(q, *self.heads(*(torch.cat(t, dim=-1) for t in zip(*src)), ctx), ctx)
+        return super().attend(q, *self.kv_heads(*(torch.cat(t, dim=-1) for t in zip(*src)), ctx), ctx)
 
-    def heads(self, k, v, ctx):
+    def kv_heads(self, k, v, ctx):
         """Head columns (B, T, h D) of K and V -> (B, h, T, D) each, RoPE on the keys (llama family)."""
         k, v = (core.split_heads(t, t.size(-1) // self.head_dim) for t in (k, v))
         return (core.apply_rope(k, *ctx.rope) if ctx.rope is not None else k), v

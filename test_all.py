@@ -2642,7 +2642,7 @@ def test_rope_on_gathered_keys_equals_gathering_rotated_keys():
     qkv = torch.randn(2, 24, 3 * cfg.n_embd)
     _, k, v = att.split_qkv(qkv, ctx)  # every head rotated
     kc, vc = (t[..., 5 * D:7 * D] for t in qkv.chunk(3, dim=-1)[1:])
-    k2, v2 = att.heads(kc, vc, ctx)
+    k2, v2 = att.kv_heads(kc, vc, ctx)
     assert ctx.rope is not None and not torch.allclose(k2, core.split_heads(kc, 2))
     torch.testing.assert_close(k2, k[:, 5:7])
     torch.testing.assert_close(v2, v[:, 5:7])
