@@ -514,8 +514,13 @@ def sparse_block_mask(clusters, T, device):
     with dynamic shapes: it never materialises the (H, T, S) grid (eager: 9 GiB at T=8192), and a static compile
     (create_block_mask's _compile) spent minutes in ptxas at T=8192 on the H100."""
     src, region = kv_layout(clusters, T, device)
-    make = torch.compile(create_block_mask, dynamic=True) if device.type == "cuda" else create_block_mask
-    return src, make(sparse_mask_mod(clusters, src, region), None, len(clusters), T, len(src), device=device)
+    return src, block_mask_builder(device)(sparse_mask_mod(clusters, src, region), None, len(clusters), T, len(src),
+                                           device=device)
+
+
+def block_mask_builder(device):
+    """create_block_mask, compiled with dynamic shapes on GPU (see sparse_block_mask)."""
+    return torch.compile(create_block_mask, dynamic=True) if device.type == "cuda" else create_block_mask
 
 
 class SparseGPT(core.GPT):
@@ -765,7 +770,7 @@ def time_ms(fn, q, k, v, reps=10, warmup=3):
 def bench_attention(T, clusters, D, B, device, dtype=torch.bfloat16):
     H = len(clusters)
     src, sparse = sparse_block_mask(tuple(clusters), T, device)
-    causal = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device=device, _compile=True)
+    causal = block_mask_builder(device)(lambda b, h, q, kv: kv <= q, None, None, T, T, device=device)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     t_sdpa = time_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
     t_flex = time_ms(lambda q, k, v: core.flex_attention(q, k, v, block_mask=causal), q, k, v)
