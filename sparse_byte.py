@@ -282,8 +282,8 @@ if triton is not None:
     def _sparse_fwd(Q, K, V, O, LSE, PAT, spat, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                     H, T, T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
-        bh = tl.program_id(1).to(tl.int64)
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # every head's last blocks (most columns) first
+        bh = tl.program_id(0).to(tl.int64)
         b, h = bh // H, bh % H
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
@@ -332,8 +332,8 @@ if triton is not None:
                          BLOCK_N: tl.constexpr):
         """Programs below cdiv(NCOL, BLOCK_N) own BLOCK_N of the head's columns (launched first: they run longest,
         over every later query), the others a block of keys (their band part)."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(1)
+        bh = tl.program_id(0).to(tl.int64)
         b, h = bh // H, bh % H
         offs_d = tl.arange(0, D)
         n_col = tl.cdiv(NCOL, BLOCK_N)
@@ -380,8 +380,8 @@ if triton is not None:
     def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
                        svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last blocks (most columns) first
-        bh = tl.program_id(1).to(tl.int64)
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # every head's last blocks (most columns) first
+        bh = tl.program_id(0).to(tl.int64)
         b, h = bh // H, bh % H
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
@@ -408,7 +408,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: torc
     B, H, T, D = q.shape
     q, k, v = core.unit_stride(q, k, v)
     o, lse = core.attn_outputs(q)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))
     _sparse_fwd[grid](q, k, v, o, lse, pat, pat.stride(0), core.triton_scales(D)[0], *core.triton_strides(q, k, v, o),
                       H, T, core.triton_bucket(T), D=D, PREC=core.triton_prec(q))
     return o, lse
@@ -429,11 +429,11 @@ def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta = core.attn_bwd_delta(o, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scales, kw = core.triton_scales(D), dict(D=D, PREC=core.triton_prec(q))
-    grid = lambda meta: (triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]), B * H)
+    grid = lambda meta: (B * H, triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]))
     _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *scales,
                            *core.triton_strides(q, k, v, do, dk, dv), H, T, ncols, core.triton_bucket(T),
                            N_ANCH=N_ANCHOR, **kw)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))
     _sparse_bwd_dq[grid](q, k, v, do, dq, lse, delta, pat, pat.stride(0), *scales,
                          *core.triton_strides(q, k, v, do, dq), H, T, core.triton_bucket(T), **kw)
     return dq, dk, dv
