@@ -377,9 +377,10 @@ if triton is not None:
 
     @core.triton_autotune(_DQ, (32, 16, 4, 1), _KEY)
     @triton.jit
-    def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
-                       svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET, D: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _sparse_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt,
+                       svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt, H, T, T_BUCKET,
+                       D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dQ of a query block; also FA2's preprocess D = rowsum(dO ⊙ O), stored for the dK/dV kernel after it."""
         start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # every head's last blocks (most columns) first
         bh = tl.program_id(0).to(tl.int64)
         b, h = bh // H, bh % H
@@ -390,7 +391,9 @@ if triton is not None:
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=rows, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
         lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
-        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         args = (q, do, lse, delta, K + b * skb + h * skh, V + b * svb + h * svh, skt, svt, offs_m)
         pat = (R, S, NS, anch, qk_scale)
@@ -423,19 +426,19 @@ def _(q, k, v, pat, ncols):
 def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, pat: torch.Tensor,
                     ncols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FA2's backward on the pattern's tiles: D = rowsum(dO ⊙ O), then dK/dV and dQ recomputing P from the LSE."""
+    """FA2's backward on the pattern's tiles, recomputing P from the LSE: dQ (and D = rowsum(dO ⊙ O)), then dK/dV."""
     B, H, T, D = q.shape
     q, k, v, do = core.unit_stride(q, k, v, do)
-    delta = core.attn_bwd_delta(o, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
     scales, kw = core.triton_scales(D), dict(D=D, PREC=core.triton_prec(q))
+    grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))
+    _sparse_bwd_dq[grid](q, k, v, o, do, dq, lse, delta, pat, pat.stride(0), *scales,
+                         *core.triton_strides(q, k, v, o, do, dq), H, T, core.triton_bucket(T), **kw)
     grid = lambda meta: (B * H, triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]))
     _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *scales,
                            *core.triton_strides(q, k, v, do, dk, dv), H, T, ncols, core.triton_bucket(T),
                            N_ANCH=N_ANCHOR, **kw)
-    grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))
-    _sparse_bwd_dq[grid](q, k, v, do, dq, lse, delta, pat, pat.stride(0), *scales,
-                         *core.triton_strides(q, k, v, do, dq), H, T, core.triton_bucket(T), **kw)
     return dq, dk, dv
 
 
