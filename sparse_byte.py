@@ -304,14 +304,15 @@ if triton is not None:
         tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
     @triton.jit
-    def _dkdv_inner(k, v, j, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, lo, hi, T, R, qk_scale,
+    def _dkdv_inner(k, v, j, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, first, steps, step, T, R, qk_scale,
                     D: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
+        """dK, dV of keys j from the query tiles first, first + step, ... (steps of them)."""
         offs_d = tl.arange(0, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+        for it in range(steps):
+            offs_m = first + it * step + tl.arange(0, BLOCK_M)
             rows = offs_m < T
             qT = tl.load(q_ptr + offs_m[None, :] * sqt + offs_d[:, None], mask=rows[None, :], other=0.0)
             do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
@@ -330,29 +331,35 @@ if triton is not None:
                          skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, NCOL,
                          T_BUCKET, D: tl.constexpr, PREC: tl.constexpr, N_ANCH: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-        """Programs below cdiv(NCOL, BLOCK_N) own BLOCK_N of the head's columns (launched first: they run longest,
-        over every later query), the others a block of keys (their band part)."""
-        pid = tl.program_id(1)
-        bh = tl.program_id(0).to(tl.int64)
+        """The first n_col * B * H programs own BLOCK_N of a head's columns each (launched first: they run longest,
+        over every later query; a head's column blocks side by side, all walking the queries down from the last tile,
+        so each query tile is read once from memory for all of them). The others own a block of keys (band part)."""
+        pid = tl.program_id(0)
+        n_col = tl.cdiv(NCOL, BLOCK_N)
+        BH = tl.num_programs(0) // (n_col + tl.cdiv(T, BLOCK_N))
+        is_col = pid < n_col * BH
+        blk = tl.where(is_col, pid % n_col, (pid - n_col * BH) // BH)
+        bh = tl.where(is_col, pid // n_col, (pid - n_col * BH) % BH).to(tl.int64)
         b, h = bh // H, bh % H
         offs_d = tl.arange(0, D)
-        n_col = tl.cdiv(NCOL, BLOCK_N)
         R, S, NS, anch, _, _, anch_hi = _ranges(PAT, spat, h, 0, 0)
-        if pid < n_col:
-            j, ok = _keys(pid * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, 2)
+        if is_col:
+            j, ok = _keys(blk * BLOCK_N + tl.arange(0, BLOCK_N), anch_hi, S, NS, anch, 2)
         else:
-            j = (pid - n_col) * BLOCK_N + tl.arange(0, BLOCK_N)
+            j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             ok = j < T
         k = tl.load(K + b * skb + h * skh + j[:, None] * skt + offs_d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
         args = (k, v, j, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * T, DELTA + bh * T, sqt, sdot)
-        if pid < n_col:  # every query i >= j
-            lo = tl.min(tl.where(ok, j, T))
-            dk, dv = _dkdv_inner(*args, lo, T, T, -1, qk_scale, D, 2, PREC, BLOCK_M, BLOCK_N)
+        if is_col:  # every query i >= j, from the last tile down to the one holding the first key
+            top, lo = (tl.cdiv(T, BLOCK_M) - 1) * BLOCK_M, tl.min(tl.where(ok, j, T))
+            steps = tl.where(lo < T, (top - lo) // BLOCK_M + 1, 0)  # none for a head without columns
+            dk, dv = _dkdv_inner(*args, top, steps, -BLOCK_M, T, -1, qk_scale, D, 2, PREC, BLOCK_M, BLOCK_N)
         else:  # queries j .. j + R; a column key's row is its column program's
-            start_n = (pid - n_col) * BLOCK_N
+            start_n = blk * BLOCK_N
             hi = tl.where(R >= 0, tl.minimum(start_n + BLOCK_N + R, T), start_n)
-            dk, dv = _dkdv_inner(*args, start_n, hi, T, R, qk_scale, D, 0, PREC, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_inner(*args, start_n, tl.cdiv(hi - start_n, BLOCK_M), BLOCK_M, T, R, qk_scale, D, 0, PREC,
+                                 BLOCK_M, BLOCK_N)
             anchors = tl.load(anch + tl.arange(0, N_ANCH))
             col = ((j % S == 0) & (NS > 0)) | (tl.sum((j[:, None] == anchors[None, :]).to(tl.int32), 1) > 0)
             ok = ok & ~col
@@ -435,7 +442,7 @@ def sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))
     _sparse_bwd_dq[grid](q, k, v, o, do, dq, lse, delta, pat, pat.stride(0), *scales,
                          *core.triton_strides(q, k, v, o, do, dq), H, T, core.triton_bucket(T), **kw)
-    grid = lambda meta: (B * H, triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"]))
+    grid = lambda meta: (B * H * (triton.cdiv(ncols, meta["BLOCK_N"]) + triton.cdiv(T, meta["BLOCK_N"])),)
     _sparse_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, pat, pat.stride(0), *scales,
                            *core.triton_strides(q, k, v, do, dk, dv), H, T, ncols, core.triton_bucket(T),
                            N_ANCH=N_ANCHOR, **kw)
