@@ -325,7 +325,7 @@ if triton is not None:
             dk += tl.dot((pT * (dpT - delta[None, :])).to(qT.dtype), tl.trans(qT), input_precision=PREC)
         return dk, dv
 
-    @core.triton_autotune(_DKDV, (16, 32, 4, 1), _KEY)
+    @core.triton_autotune(_DKDV, (16, 16, 4, 1), _KEY)
     @triton.jit
     def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PAT, spat, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh,
                          skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, H, T, NCOL,
@@ -353,7 +353,7 @@ if triton is not None:
         args = (k, v, j, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * T, DELTA + bh * T, sqt, sdot)
         if is_col:  # every query i >= j, from the last tile down to the one holding the first key
             top, lo = (tl.cdiv(T, BLOCK_M) - 1) * BLOCK_M, tl.min(tl.where(ok, j, T))
-            steps = tl.where(lo < T, (top - lo) // BLOCK_M + 1, 0)  # none for a head without columns
+            steps = tl.where(lo < T, top // BLOCK_M - lo // BLOCK_M + 1, 0)  # none for a head without columns
             dk, dv = _dkdv_inner(*args, top, steps, -BLOCK_M, T, -1, qk_scale, D, 2, PREC, BLOCK_M, BLOCK_N)
         else:  # queries j .. j + R; a column key's row is its column program's
             start_n = blk * BLOCK_N
