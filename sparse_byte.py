@@ -226,8 +226,8 @@ def triton_pattern(clusters, T, device=None):
 
 
 if triton is not None:
-    # (BLOCK_M, BLOCK_N, warps, stages) candidates for sm_90 at D = 64, each the fastest of its kind in a forced
-    # sweep of the whole pattern (BENCHMARKS.md); the autotuner's single-kernel timing picks among them
+    # (BLOCK_M, BLOCK_N, warps, stages) candidates for sm_90 at D = 64; a forced sweep over the whole pattern
+    # (BENCHMARKS.md) put 64 x 32 (fwd, dQ) and 64 x 64 (dK/dV) on 4 warps first, the autotuner picks by kernel time
     _FWD = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
     _DKDV = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
     _DQ = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)]
