@@ -170,6 +170,18 @@ if triton is not None:
         tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
     @triton.jit
+    def _cog_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """D = rowsum(dO ⊙ O) in fp32: FA2's preprocess, unchanged for cog attention (§8.3.4)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_d = tl.arange(0, D)
+        rows = offs_m[:, None] < T
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdot, doc_ptr, doc_k, offs_n, lo, hi,
                     T, qk_scale, D: tl.constexpr, HAS_DOC: tl.constexpr, MASKED: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -305,7 +317,8 @@ def cog_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     B, H, T, D = q.shape
     q, k, v, do = core.unit_stride(q, k, v, do)
     docp = doc.to(torch.int32).contiguous() if doc is not None else lse
-    delta = core.attn_bwd_delta(o, do)  # unchanged for cog attention (§8.3.4)
+    delta = torch.empty_like(lse)
+    _cog_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *core.triton_strides(o, do), H, T, D=D, BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scales = core.triton_scales(D)
     kw = dict(D=D, HAS_DOC=doc is not None, PREC=core.triton_prec(q))

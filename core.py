@@ -374,27 +374,6 @@ def attn_outputs(q):
     return o, torch.empty(B, H, T, device=q.device, dtype=torch.float32)
 
 
-def attn_bwd_delta(o, do):
-    """FA2's backward preprocess, D = rowsum(dO ⊙ O) in fp32: (B, H, T)."""
-    B, H, T, D = o.shape
-    delta = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
-    _bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *triton_strides(o, do), H, T, D=D, BLOCK_M=64)
-    return delta
-
-
-if triton is not None:
-    @triton.jit
-    def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        offs_d = tl.arange(0, D)
-        rows = offs_m[:, None] < T
-        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=rows, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=rows, other=0.0)
-        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
