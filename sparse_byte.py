@@ -245,11 +245,15 @@ if triton is not None:
         return j, idx < hi
 
     @triton.jit
-    def _mask(d, R, MODE: tl.constexpr):
-        """Allowed entries of d = i - j: the band 0 <= d <= R, or the columns' part d > R."""
-        keep = d > R
+    def _mask(i, j, ok, R, MODE: tl.constexpr):
+        """Allowed entries of queries i and keys j (broadcast against each other; ok: j in its range). The band:
+        0 <= i - j <= R, one unsigned compare of the difference; its keys past the range are past every query, so
+        ok is implied. The columns: i > j + R, one compare per entry against a per-key bound that fails for a key
+        out of range."""
         if MODE == 0:
-            keep = (d >= 0) & (d <= R)
+            keep = (i - j).to(tl.uint32, bitcast=True) <= R.to(tl.uint32, bitcast=True)  # R >= 0 where it runs
+        else:
+            keep = i > tl.where(ok, j + R, 2147483647)
         return keep
 
     @triton.jit
@@ -260,11 +264,11 @@ if triton is not None:
             j, ok = _keys(start + tl.arange(0, BLOCK_N), hi, S, NS, anch_ptr, MODE)
             kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
             v = tl.load(v_ptr + j[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # log2 units
-            s = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.dot(q, kT, input_precision=PREC)
+            s = tl.where(_mask(offs_m[:, None], j[None, :], ok[None, :], R, MODE), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units; the scale joins the exponent's FMA
             alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
@@ -317,10 +321,10 @@ if triton is not None:
             rows = offs_m < T
             qT = tl.load(q_ptr + offs_m[None, :] * sqt + offs_d[:, None], mask=rows[None, :], other=0.0)
             do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=rows[:, None], other=0.0)
-            lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))  # padded rows: P = 0
+            lse = tl.load(lse_ptr + offs_m, mask=rows, other=0.0)  # padded rows add nothing: their q and dO load as 0
             delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
             pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (N, M)
-            pT = tl.where(_mask(offs_m[None, :] - j[:, None], R, MODE), pT, 0.0)
+            pT = tl.where(_mask(offs_m[None, :], j[:, None], True, R, MODE), pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
             dk += tl.dot((pT * (dpT - delta[None, :])).to(qT.dtype), tl.trans(qT), input_precision=PREC)
@@ -378,7 +382,7 @@ if triton is not None:
             kT = tl.load(k_ptr + j[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
             vT = tl.load(v_ptr + j[None, :] * svt + offs_d[:, None], mask=ok[None, :], other=0.0)
             p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - lse[:, None])
-            p = tl.where(ok[None, :] & _mask(offs_m[:, None] - j[None, :], R, MODE), p, 0.0)
+            p = tl.where(_mask(offs_m[:, None], j[None, :], ok[None, :], R, MODE), p, 0.0)
             ds = p * (tl.dot(do, vT, input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         return dq
