@@ -28,7 +28,7 @@ heads only their gathered columns. The softmax sees exactly the thesis's key set
 are 0.097 / 0.071 / 0.067 of causal's). The GPU default (auto) is --attn-impl triton, a fused FlashAttention-2-style
 kernel with arithmetic masks instead: per query block it visits the band's tiles and tiles of columns read in place
 (K and V rows a stride apart, the anchors as a 16-row tile), so it touches no extended copy and evaluates no
-per-element lookup: 3.2-4.1x faster than flex in fwd+bwd on an H100 (without Triton, auto falls back to flex). The
+per-element lookup: 3.4-4.5x faster than flex in fwd+bwd on an H100 (without Triton, auto falls back to flex). The
 eager path (the spec) masks the full T x T scores.
 
 Deviations. Both variants share core's GPT-2 body (pre-norm LayerNorm, learned positions, GELU MLP of 2048, tied head),
@@ -247,9 +247,9 @@ if triton is not None:
     @triton.jit
     def _mask(i, j, ok, R, MODE: tl.constexpr):
         """Allowed entries of queries i and keys j (broadcast against each other; ok: j in its range). The band:
-        0 <= i - j <= R, one unsigned compare of the difference; its keys past the range are past every query, so
-        ok is implied. The columns: i > j + R, one compare per entry against a per-key bound that fails for a key
-        out of range."""
+        0 <= i - j <= R, one unsigned compare of the difference; its keys past the range lie past every stored
+        query row, so ok is implied. The columns: i > j + R, one compare per entry against a per-key bound that no
+        query passes for a key out of range."""
         if MODE == 0:
             keep = (i - j).to(tl.uint32, bitcast=True) <= R.to(tl.uint32, bitcast=True)  # R >= 0 where it runs
         else:
