@@ -33,6 +33,7 @@ crash on it, §7.8); our GPU runs use data/docs, not OpenWebText.
         --out runs/docs_analysis
     python attn_bias.py --bench --preset 124m --batch-size 12 --variant attn_bias
 """
+import functools
 import json
 import os
 import sys
@@ -52,7 +53,7 @@ except ImportError:
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
-PAPER = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False, dropout=0.0, batch_size=12,
+RECIPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False, dropout=0.0, batch_size=12,
              grad_accum=40, max_iters=50000, lr=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000,
              weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=1000, eval_iters=200,
              log_interval=10)  # spec §2-3: 491,520 tokens/step; cosine over 600k, the published models stop at 50k
@@ -61,11 +62,13 @@ PAPER = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False, dro
 @dataclass
 class AttnBiasConfig(core.Config):
     PRESETS = {**core.Config.PRESETS,
-               "paper": PAPER,
+               "paper": RECIPE,
                # one GPU, about a minute: 124M at T=1024, 12k tokens/step, a full cosine over 800 steps
-               "short": {**PAPER, "grad_accum": 1, "max_iters": 800, "warmup_iters": 100, "lr_decay_iters": 0,
+               "short": {**RECIPE, "grad_accum": 1, "max_iters": 800, "warmup_iters": 100, "lr_decay_iters": 0,
                          "eval_interval": 400, "eval_iters": 20, "log_interval": 50}}
-    VARIANTS = ("default", "sink", "attn_bias")
+    VARIANTS = {"attn_bias": "a learned key k' and value v' per layer and head that every query attends to (sec. 5.2)",
+                "default": "GPT-2 as in nanoGPT: no explicit bias (grows massive activations)",
+                "sink": "one learned sink token prepended before the blocks, dropped before the head"}
     ATTN_IMPLS = ("auto", "eager", "sdpa", "flex", "cudnn", "flash")
 
     def __post_init__(self):
@@ -153,7 +156,6 @@ def _cpu_bwd(dout, q, k, v, out, lse, t, i, scale):
 
 
 KERNELS = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd, _flash_bwd), "cpu": (_cpu_fwd, _cpu_bwd)}
-KERNEL_OK = {}  # (kernel, head dim) -> passed its parity check in this process
 
 
 class BiasKeyAttention(torch.autograd.Function):
@@ -188,12 +190,11 @@ class BiasKeyAttention(torch.autograd.Function):
         return dq, dk, dv, dk_bias.to(k_bias.dtype), dv_bias.to(v_bias.dtype), None
 
 
+@functools.cache  # once per process, kernel and head dim
 def probe_kernel(kernel, device, D):
-    """Outputs and gradients of the merge on a private kernel vs the masked reference, once per process: the private
-    ops change between torch versions (§8), so a kernel that fails here is never used."""
-    key = (kernel, D)
-    if key in KERNEL_OK:
-        return KERNEL_OK[key]
+    """Outputs and gradients of the merge on a private kernel vs the masked reference: the private ops change
+    between torch versions, so a kernel that fails here is never used."""
+    device = torch.device(device)
     try:
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             g = torch.Generator(device).manual_seed(0)
@@ -210,14 +211,13 @@ def probe_kernel(kernel, device, D):
                 out.float().square().sum().backward()
                 results.append([out, x.grad, kb.grad, vb.grad])
         errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(*results)]
-        KERNEL_OK[key] = max(errs) < 3e-2
-        reason = f"relative errors {', '.join(f'{e:.1e}' for e in errs)}"
+        ok, reason = max(errs) < 3e-2, f"relative errors {', '.join(f'{e:.1e}' for e in errs)}"
     except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
-        KERNEL_OK[key], reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not KERNEL_OK[key]:
+        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not ok:
         core.warn_once(f"attn_bias: the private {kernel} kernel failed its parity check ({reason}); "
                        "using FlexAttention")
-    return KERNEL_OK[key]
+    return ok
 
 
 class BiasAttention(core.Attention):
@@ -229,6 +229,7 @@ class BiasAttention(core.Attention):
         shape = (1, cfg.n_head, 1, cfg.head_dim)  # names and shapes as in the published checkpoints
         self.k_bias = nn.Parameter(torch.randn(shape) * 0.02)
         self.v_bias = nn.Parameter(torch.randn(shape) * 0.02)
+        self.kernel_ok = {}  # (kernel, head dim) -> probe verdict, read under torch.compile (build_model fills it)
 
     def attend(self, q, k, v, ctx):
         if ctx.doc is not None:
@@ -263,8 +264,10 @@ class BiasAttention(core.Attention):
     def attend_kernel(self, kernel, q, k, v, ctx):
         ok = kernel == "cpu"
         if not ok and q.dtype in (torch.bfloat16, torch.float16):
-            key = (kernel, q.size(-1))  # probed at build time; under compile only the cached verdict is read
-            ok = KERNEL_OK.get(key, False) if torch.compiler.is_compiling() else probe_kernel(kernel, q.device, key[1])
+            key = (kernel, q.size(-1))  # probed at build time; under compile only the verdict is read
+            if key not in self.kernel_ok and not torch.compiler.is_compiling():
+                self.kernel_ok[key] = probe_kernel(kernel, str(q.device), key[1])
+            ok = self.kernel_ok.get(key, False)
         if not ok:
             core.warn_once(f"attn_bias: the {kernel} kernel is not usable for {q.dtype} here: using FlexAttention")
             return self.attend_flex(q, k, v, ctx)
@@ -300,7 +303,9 @@ def build_model(cfg):
     device = core.resolve_device(cfg)
     impl = model.transformer.h[0].attn.impl(device)
     if device.type == "cuda" and (impl == "cudnn" or impl == "flash" and core.flash_attn_func is None):
-        probe_kernel(impl, device, cfg.head_dim)  # eagerly, before torch.compile traces the model
+        ok = probe_kernel(impl, str(device), cfg.head_dim)  # eagerly, before torch.compile traces the model
+        for block in model.transformer.h:
+            block.attn.kernel_ok[impl, cfg.head_dim] = ok
     return model
 
 
@@ -308,9 +313,12 @@ TITLES = {"default": "GPT-2 Default", "sink": "GPT-2 with Sink Token", "attn_bia
 PUBLISHED_NAMES = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", "transformer.ln_f.": "transformer.norm_f."}
 
 
-def from_published(ckpt, path):
-    """The paper's nanoGPT checkpoints (spec §6): state_dict under 'model', sizes under 'model_args'; the variant is
-    read from the keys (k_bias: attn_bias, reg_token: sink), which outrank config['model_type'] (§7.1)."""
+def from_published(ckpt, path, given=None):
+    """The paper's nanoGPT checkpoints -> (config, state_dict), None for another format: state_dict under 'model',
+    sizes under 'model_args'; the variant is read from the keys (k_bias: attn_bias, reg_token: sink), which outrank
+    config['model_type'] (the released attn_bias file says gpt2_default)."""
+    if "model" not in ckpt or "model_args" not in ckpt:
+        return None
     state = {}
     for k, v in core.strip_prefix(ckpt["model"]).items():
         if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
@@ -328,25 +336,7 @@ def from_published(ckpt, path):
     cfg = AttnBiasConfig(variant=variant, n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"],
                          block_size=a["block_size"], bias=a["bias"], vocab_size=a["vocab_size"],
                          dropout=a.get("dropout", 0.0))
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # missing, unexpected or mis-shaped keys: one line
-        why = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
-        raise core.ConfigError(f"{path}: does not fit a {variant} model with n_layer {a['n_layer']}, "
-                               f"n_head {a['n_head']}, n_embd {a['n_embd']}: {why}") from None
-    return model
-
-
-def load_model(path, device="cpu"):
-    """Our checkpoint or the paper's published format -> model in eval mode (None: neither)."""
-    model = core.load_ours(path, AttnBiasConfig, build_model, device)
-    if model is None:
-        ckpt = core.load_checkpoint(path)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-            return None
-        model = from_published(ckpt, path).to(device).eval()
-    return model
+    return cfg, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,7 +355,7 @@ def analyze_model(path, data, tok, seed, device):
     """Top-1/2/3, mean and median |h| of every block's output over val windows (the sink position included, as
     in analyze.py), the attention each layer pays to key 0 (first token / sink / k') and to the first real token,
     and |h| of one block over positions × channels for PROMPT."""
-    model = core.checked_load(load_model, path).to(device).float()
+    model = core.load_model(PAPER, path, device).float()
     cfg, L = model.cfg, model.cfg.n_layer
     outs, attn = [None] * L, torch.zeros(L, 2)
     hooks = [b.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o)) for l, b in
@@ -461,7 +451,7 @@ def analyze(cfg, args):
     paths = [os.path.join(s, "ckpt.pt") if os.path.isdir(s) else s for s in sources]
     device = core.resolve_device(cfg)
     data = core.TokenData(cfg.data)
-    tok = core.get_tokenizer(data.meta.get("tokenizer", "gpt2"))
+    tok = core.get_tokenizer(data.tokenizer)
     results = [analyze_model(p, data, tok, cfg.seed, device) for p in paths]
     base = next((r["step_ms"] for r in results if r["variant"] == "default" and r["step_ms"]), None)
     for r in results:
@@ -488,8 +478,12 @@ ACTIONS = {"analyze": ("massive activations of --runs (run dirs or checkpoints, 
                        analyze)}
 
 
+PAPER = core.Paper("attn_bias", AttnBiasConfig, build_model, baseline="default", doc=__doc__, actions=ACTIONS,
+                   convert=from_published, formats="the paper's nanoGPT checkpoints (ckpt_50000.pt)")
+
+
 def main(argv=None):
-    return core.main(argv, AttnBiasConfig, build_model, load_model, ACTIONS, doc=__doc__)
+    return core.main(PAPER, argv)
 
 
 if __name__ == "__main__":

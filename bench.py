@@ -49,77 +49,61 @@ import core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPERS = ("exoformer", "attn_bias", "cogformer", "sparse_byte", "reflex")
-SCRIPTS = ("core", *PAPERS)
-BASELINE_NAMES = ("baseline", "default", "transformer", "dense")  # each paper's plain-attention variant
-SIZE_PRESETS = {"cogformer": "141m-gpt2", "reflex": "124m-8h"}   # 124m class where core's 124m shape does not fit
 SCALING_T = (1024, 2048, 4096, 8192)
 ROW_TIMEOUT = 900  # seconds for one row's process (compilation included)
 TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}  # fast vs fp32 eager reference; correct bf16 paths land near 1e-2
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scripts: what each one exposes, read from the call its main() makes to core.main
+# Scripts: each exports PAPER = core.Paper(...), and that record is all bench.py reads of it
 
 
-@dataclasses.dataclass
-class Script:
-    name: str
-    cfg_cls: type
-    build_model: object
-    load_model: object = None
-
-    @property
-    def variants(self):
-        return self.cfg_cls.VARIANTS or ("",)
-
-    @property
-    def baseline(self):
-        v = self.cfg_cls.VARIANTS
-        return getattr(self.cfg_cls, "BASELINE", None) or next((x for x in v if x in BASELINE_NAMES), v[0] if v else "")
-
-    @property
-    def main(self):
-        v = self.cfg_cls.VARIANTS
-        return getattr(self.cfg_cls, "MAIN", None) or (v[0] if v and v[0] != self.baseline else v[-1] if v else "")
-
-    def load(self, path, device="cpu"):
-        if self.load_model is None:
-            return core.load_ours(path, self.cfg_cls, self.build_model, device)
-        return self.load_model(path, device)
+def scripts(with_core=True):
+    """core, the five papers, then any other script beside bench.py that exports a PAPER (your own attention)."""
+    extra = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f[:-3] not in PAPERS + ("core",)
+                   and "\nPAPER = core.Paper(" in open(os.path.join(HERE, f), encoding="utf-8").read())
+    return [*(["core"] if with_core else []), *PAPERS, *extra]
 
 
 @functools.cache
 def script(name):
+    """The Paper of a script: core, a script beside bench.py, or a path to a .py file."""
     if name == "core":
-        return Script("core", core.Config, core.GPT)
-    if name not in SCRIPTS:
-        raise core.ConfigError(f"unknown script {name!r}: choose from {', '.join(SCRIPTS)}")
-    module = importlib.import_module(name)
-    got = {}
+        return core.PAPER
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise core.ConfigError(f"script not found: {name}")
+        spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    elif name in scripts():
+        module = importlib.import_module(name)
+    else:
+        raise core.ConfigError(f"unknown script {name!r}: choose from {', '.join(scripts())} or a path to a .py file")
+    if not isinstance(getattr(module, "PAPER", None), core.Paper):
+        raise core.ConfigError(f"{name} exports no PAPER = core.Paper(...)")
+    return module.PAPER
 
-    def capture(argv=None, cfg_cls=core.Config, build_model=None, load_model=None, actions=None, doc=None):
-        got.update(cfg_cls=cfg_cls, build_model=build_model or core.GPT, load_model=load_model)
-        return 0
-    real, core.main = core.main, capture
-    try:
-        module.main([])
-    finally:
-        core.main = real
-    return Script(name, **got)
+
+def row_names(s):
+    """A script's rows: its variants, then its extra bench rows (e.g. reflex's other head splits)."""
+    return [*s.variants, *s.bench_rows]
 
 
 def make_cfg(s, variant, preset, **over):
-    """The script's config: preset, then variant and overrides (None = keep); random-token vocabulary if unset."""
-    if preset not in s.cfg_cls.PRESETS:
-        raise core.ConfigError(f"{s.name} has no preset {preset!r} ({', '.join(sorted(s.cfg_cls.PRESETS))})")
-    kw = {**s.cfg_cls.PRESETS[preset], **({"variant": variant} if variant else {})}
-    cfg = s.cfg_cls(**{**kw, **{k: v for k, v in over.items() if v is not None}})
+    """The script's config: preset, then the row's variant (or bench row) and overrides (None = keep);
+    random-token vocabulary if unset."""
+    if preset not in s.config.PRESETS:
+        raise core.ConfigError(f"{s.name} has no preset {preset!r} ({', '.join(sorted(s.config.PRESETS))})")
+    kw = {**s.config.PRESETS[preset], **s.bench_rows.get(variant, {"variant": variant} if variant else {})}
+    cfg = s.config(**{**kw, **{k: v for k, v in over.items() if v is not None}})
     cfg.vocab_size = cfg.vocab_size or 50304  # GPT-2's, padded to a multiple of 64
     return cfg
 
 
 def preset_for(name, presets, gpu):
     """--preset: 'NAME' for every script and/or 'script=NAME' entries; default the 124m class (tiny on CPU)."""
-    return presets.get(name) or presets.get("*") or ("tiny" if not gpu else SIZE_PRESETS.get(name, "124m"))
+    return presets.get(name) or presets.get("*") or ("tiny" if not gpu else script(name).size_preset)
 
 
 def parse_presets(text):
@@ -130,14 +114,21 @@ def parse_presets(text):
     return out
 
 
+def row_flags(s, variant):
+    """The command-line flags of a row: --variant, or a bench row's overrides."""
+    over = s.bench_rows.get(variant, {"variant": variant} if variant else {})
+    return [x for k, v in over.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def pick_variants(s, which):
-    if not s.cfg_cls.VARIANTS:  # core: its one model
+    """all: the baseline first, then every other row; main: baseline and the paper's method; or a comma list."""
+    if not s.config.VARIANTS:  # core: its one model
         return [""]
     if which == "all":
-        return [s.baseline, *[v for v in s.variants if v != s.baseline]]
+        return list(dict.fromkeys([s.baseline or s.main, *row_names(s)]))
     if which == "main":
-        return list(dict.fromkeys([s.baseline, s.main]))
-    return [v for v in which.split(",") if v in s.variants]
+        return list(dict.fromkeys([s.baseline or s.main, s.main]))
+    return [v for v in which.split(",") if v in row_names(s)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +199,7 @@ def measure(spec):
     """One row: config, parity check, then core.bench. Never raises: the outcome is the row's status."""
     row = dict(spec)
     try:
-        s = script(spec["script"])
+        s = script(spec.get("source") or spec["script"])
         cfg = make_cfg(s, spec["variant"], spec["preset"], **spec["over"])
         device = core.resolve_device(cfg)
         row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -246,6 +237,8 @@ def run_row(spec, log_path):
         return {**spec, "status": f"error: no result after {ROW_TIMEOUT} s (log: {log_path})"}
     if code == 0 and os.path.exists(out):
         return json.load(open(out))
+    if code == -9:  # SIGKILL: on Linux the out-of-memory killer
+        return {**spec, "status": f"OOM: killed by the OS (out of memory?) (log: {log_path})"}
     last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
     return {**spec, "status": f"error: exit {code}: {last[0][:200]} (log: {log_path})"}
 
@@ -256,13 +249,13 @@ def speed_specs(args, gpu):
     for name in papers(args.papers, with_core=True):
         s = script(name)
         preset = preset_for(name, presets, gpu)
-        impls = [i for i in s.cfg_cls.ATTN_IMPLS if i != "auto"] if args.impl == "all" else args.impl.split(",")
+        impls = [i for i in s.config.ATTN_IMPLS if i != "auto"] if args.impl == "all" else args.impl.split(",")
         # scaling: the core GPT is the one baseline (every paper's baseline runs the same SDPA kernel)
         for variant in pick_variants(s, args.variants or (s.main if args.scaling else "all")):
-            for impl in [i for i in impls if i in s.cfg_cls.ATTN_IMPLS]:
+            for impl in [i for i in impls if i in s.config.ATTN_IMPLS]:
                 for T in seqs or [None]:
-                    spec = dict(script=name, variant=variant, baseline=s.baseline, preset=preset, impl=impl,
-                                steps=args.steps, warmup=args.warmup)
+                    spec = dict(script=s.name, variant=variant, baseline=s.baseline, preset=preset, impl=impl,
+                                steps=args.steps, warmup=args.warmup, **({"source": name} if name != s.name else {}))
                     try:
                         cfg0 = make_cfg(s, variant, preset, device=args.device)
                         T = T or cfg0.block_size
@@ -279,16 +272,16 @@ def speed_specs(args, gpu):
 def seq_list(args, gpu):
     if args.seq:
         if not all(t.isdigit() and int(t) > 0 for t in args.seq.split(",")):
-            raise core.ConfigError(f"--seq takes positive integers, comma separated, not {args.seq!r}")
+            raise core.ConfigError(f"--block-size takes positive integers, comma separated, not {args.seq!r}")
         return [int(t) for t in args.seq.split(",")]
     return list(SCALING_T if gpu else (64, 128)) if args.scaling else []
 
 
 def papers(text, with_core=False):
-    names = text.split(",") if text else ([*SCRIPTS] if with_core else [*PAPERS])
+    """Script names (or paths to .py files) of --papers; default every script found."""
+    names = text.split(",") if text else scripts(with_core)
     for n in names:
-        if n not in SCRIPTS:
-            raise core.ConfigError(f"unknown script {n!r} in --papers: choose from {', '.join(SCRIPTS)}")
+        script(n)  # an unknown name: one line
     return names
 
 
@@ -354,10 +347,14 @@ def plt():
     return matplotlib.pyplot
 
 
+def script_colors(rows):
+    return {n: plt().cm.tab10(i % 10) for i, n in enumerate(dict.fromkeys(r["script"] for r in rows))}
+
+
 def plot_speed(rows, png, title):
     """One T: tokens/s bars (x baseline written on each). Several T: tokens/s and memory against T."""
     pyplot = plt()
-    colors = {n: pyplot.cm.tab10(i) for i, n in enumerate(SCRIPTS)}
+    colors = script_colors(rows)
     if len({r.get("T") for r in rows}) <= 1:
         fig, ax = pyplot.subplots(figsize=(9, 1 + 0.35 * len(rows)))
         names = [f"{label(r)} [{r['impl']}]" for r in rows]
@@ -438,7 +435,8 @@ def merge(path, field, rows, key):
         return rows
     new = {key(r) for r in rows}
     rows = [r for r in json.load(open(path))[field] if key(r) not in new] + rows
-    return sorted(rows, key=lambda r: SCRIPTS.index(r["script"]))
+    order = scripts()
+    return sorted(rows, key=lambda r: order.index(r["script"]) if r["script"] in order else len(order))
 
 
 def run_env(rows):
@@ -499,13 +497,14 @@ def compare(args, gpu):
     presets, runs = parse_presets(args.preset), []
     for name in papers(args.papers):
         s = script(name)
+        path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
         for variant in pick_variants(s, args.variants or "main"):
-            out = os.path.join(args.out, f"{name}-{variant}" if variant else name)
-            cmd = [sys.executable, f"{name}.py", "--train", "--preset", preset_for(name, presets, gpu), "--out", out,
-                   *(["--variant", variant] if variant else []), *map(str, flags)]
+            out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
+            cmd = [sys.executable, path, "--train", "--preset", preset_for(name, presets, gpu), "--out", out,
+                   "--overwrite", *row_flags(s, variant), *map(str, flags)]
             print(f"[{len(runs) + 1}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             err = train_run(cmd, out)
-            run = dict(script=name, variant=variant, baseline=s.baseline, out=out, cmd=cmd[1:], error=err)
+            run = dict(script=s.name, variant=variant, baseline=s.baseline, out=out, cmd=cmd[1:], error=err)
             runs.append({**run, **({} if err else summarize(core.read_log(out)))})
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs, lambda r: (r["script"], r["variant"]))
@@ -533,7 +532,7 @@ def compare(args, gpu):
 def plot_compare(runs, png, title):
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
-    colors = {n: pyplot.cm.tab10(i) for i, n in enumerate(SCRIPTS)}
+    colors = script_colors(runs)
     for r in runs:
         if r.get("curve"):
             tokens, times, loss = zip(*r["curve"])
@@ -670,28 +669,18 @@ def tokenizer_of(data):
     return tok, tok.encode("\n")[0] if prefix is None else prefix
 
 
-def script_of(path):
-    """Which script wrote a checkpoint: its run.json's command, else the config fields it holds."""
-    run = os.path.join(os.path.dirname(path), "run.json")
-    if os.path.exists(run):
-        name = os.path.splitext(os.path.basename(json.load(open(run))["argv"][0]))[0]
-        if name in SCRIPTS:
-            return name
-    keys = set(core.load_checkpoint(path).get("config", {}))
-    for name in SCRIPTS:
-        if keys == core.field_names(script(name).cfg_cls):
-            return name
-    raise core.ConfigError(f"cannot tell which script wrote {path}: pass --script NAME")
-
-
 def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16):
-    """A Scorer for a checkpoint of any script; the tokenizer is that of `data`, else of the model's dataset."""
-    s = script(script_name or script_of(path))
-    model = s.load(path, "cpu")
-    if model is None:
-        raise core.ConfigError(f"{path}: not a checkpoint {s.name}.py can read (pass --script NAME)")
+    """A Scorer for a checkpoint of any script (the one recorded in it, or --script); the tokenizer is that of
+    `data`, else of the model's own dataset."""
+    name = script_name or core.written_by(core.load_checkpoint(path), path)
+    if not name:
+        raise core.ConfigError(f"cannot tell which script wrote {path}: pass --script NAME")
+    s = script(name)
+    src, state, info = core.read_model(s, path)
+    model = core.load_state(s.build_model(core.config_from_dict(s.config, src)), state, path)
     device = core.resolve_device(argparse.Namespace(device=device))
-    return Scorer(model.to(device), *tokenizer_of(data or model.cfg.data), batch_size=batch_size)
+    return Scorer(model.to(device), *tokenizer_of(data or (info or {}).get("path") or src.get("data")),
+                  batch_size=batch_size)
 
 
 def read_mc(path):
@@ -772,12 +761,6 @@ def run_lm_eval(scorer, tasks, limit=0, **kw):
     return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit or None, **kw)
 
 
-def eval_tasks(cfg, tasks, model, limit=0):
-    """--eval-tasks of every script (core calls this); the tokenizer is that of --data, else the model's dataset."""
-    device = core.resolve_device(cfg)
-    return run_tasks(Scorer(model.to(device), *tokenizer_of(cfg.data or model.cfg.data), cfg.batch_size), tasks, limit)
-
-
 def run_tasks(scorer, tasks, limit=0):
     """Comma list of tasks: local .jsonl files with our scorer, the rest with lm-eval; prints one table."""
     rows, names = [], [t for t in tasks.split(",") if t]
@@ -818,13 +801,16 @@ def lm_eval_cli(argv):
 def build_parser():
     p = core._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--papers", default="", help="comma list of scripts (core, exoformer, ...; default: all; --compare: the papers)")
+    a("--papers", default="", help="comma list of scripts (core, exoformer, ..., or a path to your own .py; "
+                                   "default: every script found; --compare: the papers)")
     a("--variants", default="", help="all, main (baseline + main variant) or a comma list (default: all; --compare: "
                                      "main; --scaling: each paper's main variant, the core GPT as the baseline)")
     a("--preset", default="", help="preset for every script and/or script=preset entries, comma separated "
                                    "(default: the 124m class: 124m, cogformer=141m-gpt2, reflex=124m-8h; tiny on CPU)")
-    a("--seq", default="", help="sequence length(s) T, comma list (default: the preset's; --scaling 1024..8192)")
-    a("--batch", type=int, default=0, help="micro-batch size (default: the preset's tokens per step)")
+    a("--block-size", "--seq", dest="seq", default="", help="sequence length(s) T, comma list (default: the "
+                                                            "preset's; --scaling 1024..8192)")
+    a("--batch-size", "--batch", dest="batch", type=int, default=0, help="micro-batch size (default: the preset's "
+                                                                       "tokens per step)")
     a("--impl", default="auto", help="attention path(s), comma list, or all (every fast path and eager)")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--dtype", default="auto", help="auto (bfloat16 on GPU), float32 or bfloat16")
@@ -842,9 +828,10 @@ def build_parser():
     a("--max-iters", type=int, default=300, help="--compare / --ddp: optimizer steps per run")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
     a("--seed", type=int, default=1337, help="--compare: seed of every run")
-    a("--eval-tasks", default="", help="downstream eval of --ckpt: comma list of lm-eval tasks / .yaml / .jsonl files")
-    a("--ckpt", default="", help="--eval-tasks: checkpoint of any script")
-    a("--script", default="", help="--eval-tasks: the script that wrote --ckpt (default: detected)")
+    a("--eval-tasks", default="", help="downstream eval of --init-from: comma list of lm-eval tasks / .yaml / .jsonl "
+                                       "files")
+    a("--init-from", "--ckpt", dest="ckpt", default="", help="--eval-tasks: checkpoint of any script")
+    a("--script", default="", help="--eval-tasks: the script that wrote --init-from (default: the one it records)")
     a("--limit", type=int, default=0, help="--eval-tasks: at most N examples per task")
     return p
 
@@ -858,7 +845,7 @@ def main(argv=None):
         gpu = args.device != "cpu" and torch.cuda.is_available()
         if args.eval_tasks:
             if not args.ckpt:
-                raise core.ConfigError("--eval-tasks needs --ckpt (a checkpoint of any script)")
+                raise core.ConfigError("--eval-tasks needs --init-from (a checkpoint of any script)")
             run_tasks(load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16), args.eval_tasks,
                       args.limit)
             return 0

@@ -54,7 +54,8 @@ class CogConfig(core.Config):
                "tiny": {**core.Config.PRESETS["tiny"], "n_layer": 3},  # 3 layers: one cog layer in the middle
                "141m": {**BODY_141M, "vocab_size": 32000},  # the paper's model (Llama-2 vocabulary, 141.2M params)
                "141m-gpt2": BODY_141M}  # the same body with the dataset's (GPT-2) vocabulary, for our runs
-    VARIANTS = ("transformer", "cogformer")
+    VARIANTS = {"cogformer": "cog attention (signed weights) in every layer but the first and the last (the paper)",
+                "transformer": "softmax attention in every layer (the paper's baseline)"}
     ATTN_IMPLS = ("auto", "eager", "flex2x", "triton")
 
     def __post_init__(self):
@@ -336,7 +337,7 @@ def _(do, q, k, v, o, lse, doc):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, v, doc = inputs
     ctx.save_for_backward(q, k, v, *output, doc)
 
@@ -346,7 +347,7 @@ def _backward(ctx, do, dlse):
     return (*cog_attn_bwd(do, q, k, v, o, lse, doc), None)
 
 
-cog_attn_fwd.register_autograd(_backward, setup_context=_setup)
+cog_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cog_attention_triton(q, k, v, doc=None):
@@ -418,8 +419,11 @@ class CogGPT(core.GPT):
         return super().flops_per_token() + len(self.cog) * (per_layer - 12 * c.n_embd * c.block_size)
 
 
-def published_to_ours(ckpt):
-    """The paper's checkpoint dict (spec §6) -> (CogConfig, our state_dict)."""
+def published_to_ours(ckpt, path=None, given=None):
+    """The paper's checkpoint dict (vanilla_/cog_ckpt_100.00_Bi.pt) -> (CogConfig, our state_dict); None: another
+    format."""
+    if "model_cfg" not in ckpt or "model" not in ckpt:
+        return None
     mc, sd = ckpt["model_cfg"], ckpt["model"]
     if mc.get("attn_type") not in ("np", "vanilla"):
         raise core.ConfigError(f"unknown attn_type {mc.get('attn_type')!r} in the published checkpoint")
@@ -446,18 +450,8 @@ def published_to_ours(ckpt):
     return cfg, {k: v.float().contiguous() for k, v in out.items()}  # freqs_cis, shortcut_bar: dropped
 
 
-def load_model(path, device="cpu"):
-    """Our ckpt.pt or the paper's published checkpoint (vanilla_/cog_ckpt_100.00_Bi.pt) -> model in eval mode."""
-    ckpt = core.load_checkpoint(path)
-    if ckpt.get("format") == "attnlab":
-        cfg, state = core.config_from_dict(CogConfig, ckpt["config"]), core.strip_prefix(ckpt["model"])
-    elif "model_cfg" in ckpt and "model" in ckpt:
-        cfg, state = published_to_ours(ckpt)
-    else:
-        raise core.ConfigError(f"{path}: neither an attnlab checkpoint nor the paper's published format")
-    model = CogGPT(cfg)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+def build_model(cfg):
+    return CogGPT(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,10 +466,10 @@ PROBES = {"count_ones": ("How many ones are in the following sequences?", lambda
 PROBE_LENGTHS = (200, 400, 600, 800, 1000, 2000)
 
 
-def _setup(cfg):
+def model_and_tokenizer(cfg):
     """The model (--init-from or <out>/ckpt.pt), its device and the dataset's tokenizer."""
-    model = core.checked_load(load_model, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"))
-    tok = core.get_tokenizer(core.TokenData(cfg.data).meta.get("tokenizer", "gpt2"))
+    model = core.load_model(PAPER, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"))
+    tok = core.get_tokenizer(core.TokenData(cfg.data).tokenizer)
     if tok.n_vocab > model.cfg.vocab_size:
         raise core.ConfigError(f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than the {tok.name} "
                                "tokenizer's: published checkpoints need the Llama-2 tokenizer (not bundled)")
@@ -501,7 +495,7 @@ def _plt():
 @torch.no_grad()
 def attn_grid(cfg, args):
     """Signed weights of the last query for every layer and head (figs 9/10); text from --prompt."""
-    model, device, tok = _setup(cfg)
+    model, device, tok = model_and_tokenizer(cfg)
     text = ABSTRACT if args.prompt == "\n" else args.prompt
     idx = torch.tensor([tok.encode(text)[:model.cfg.block_size]], device=device)
     grid = {}
@@ -524,7 +518,7 @@ def attn_grid(cfg, args):
 def probe(cfg, args):
     """Fig 5: L∞ distance of the final-norm output at the last position between two prompts differing in one
     digit, averaged over head-sized chunks, normalised by the shortest n. Digits are encoded one by one."""
-    model, device, tok = _setup(cfg)
+    model, device, tok = model_and_tokenizer(cfg)
     digit = {d: tok.encode(d) for d in "01"}
     if any(len(ids) != 1 for ids in digit.values()):
         raise core.ConfigError(f"the {tok.name} tokenizer does not encode a digit as one token")
@@ -558,7 +552,7 @@ def probe(cfg, args):
 @torch.no_grad()
 def neg_mass(cfg, args):
     """Share of the attention mass Σ|W| on negative weights, per layer, over eval_iters val batches."""
-    model, device, _ = _setup(cfg)
+    model, device, _ = model_and_tokenizer(cfg)
     data = core.TokenData(cfg.data)
     T = min(cfg.block_size, model.cfg.block_size)
     mass = torch.zeros(model.cfg.n_layer)
@@ -649,8 +643,13 @@ ACTIONS = {"attn-grid": ("signed attention of the last query, every layer and he
            "kernel-bench": ("GPU: fwd+bwd time and memory of the cog kernels vs SDPA-flash softmax", kernel_bench)}
 
 
+PAPER = core.Paper("cogformer", CogConfig, build_model, baseline="transformer", doc=__doc__, actions=ACTIONS,
+                   convert=published_to_ours, formats="the paper's published checkpoints (cog_/vanilla_ckpt_*.pt)",
+                   size_preset="141m-gpt2")
+
+
 def main(argv=None):
-    return core.main(argv, CogConfig, CogGPT, load_model, ACTIONS, doc=__doc__)
+    return core.main(PAPER, argv)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Config (a dataclass whose fields generate the CLI), the GPT model in two families (GPT-2: LayerNorm, GELU, learned
 positions, tied head; Llama: RMSNorm, SwiGLU, RoPE, untied head), the Attention base class (project -> attend ->
 output projection) with an eager reference and fast paths (SDPA, FlexAttention, flash-attn), the data loader, the
-train loop (bf16, torch.compile, DDP, grad accumulation, atomic checkpoints, bit-exact resume), eval, sampling,
-MFU accounting, plots and the command line shared by all scripts.
+train loop (bf16, torch.compile, DDP, grad accumulation, atomic checksummed checkpoints, bit-exact resume), eval,
+sampling, MFU accounting, loss plots and the command line shared by all scripts.
+
+A script plugs in by exporting one `Paper` record (see `Paper`); core imports no script.
 
     python core.py --train --preset tiny --device cpu --max-iters 50      # baseline GPT on the embedded dataset
     torchrun --nproc_per_node=2 core.py --train --preset 124m --data data/docs
@@ -12,11 +14,14 @@ MFU accounting, plots and the command line shared by all scripts.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
+import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,17 +44,17 @@ except ImportError:
     triton = tl = None
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TEXT = os.path.join(HERE, "assets", "python_tutorial.txt")  # embedded default dataset (PSF licence)
+DEFAULT_DATA = os.path.join(HERE, "assets", "tutorial")  # embedded dataset: the Python tutorial as bytes (PSF licence)
 
 
 class ConfigError(ValueError):
     """A user mistake: reported as one line and a non-zero exit, never a traceback."""
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, run=False):
+    """A config field; run=True: it describes the run (data, optimisation, paths), not the model's weights."""
+    return field(default=default, metadata={"help": help, "run": run})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,52 +71,46 @@ class Config:
     vocab_size: int = opt(0, "vocabulary size (0: from the dataset's meta.json, padded to a multiple of 64)")
     mlp_hidden: int = opt(0, "MLP hidden width (0: 4C for gpt2, 8C/3 rounded up to 64 for llama)")
     bias: bool = opt(False, "biases in Linear and LayerNorm (gpt2 family only)")
-    dropout: float = opt(0.0, "dropout probability")
     norm_eps: float = opt(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = opt(10000.0, "RoPE base (llama family)")
-    attn_impl: str = opt("auto", "attention path: auto (fastest available), eager (reference), sdpa, flex, flash")
-    variant: str = opt("", "model variant (paper scripts; see --help of the script)")
-    # data and run
-    data: str = opt("", "dataset directory made by prepare.py ('' = the embedded Python tutorial, bytes)")
-    out: str = opt("runs/default", "output directory: ckpt.pt, log.jsonl, run.json, plots")
-    device: str = opt("auto", "auto, cpu or cuda")
-    dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
-    compile: bool = opt(True, "torch.compile the model (GPU only)")
-    seed: int = opt(1337, "seed for init, data order and dropout")
-    # optimisation
-    batch_size: int = opt(16, "micro-batch size per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
-    max_iters: int = opt(5000, "optimizer steps")
-    lr: float = opt(6e-4, "peak learning rate")
-    min_lr: float = opt(6e-5, "final learning rate")
-    warmup_iters: int = opt(200, "linear warm-up steps")
-    lr_decay_iters: int = opt(0, "steps of the decay (0: max_iters); training may stop before the end")
-    schedule: str = opt("cosine", "cosine (warm-up then cosine) or wsd (warm-up, constant, linear cool-down)")
-    cooldown_frac: float = opt(0.2, "wsd: fraction of lr_decay_iters spent cooling down")
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices and embeddings only)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip gradients to this global norm (0: off)")
-    # eval and logging
-    eval_interval: int = opt(250, "evaluate and checkpoint every N steps")
-    eval_iters: int = opt(20, "val batches per evaluation")
-    eval_tokens: int = opt(0, "--eval: val tokens to score (0: the whole split)")
-    log_interval: int = opt(10, "print and log every N steps")
-    resume: bool = opt(False, "continue from <out>/ckpt.pt")
-    init_from: str = opt("", "start from a checkpoint (ours or the paper's published format)")
-    wandb: bool = opt(False, "log to Weights & Biases (if installed)")
+    variant: str = opt("", "model variant (paper scripts: see 'variants' below)")
+    # run
+    attn_impl: str = opt("auto", "attention path: auto (fastest available), eager (reference), sdpa, flex, flash", True)
+    dropout: float = opt(0.0, "dropout probability", True)
+    data: str = opt("", "dataset directory made by prepare.py ('' = the checkpoint's, else the embedded Python "
+                        "tutorial, bytes)", True)
+    out: str = opt("", "output directory: ckpt.pt, log.jsonl, run.json, plots ('' = runs/<script>/<variant>)", True)
+    device: str = opt("auto", "auto, cpu or cuda", True)
+    dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16", True)
+    compile: bool = opt(True, "torch.compile the model (GPU only)", True)
+    seed: int = opt(1337, "seed for init, data order and dropout", True)
+    batch_size: int = opt(16, "micro-batch size per process", True)
+    grad_accum: int = opt(1, "micro-batches per optimizer step (per process)", True)
+    max_iters: int = opt(5000, "optimizer steps", True)
+    lr: float = opt(6e-4, "peak learning rate", True)
+    min_lr: float = opt(6e-5, "final learning rate", True)
+    warmup_iters: int = opt(200, "linear warm-up steps", True)
+    lr_decay_iters: int = opt(0, "steps of the decay (0: max_iters); training may stop before the end", True)
+    schedule: str = opt("cosine", "cosine (warm-up then cosine) or wsd (warm-up, constant, linear cool-down)", True)
+    cooldown_frac: float = opt(0.2, "wsd: fraction of lr_decay_iters spent cooling down", True)
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices and embeddings only)", True)
+    beta1: float = opt(0.9, "AdamW beta1", True)
+    beta2: float = opt(0.95, "AdamW beta2", True)
+    grad_clip: float = opt(1.0, "clip gradients to this global norm (0: off)", True)
+    eval_interval: int = opt(250, "evaluate and checkpoint every N steps", True)
+    eval_iters: int = opt(20, "val batches per evaluation", True)
+    eval_tokens: int = opt(0, "--eval: val tokens to score (0: the whole split)", True)
+    log_interval: int = opt(10, "print and log every N steps", True)
+    resume: bool = opt(False, "continue the run in --out from its ckpt.pt", True)
+    init_from: str = opt("", "start from a checkpoint (ours or the paper's published format)", True)
+    wandb: bool = opt(False, "log to Weights & Biases (if installed)", True)
 
     PRESETS = {
         "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=8, max_iters=100, lr=1e-3,
                      min_lr=1e-4, warmup_iters=10, eval_interval=50, eval_iters=4, log_interval=10),
         "124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16),
     }
-    VARIANTS = ()
-    # fields that describe a run, not a model: --init-from keeps the checkpoint's model fields, not these
-    RUN_FIELDS = ("data", "out", "device", "dtype", "compile", "seed", "batch_size", "grad_accum", "max_iters", "lr",
-                  "min_lr", "warmup_iters", "lr_decay_iters", "schedule", "cooldown_frac", "weight_decay", "beta1",
-                  "beta2", "grad_clip", "eval_interval", "eval_iters", "eval_tokens", "log_interval", "resume",
-                  "init_from", "wandb")
+    VARIANTS = {}  # {name: one line}; the first is the default (a paper's own method)
     ATTN_IMPLS = ("auto", "eager", "sdpa", "flex", "flash")
 
     def __post_init__(self):
@@ -122,16 +121,14 @@ class Config:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
                      "eval_iters", "log_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
-        check(self.max_iters >= 0, "--max-iters must be >= 0")
-        check(self.n_embd % self.n_head == 0,
-              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check(self.max_iters >= 0 and self.vocab_size >= 0, "--max-iters and --vocab-size must be >= 0")
+        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check(self.family == "gpt2" or (self.n_embd // self.n_head) % 2 == 0, "RoPE needs an even head dim")
         check(self.attn_impl in self.ATTN_IMPLS,
               f"--attn-impl must be one of {', '.join(self.ATTN_IMPLS)}, not {self.attn_impl!r}")
-        if self.VARIANTS:
-            self.variant = self.variant or self.VARIANTS[0]
-            check(self.variant in self.VARIANTS,
-                  f"--variant must be one of {', '.join(self.VARIANTS)}, not {self.variant!r}")
+        self.variant = self.variant or next(iter(self.VARIANTS), "")
+        check(self.variant in self.VARIANTS or self.variant == "" == "".join(self.VARIANTS),
+              f"--variant must be one of {', '.join(self.VARIANTS) or 'nothing here'}, not {self.variant!r}")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"--device must be auto, cpu or cuda, not {self.device!r}")
         check(self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")
@@ -152,8 +149,40 @@ class Config:
         return 4 * self.n_embd if self.family == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
-def field_names(cfg_cls):
-    return {f.name for f in dataclasses.fields(cfg_cls)}
+def field_names(cfg_cls, run=None):
+    """Config field names; run=True / False: only the run / only the model fields."""
+    return {f.name for f in dataclasses.fields(cfg_cls) if run is None or f.metadata.get("run", False) == run}
+
+
+@dataclass(frozen=True)
+class Paper:
+    """What a script exports as `PAPER`: core.main, bench.py and the tests read a script only through this.
+
+    Variants live in config.VARIANTS ({name: one line}, the paper's own method first: the default); build_model maps
+    a config (its variant included) to a model; load_model below reads our checkpoints of this script and, through
+    `convert`, the paper's published formats."""
+    name: str                  # the script's file name without .py; every checkpoint records it
+    config: type               # a Config subclass: fields (the CLI), PRESETS, VARIANTS
+    build_model: object        # cfg -> model (a GPT)
+    baseline: str = ""         # the variant with plain attention: bench.py's "x baseline" and --compare's reference
+    doc: str = ""              # the script's docstring: --help
+    actions: dict = field(default_factory=dict)  # {name: (help, fn(cfg, args))}, beside train/eval/plot/sample/bench
+    flags: dict = field(default_factory=dict)    # action-only flags {"--name": argparse kwargs}: not saved in runs
+    convert: object = None     # (ckpt, path, given flags) -> (cfg, state_dict) of a published format, or None
+    formats: str = ""          # what convert reads, named in load_model's error
+    size_preset: str = "124m"  # the 124m-class preset: bench.py and a GPU's default run
+    bench_rows: dict = field(default_factory=dict)  # bench.py rows beside the variants {label: config overrides}
+
+    @property
+    def main(self):
+        return next(iter(self.config.VARIANTS), "")
+
+    @property
+    def variants(self):
+        return list(self.config.VARIANTS) or [""]
+
+    def default_out(self, cfg):
+        return os.path.join("runs", self.name, *([cfg.variant] if cfg.variant else []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,18 +245,18 @@ def build_block_mask(mask_mod, B, H, T, S, device):
     return create_block_mask(mask_mod, B, H, T, S, device=device)
 
 
+@functools.cache
+def compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
+
+
 def flex_attention(q, k, v, **kw):
     """FlexAttention, compiled: called eagerly, the uncompiled op would materialise the T x T scores."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return flex(q, k, v, **kw)
-    global _flex_compiled
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex, dynamic=False)
-    return _flex_compiled(q, k, v, **kw)
-
-
-_flex_compiled = None
+    return compiled_flex()(q, k, v, **kw)
 
 
 def doc_causal_mask_mod(ctx):
@@ -315,13 +344,9 @@ class Attention(nn.Module):
         return y.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
 
 
-_warned = set()
-
-
+@functools.cache  # once per message and process
 def warn_once(msg):
-    if msg not in _warned:
-        _warned.add(msg)
-        print(f"warning: {msg}", file=sys.stderr)
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 # Shared plumbing of the papers' FlashAttention-2-style Triton kernels (cogformer, sparse_byte). Each kernel runs as
@@ -507,9 +532,10 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer and data
+# Tokenizer and data (prepare.py writes what TokenData reads)
 
 R50K_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER = 20240520, 1, 256  # llm.c: 256 int32 (magic, version, count), uint16 ids
 
 
 @dataclass
@@ -548,19 +574,18 @@ def get_tokenizer(name, path=None):
     return Tokenizer("gpt2", enc.encode_ordinary, enc.decode, enc.eot_token, enc.n_vocab)
 
 
-SHARD_MAGIC, SHARD_HEADER = 20240520, 256  # llm.c shard: 256 int32 header (magic, version, count), uint16 tokens
-
-
 def read_tokens(path, dtype):
     """Memory-map one token file: llm.c shard (detected by its magic) or plain .bin of `dtype`."""
-    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER) if os.path.getsize(path) >= 1024 else None
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER) if size >= 4 * SHARD_HEADER else None
     if header is not None and header[0] == SHARD_MAGIC:
-        if header[1] != 1:
+        if header[1] != SHARD_VERSION:
             raise ConfigError(f"{path}: unsupported shard version {header[1]}")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER * 4)
-        if len(tokens) != header[2]:
-            raise ConfigError(f"{path}: header says {header[2]} tokens, file holds {len(tokens)} (truncated?)")
-        return tokens
+        if size != 4 * SHARD_HEADER + 2 * int(header[2]):
+            raise ConfigError(f"{path}: header says {header[2]} tokens, the file holds {(size - 1024) // 2} (truncated?)")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER)
+    if size == 0 or size % dtype.itemsize:
+        raise ConfigError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (empty or truncated?)")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -575,8 +600,11 @@ class TokenData:
         if not os.path.isdir(path):
             raise ConfigError(f"dataset directory not found: {path} (make it with prepare.py)")
         meta_path = os.path.join(path, "meta.json")
-        self.meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-        dtype = np.dtype(self.meta.get("dtype", "uint16"))
+        try:
+            self.meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+            dtype = np.dtype(self.meta.get("dtype", "uint16"))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{meta_path}: not a valid dataset description ({e})") from None
         self.splits = {}
         for split in ("train", "val", "test"):
             files = sorted(set(glob.glob(os.path.join(path, f"{split}.bin")) +
@@ -586,19 +614,29 @@ class TokenData:
         if "train" not in self.splits or "val" not in self.splits:
             raise ConfigError(f"{path} needs train and val token files (train.bin/val.bin or *_train_/*_val_ shards)")
         self.vocab_size = self.meta.get("vocab_size") or 50257
+        self.tokenizer = self.meta.get("tokenizer", "gpt2")
         self.path = path
+
+    def info(self):
+        """What a checkpoint records of its dataset: loading it elsewhere refuses another tokenizer."""
+        return dict(path=os.path.abspath(self.path), tokenizer=self.tokenizer, vocab_size=self.vocab_size)
 
     def tokens(self, split):
         return sum(len(s) for s in self.splits[split])
 
+    def require(self, T, splits=("train", "val")):
+        for split in splits:
+            if max(len(s) for s in self.splits[split]) < T + 1:
+                raise ConfigError(f"the {split} split of {self.path} ({self.tokens(split):,} tokens) is shorter than "
+                                  f"one window of block_size + 1 = {T + 1} tokens: lower --block-size")
+
     def batch(self, split, B, T, seed, step, index=0, device="cpu"):
+        self.require(T, [split])
         shards = self.splits[split]
-        room = np.array([max(len(s) - T - 1, 0) for s in shards], dtype=np.float64)
-        if room.sum() == 0:
-            raise ConfigError(f"the {split} split of {self.path} is shorter than block_size + 1 = {T + 1} tokens")
+        room = np.array([max(len(s) - T, 0) for s in shards], dtype=np.float64)  # window starts per shard
         rng = np.random.default_rng([seed, ("train", "val", "test").index(split), step, index])
-        which = rng.choice(len(shards), size=B, p=room / room.sum())
-        starts = [rng.integers(0, room[i] + 1) for i in which]
+        which = rng.choice(len(room), size=B, p=room / room.sum())
+        starts = [rng.integers(0, room[i]) for i in which]
         xy = torch.from_numpy(np.stack([shards[i][s:s + T + 1].astype(np.int64) for i, s in zip(which, starts)]))
         xy = xy.to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]
@@ -614,17 +652,8 @@ class TokenData:
                 seen += T
 
 
-def default_dataset():
-    """The embedded Python tutorial as bytes: a fresh clone trains with no download."""
-    out = os.path.join(HERE, "data", "tutorial")
-    if not os.path.exists(os.path.join(out, "meta.json")):
-        import prepare
-        prepare.prepare_text([DEFAULT_TEXT], out, tokenizer="bytes")
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Devices, MFU, checkpoints
+# Devices, MFU, memory, checkpoints
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -653,28 +682,79 @@ def autocast(device, cfg):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def check_memory(cfg, model, device):
+    """Refuse before the first step a config far beyond the device's memory (the OS would kill it, or it would hang):
+    16 bytes per parameter (fp32 weight, gradient, two AdamW moments), activations of about 34 bytes per token, layer
+    and channel at 16 bits (Korthikanti et al. 2022), the logits, and the eager path's T x T probabilities. A rough
+    estimate, so only a config over 1.5x the device's memory is refused."""
+    width = 2 if device.type == "cuda" and cfg.dtype != "float32" else 4  # bytes per activation
+    B, T, L = cfg.batch_size, cfg.block_size, cfg.n_layer
+    eager = any(m.impl(device) == "eager" for m in model.modules() if isinstance(m, Attention))
+    need = (16 * model.num_params(False) + B * T * (17 * width * L * cfg.n_embd + (width + 8) * cfg.vocab_size)
+            + eager * 12 * L * B * cfg.n_head * T * T)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > 1.5 * have:
+        raise ConfigError(f"this config needs about {need / 2**30:.0f} GiB and the {device.type} has "
+                          f"{have / 2**30:.0f} GiB: lower --batch-size or --block-size")
+
+
 @contextlib.contextmanager
 def atomic(path, mode="wb"):
-    """Write path.tmp and rename it to path only when the block completes: a crash never leaves a valid-looking file."""
+    """Write path.tmp and rename it over path only when the block completes: a crash or a full disk never leaves a
+    valid-looking file, removes the .tmp, and keeps the old file."""
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, mode) as f:
-        yield f
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def digest(obj, h=None):
+    """sha256 of a checkpoint's contents in a fixed order, tensors by their bytes: one flipped bit changes it."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            digest(v, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
 
 
 def save_checkpoint(path, obj):
-    """Atomic: a temporary file renamed over the old checkpoint."""
+    """Atomic, with a checksum of everything in it."""
+    obj["checksum"] = digest(obj)
     with atomic(path) as f:
         torch.save(obj, f)
 
 
 def load_checkpoint(path):
+    """The file's object, on the CPU. Missing, truncated, corrupt (checksum) or unreadable: one line."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # older pickles (e.g. numpy scalars in a published config) need the full unpickler
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # older pickles (e.g. numpy scalars in a published config) need the full unpickler
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConfigError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and "checksum" in ckpt:
+        if digest({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
+            raise ConfigError(f"{path}: checksum mismatch: the file is corrupt")
+    return ckpt
 
 
 def strip_prefix(state, prefix="_orig_mod."):
@@ -686,23 +766,55 @@ def config_from_dict(cfg_cls, d, **overrides):
     return cfg_cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
 
 
-def load_ours(path, cfg_cls, build_model, device="cpu"):
-    """Our checkpoint -> model in eval mode, or None when the file is in another format."""
+def written_by(ckpt, path):
+    """The script that wrote one of our checkpoints: recorded in it, or (older files) in the run.json beside it."""
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+        return ckpt.get("script") or os.path.splitext(os.path.basename(
+            json.load(open(os.path.join(os.path.dirname(path), "run.json")))["argv"][0]))[0]
+    return None
+
+
+def read_model(paper, path, given=None):
+    """A checkpoint for `paper` -> (its config dict, state_dict, its dataset or None). Ours must come from this
+    script; another format goes through paper.convert; anything else is one line naming what this script reads."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("format") != "attnlab":
-        return None
-    model = build_model(config_from_dict(cfg_cls, ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    if isinstance(ckpt, dict) and ckpt.get("format") == "attnlab":
+        script, variant = written_by(ckpt, path), ckpt["config"].get("variant", "")
+        if script and script != paper.name:
+            raise ConfigError(f"{path} was written by {script}.py: use python {script}.py")
+        if variant not in (paper.config.VARIANTS or {"": 0}):
+            raise ConfigError(f"{path} holds a {variant or 'core'!r} model, not one of {paper.name}.py's")
+        return ckpt["config"], strip_prefix(ckpt["model"]), ckpt.get("data")
+    got = paper.convert(ckpt, path, given or {}) if paper.convert and isinstance(ckpt, dict) else None
+    if got is None:
+        raise ConfigError(f"{path}: not a checkpoint {paper.name}.py reads (it reads attnlab checkpoints of "
+                          f"{paper.name}.py{', ' + paper.formats if paper.formats else ''})")
+    return asdict(got[0]), got[1], None
 
 
-def run_info(cfg, device):
+def load_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped keys: one line
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
+        raise ConfigError(f"{path}: its weights do not fit the model: {why}") from None
+    return model
+
+
+def load_model(paper, path, device="cpu", given=None):
+    """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it."""
+    src, state, _ = read_model(paper, path, given)
+    return load_state(paper.build_model(config_from_dict(paper.config, src)), state, path).to(device).eval()
+
+
+def run_info(cfg, device, paper=None, data=None):
     try:
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                              text=True).stdout.strip()
     except OSError:
         git = ""
-    return dict(argv=sys.argv, config=asdict(cfg), git=git, torch=torch.__version__, cuda=torch.version.cuda,
+    return dict(script=paper and paper.name, argv=sys.argv, config=asdict(cfg), data=data and data.info(), git=git,
+                torch=torch.__version__, cuda=torch.version.cuda,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
@@ -741,8 +853,27 @@ def estimate_loss(model, data, cfg, device, rank=0, world=1):
     return losses.item() / cfg.eval_iters
 
 
-def train(cfg, build_model, model=None):
-    """The loop: eval/checkpoint block, micro-steps, clip, step, log. model: start from these weights (--init-from)."""
+def prepare_out(cfg, model, overwrite):
+    """Before the first step: --out holds no other run, is writable, and has room for an atomic save."""
+    if os.path.exists(os.path.join(cfg.out, "ckpt.pt")) and not (cfg.resume or overwrite):
+        raise ConfigError(f"{cfg.out} already holds a run (ckpt.pt): --resume continues it, --overwrite starts over, "
+                          "or choose another --out")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        with atomic(os.path.join(cfg.out, ".write_check")):
+            pass
+        os.remove(os.path.join(cfg.out, ".write_check"))
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+    need, free = 2 * 12 * model.num_params(False), shutil.disk_usage(cfg.out).free  # weights + 2 moments, twice
+    if free < need:
+        raise ConfigError(f"--out {cfg.out} has {free / 2**20:,.0f} MiB free; saving this model's checkpoint "
+                          f"atomically needs about {need / 2**20:,.0f} MiB")
+
+
+def train(paper, cfg, model=None, ckpt=None, overwrite=False):
+    """The loop: eval/checkpoint block, micro-steps, clip, step, log. model: start from these weights (--init-from);
+    ckpt: the run's checkpoint (--resume)."""
     ddp = "RANK" in os.environ
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = resolve_device(cfg)
@@ -756,27 +887,32 @@ def train(cfg, build_model, model=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     data = TokenData(cfg.data)
+    data.require(cfg.block_size)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    model = (model or build_model(cfg)).to(device).train()
+    model = (model or paper.build_model(cfg)).to(device).train()
+    check_memory(cfg, model, device)
     optimizers = model.configure_optimizers(cfg, device.type)
-    start = 0
+    start, saved = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_state(model, strip_prefix(ckpt["model"]), ckpt_path)
         for o, s in zip(optimizers, ckpt["optimizers"]):
             o.load_state_dict(s)
-        start = ckpt["step"]
+        start = saved = ckpt["step"]
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     if master:
-        os.makedirs(cfg.out, exist_ok=True)
-        json.dump(run_info(cfg, device), open(os.path.join(cfg.out, "run.json"), "w"), indent=1)
+        prepare_out(cfg, model, overwrite)
+        json.dump(run_info(cfg, device, paper, data), open(os.path.join(cfg.out, "run.json"), "w"), indent=1)
         log_path = os.path.join(cfg.out, "log.jsonl")
         kept = [l for l in open(log_path)] if ckpt is not None and os.path.exists(log_path) else []
         kept = [l for l in kept if json.loads(l)["step"] <= start]  # drop what came after the checkpoint
         with open(log_path, "w") as f:
             f.writelines(kept)
-        n = model.num_params()
-        print(f"{cfg.variant or 'model'}: {n / 1e6:.2f}M parameters (compute), {data.tokens('train'):,} train "
-              f"tokens, {cfg.batch_size * cfg.grad_accum * world * cfg.block_size:,} tokens/step, on {device}")
+        impls = sorted({m.impl(device) for m in model.modules() if isinstance(m, Attention)})
+        epochs = (cfg.max_iters - start) * tokens_per_step / data.tokens("train")
+        print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {model.num_params() / 1e6:.2f}M parameters "
+              f"(compute), attention {'+'.join(impls)}, on {device}\ndata {data.path} ({data.tokenizer}, "
+              f"{data.tokens('train'):,} train tokens): {cfg.max_iters - start} steps x {tokens_per_step:,} tokens "
+              f"= {epochs:.3g} epochs" + (f"\nresumed from step {start} of {cfg.out}" if ckpt else ""), flush=True)
     wandb_run = None
     if cfg.wandb and master:
         try:
@@ -790,7 +926,6 @@ def train(cfg, build_model, model=None):
     if ddp:
         fast = nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if device.type == "cuda" else None)
     peak = peak_flops(device)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
     for it in range(start, cfg.max_iters):
@@ -818,8 +953,9 @@ def train(cfg, build_model, model=None):
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         loss_val, norm_val = loss_sum.item() / (step - it_last), norm.item()
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            msg = f"training diverged: loss {loss_val} / grad norm {norm_val} before step {step}; stopped, the last good checkpoint ({ckpt_path}) is kept"
-            raise ConfigError(msg)
+            kept = f"the last good checkpoint ({ckpt_path}, step {saved}) is kept" if saved else "no checkpoint written"
+            raise ConfigError(f"training diverged: loss {loss_val} / grad norm {norm_val} before step {step}; stopped, "
+                              + kept)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.time() - t_last) / (step - it_last)
@@ -833,16 +969,23 @@ def train(cfg, build_model, model=None):
         if master:
             mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
             val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
-            print(f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
-                  f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}", flush=True)
+            line = (f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
+                    f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if wandb_run:
                 wandb_run.log(rec, step=step)
             if evaluate_now:
-                save_checkpoint(ckpt_path, dict(format="attnlab", config=asdict(cfg), model=model.state_dict(),
-                                                optimizers=[o.state_dict() for o in optimizers], step=step,
-                                                val_loss=val_loss))
+                try:
+                    save_checkpoint(ckpt_path, dict(format="attnlab", script=paper.name, variant=cfg.variant,
+                                                    config=asdict(cfg), data=data.info(), model=model.state_dict(),
+                                                    optimizers=[o.state_dict() for o in optimizers], step=step,
+                                                    val_loss=val_loss))
+                except OSError as e:
+                    kept = f"the last good one (step {saved}) is kept" if saved else "none was written before"
+                    raise ConfigError(f"could not save {ckpt_path} ({e.strerror or e}); {kept}") from None
+                saved, line = step, line + f" | saved {ckpt_path}"
+            print(line, flush=True)
         loss_sum.zero_()
         t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
     if ddp:  # leave together: a rank tearing down while rank 0 still writes its checkpoint hung gloo
@@ -852,7 +995,7 @@ def train(cfg, build_model, model=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Eval, sampling, benchmark, plots
+# Eval, sampling, speed, loss plots
 
 @torch.no_grad()
 def evaluate(model, data, cfg, device, split="val"):
@@ -869,7 +1012,7 @@ def evaluate(model, data, cfg, device, split="val"):
     loss = total / count
     res = dict(split=split, tokens=count, loss=loss, ppl=math.exp(min(loss, 50)), bits_per_token=loss / math.log(2))
     info = data.meta.get("splits", {}).get(split, {})
-    if data.meta.get("tokenizer") == "bytes":
+    if data.tokenizer == "bytes":
         res["bpb"] = res["bits_per_token"]
     elif info.get("bytes") and info.get("tokens"):  # bits per byte of the scored text
         res["bpb"] = res["bits_per_token"] * info["tokens"] / info["bytes"]
@@ -882,6 +1025,7 @@ def bench(cfg, build_model, steps=20, warmup=5):
     torch._dynamo.reset()  # a fresh compile cache: earlier models in this process must not eat the recompile limits
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    check_memory(cfg, model, device)
     fast = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     optimizers = model.configure_optimizers(cfg, device.type)
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
@@ -917,21 +1061,6 @@ def bench_line(r):
     return f"{r['ms']:.1f} ms/step, {r['tok_s'] / 1e3:.1f}k tok/s, MFU {mfu}, peak {mem}"
 
 
-def bench_variants(runs, build_model, out):
-    """core.bench of several configs ({label: cfg}, the first is the baseline), each freshly compiled, in one
-    process; prints x baseline and writes <out>/compare.json."""
-    rows = {}
-    for label, cfg in runs.items():
-        r = rows[label] = bench(cfg, build_model)
-        r["x_baseline"] = r["tok_s"] / next(iter(rows.values()))["tok_s"]
-        print(f"{label:>18}: {bench_line(r)}, {r['params_m']:.2f}M params, {r['x_baseline']:.3f}x baseline", flush=True)
-    os.makedirs(out, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    json.dump(dict(device=device, torch=torch.__version__, results=rows), open(os.path.join(out, "compare.json"), "w"),
-              indent=1)
-    return rows
-
-
 def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path):
@@ -939,13 +1068,28 @@ def read_log(path):
     return [json.loads(l) for l in open(path) if l.strip()]
 
 
-def plot_runs(runs, out_png, title="", x="step"):
-    """Train and val loss of several runs ({label: run dir}) side by side, from their log.jsonl."""
+def run_label(path):
+    """'dir (script/variant)' and the run's tokenizer, from its run.json (older runs: the directory name only)."""
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+        run = json.load(open(os.path.join(path, "run.json")))
+        name = "/".join(filter(None, (run.get("script"), run["config"].get("variant"))))
+        return f"{os.path.basename(os.path.normpath(path))} ({name})", (run.get("data") or {}).get("tokenizer")
+    return os.path.basename(os.path.normpath(path)), None
+
+
+def plot_runs(paths, out_png, title="", x="step"):
+    """Train and val loss of several run directories side by side, from their log.jsonl. Losses per token of
+    different tokenizers are not comparable: such a mix is refused."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = {p: run_label(p) for p in paths}
+    toks = {tok for _, tok in runs.values() if tok}
+    if len(toks) > 1:
+        raise ConfigError("these runs use different tokenizers (" + ", ".join(f"{label}: {tok}" for label, tok in
+                          runs.values()) + "): their losses are not comparable")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, path in runs.items():
+    for path, (label, _) in runs.items():
         log = read_log(path)
         for ax, key in zip(axes, ("loss", "val_loss")):
             pts = [(r[x], r[key]) for r in log if r.get(key) is not None]
@@ -953,9 +1097,9 @@ def plot_runs(runs, out_png, title="", x="step"):
                 ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, ms=3)
     for ax, name in zip(axes, ("train loss", "val loss")):
         ax.set_xlabel({"step": "step", "tokens": "tokens", "time": "wall time (s)"}.get(x, x))
-        ax.set_ylabel(name)
+        ax.set_ylabel(name + (f" (nats per {toks.pop() if toks else 'token'})" if name == "train loss" else ""))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
@@ -973,74 +1117,110 @@ class _Parser(argparse.ArgumentParser):
 
 
 STANDARD_ACTIONS = {
-    "train": "train a model (from scratch, --resume, or --init-from)",
-    "eval": "score the whole val (and test) split of --data with --init-from or <out>/ckpt.pt",
+    "train": "train a model (from scratch, --resume, or --init-from); the action when none is given",
+    "eval": "score the whole val (and test) split with --init-from or <out>/ckpt.pt",
     "plot": "plot loss curves of --out (and --runs) to <out>/loss.png",
     "sample": "generate text from --init-from or <out>/ckpt.pt",
     "bench": "time training steps on random tokens (ms/step, tokens/s, MFU, memory)",
-    "eval-tasks": "downstream eval of --init-from or <out>/ckpt.pt: comma list of lm-eval tasks or local .jsonl "
-                  "multiple-choice files (bench.py)",
 }
 
 
-def build_parser(cfg_cls, actions, doc):
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(paper):
+    cfg_cls = paper.config
+    variants = "".join(f"\n  {k:<20} {v}" for k, v in cfg_cls.VARIANTS.items())
+    p = _Parser(description=paper.doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"variants (--variant; the first is the default):{variants}" if variants else None)
     g = p.add_argument_group("actions")
-    for name, help in {**STANDARD_ACTIONS, **{k: v[0] for k, v in actions.items()}}.items():
-        kind = dict(metavar="TASKS") if name == "eval-tasks" else dict(action="store_true")
-        g.add_argument(f"--{name}", help=help, **kind)
-    g.add_argument("--preset", choices=sorted(cfg_cls.PRESETS), help="named config, applied before other flags")
-    g.add_argument("--runs", nargs="*", default=[], help="more run directories: --plot compares their loss curves; a paper's action may read them too")
+    for name, help in {**STANDARD_ACTIONS, **{k: v[0] for k, v in paper.actions.items()}}.items():
+        g.add_argument(f"--{name}", action="store_true", help=help)
+    g.add_argument("--preset", choices=sorted(cfg_cls.PRESETS), help="named config, applied before other flags "
+                   f"(with neither --preset nor --data: tiny on CPU, {paper.size_preset} on a GPU)")
+    g.add_argument("--overwrite", action="store_true", help="--train into an --out that holds a run: start over")
+    g.add_argument("--runs", nargs="*", default=[], help="more run directories: --plot compares their loss curves; "
+                                                         "a paper's action may read them too")
     g.add_argument("--prompt", default="\n", help="--sample: prompt text")
     g.add_argument("--max-new-tokens", type=int, default=200, help="--sample: tokens to generate")
     g.add_argument("--temperature", type=float, default=0.8, help="--sample: temperature")
     g.add_argument("--top-k", type=int, default=200, help="--sample: top-k")
+    for flag, kw in paper.flags.items():
+        g.add_argument(flag, **kw)
     c = p.add_argument_group("config")
-    defaults = cfg_cls.__dataclass_fields__
     for f in dataclasses.fields(cfg_cls):
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
         if f.type in (bool, "bool"):
-            c.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, **kw)
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            c.add_argument(f"--{f.name.replace('_', '-')}", type=type(defaults[f.name].default), **kw)
+            kw["type"] = type(f.default)
+        if f.name == "variant" and cfg_cls.VARIANTS:
+            kw.update(choices=list(cfg_cls.VARIANTS), help=f"the model (default: {paper.main}; see below)")
+        c.add_argument(f"--{f.name.replace('_', '-')}", **kw)
     return p
 
 
-def make_config(cfg_cls, args, base=None):
-    """defaults <- preset <- base (a checkpoint's config) <- flags given on the command line."""
-    names = field_names(cfg_cls)
-    given = {k: v for k, v in vars(args).items() if k in names}
-    merged = dict(cfg_cls.PRESETS.get(args.preset) or {})
-    merged.update({k: v for k, v in (base or {}).items() if k in names})
-    merged.update(given)
-    return cfg_cls(**merged)
+def configure(paper, args, chosen):
+    """defaults <- preset <- the checkpoint's config (--resume: the run's; --init-from, --eval, --sample: its model)
+    <- flags given now. -> (cfg, model or None, the checkpoint's config or None). A flag that contradicts the
+    checkpoint's model, or a dataset of another tokenizer, is refused here, before any work."""
+    given = {k: v for k, v in vars(args).items() if k in field_names(paper.config)}
+    preset = args.preset
+    if not preset and not given.get("data") and chosen == ["train"] and not given.get("resume") \
+            and not given.get("init_from"):  # a bare run: what suits the machine
+        preset = paper.size_preset if resolve_device(paper.config(**given)).type == "cuda" else "tiny"
+    cfg = paper.config(**{**paper.config.PRESETS.get(preset, {}), **given})
+    cfg.out = cfg.out or paper.default_out(cfg)
+    src = info = model = None
+    if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):
+        path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume or not cfg.init_from else cfg.init_from
+        src, state, info = read_model(paper, path, given)
+        mine = config_from_dict(paper.config, src)  # as saved, normalised
+        wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
+            paper.config, run=False)})
+        for k in sorted(field_names(paper.config, run=False)):
+            shorter = k == "block_size" and wanted.block_size < mine.block_size and not cfg.resume  # eval windows
+            if getattr(wanted, k) != getattr(mine, k) and not shorter:
+                raise ConfigError(f"--{k.replace('_', '-')} {getattr(wanted, k)} contradicts {path} ({k} "
+                                  f"{getattr(mine, k)}): the model's settings come from its checkpoint")
+        base = src if cfg.resume else {**paper.config.PRESETS.get(preset, {}), **{
+            k: getattr(mine, k) for k in field_names(paper.config, run=False)}}
+        cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})
+        recorded = (info or {}).get("path") or (src.get("data") if src.get("format") is None else "")
+        if cfg.resume and given.get("data") and recorded and os.path.abspath(given["data"]) != recorded:
+            raise ConfigError(f"--data {given['data']} is not the run's dataset ({recorded}): --resume continues "
+                              "the same run (--init-from starts a new one on other data)")
+        cfg.data = cfg.data or recorded or ""
+        if not cfg.data and set(chosen) - {"bench", "plot"}:
+            raise ConfigError(f"the dataset of {path} is not recorded in it: pass --data")
+        if cfg.data and not os.path.isdir(cfg.data):
+            raise ConfigError(f"{path} was trained on {cfg.data}, which is not here: pass --data (a dataset with "
+                              f"its tokenizer, {(info or {}).get('tokenizer', 'unknown')})")
+        if "train" in chosen and not cfg.resume or {"eval", "sample"} & set(chosen):
+            model_cfg = config_from_dict(paper.config, asdict(cfg), block_size=mine.block_size)
+            model = load_state(paper.build_model(model_cfg), state, path)
+    if set(chosen) - {"bench", "plot"}:
+        cfg.data = cfg.data or DEFAULT_DATA
+        data = TokenData(cfg.data)
+        if info and (info["tokenizer"], info["vocab_size"]) != (data.tokenizer, data.vocab_size):
+            raise ConfigError(f"{cfg.data} holds {data.tokenizer} tokens ({data.vocab_size}); the model was trained "
+                              f"on {info['tokenizer']} ({info['vocab_size']}): pass --data with its tokenizer")
+        cfg.vocab_size = cfg.vocab_size or 64 * math.ceil(data.vocab_size / 64)  # padded to a multiple of 64
+        if data.vocab_size > cfg.vocab_size:
+            raise ConfigError(f"{cfg.data} has {data.vocab_size} token ids, more than the model's vocabulary "
+                              f"({cfg.vocab_size})")
+    cfg.vocab_size = cfg.vocab_size or 50304  # a bench on random tokens: GPT-2's vocabulary, padded
+    return cfg, model, (src if cfg.resume else None)
 
 
-def main(argv=None, cfg_cls=Config, build_model=None, load_model=None, actions=None, doc=None):
-    """The CLI shared by every script. load_model(path, device) reads our and the paper's checkpoints;
-    actions: {name: (help, fn(cfg, args))} added to the standard ones."""
-    build_model = build_model or GPT
-    load_model = load_model or (lambda path, device="cpu": load_ours(path, cfg_cls, build_model, device))
-    actions = actions or {}
-    args = build_parser(cfg_cls, actions, doc or __doc__).parse_args(argv)
-    chosen = [a for a in (*STANDARD_ACTIONS, *actions) if getattr(args, a.replace("-", "_"))]
+def main(paper, argv=None):
+    """The command line of every script: its PAPER's config fields as flags, the standard and the paper's actions."""
     try:
-        if not chosen:
-            raise ConfigError(f"nothing to do: pass one of {', '.join('--' + a for a in (*STANDARD_ACTIONS, *actions))}")
-        base, model = None, None
-        if getattr(args, "resume", False):  # the run's own config; flags given now override it
-            base = load_checkpoint(os.path.join(make_config(cfg_cls, args).out, "ckpt.pt"))["config"]
-        elif getattr(args, "init_from", "") or args.eval or args.sample or args.eval_tasks:  # checkpoint's model
-            model = checked_load(load_model, getattr(args, "init_from", "") or
-                                 os.path.join(make_config(cfg_cls, args).out, "ckpt.pt"))
-            base = {k: v for k, v in asdict(model.cfg).items() if k not in cfg_cls.RUN_FIELDS}
-        cfg = make_config(cfg_cls, args, base)
-        if not cfg.data and set(chosen) & {"train", "eval", "sample"}:
-            cfg.data = default_dataset()
-        if not cfg.vocab_size:  # the dataset's, padded to a multiple of 64; GPT-2's for a bench on random tokens
-            cfg.vocab_size = 64 * math.ceil(TokenData(cfg.data).vocab_size / 64) if cfg.data else 50304
+        args = build_parser(paper).parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's one-line error
+        return e.code
+    chosen = [a for a in (*STANDARD_ACTIONS, *paper.actions) if getattr(args, a.replace("-", "_"))] or ["train"]
+    try:
+        cfg, model, _ = configure(paper, args, chosen)
         for a in chosen:
-            run_action(a, cfg, args, build_model, model, actions)
+            run_action(paper, a, cfg, args, model)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1050,41 +1230,34 @@ def main(argv=None, cfg_cls=Config, build_model=None, load_model=None, actions=N
     return 0
 
 
-def checked_load(load_model, path):
-    model = load_model(path, "cpu")
-    if model is None:
-        raise ConfigError(f"{path}: not a checkpoint this script can read")
-    return model
-
-
-def run_action(a, cfg, args, build_model, model, actions):
+def run_action(paper, a, cfg, args, model):
     device = resolve_device(cfg)
     if a == "train":
-        train(cfg, build_model, model)
+        ckpt = load_checkpoint(os.path.join(cfg.out, "ckpt.pt")) if cfg.resume else None
+        train(paper, cfg, model, ckpt, args.overwrite)
     elif a == "eval":
         data = TokenData(cfg.data)
         model.to(device)
-        print(f"{'split':<6} {'tokens':>12} {'loss':>8} {'ppl':>9} {'bits/tok':>9} {'bpb':>7}")
+        print(f"{paper.name}/{model.cfg.variant or 'gpt'} on {cfg.data}:\n"
+              f"{'split':<6} {'tokens':>12} {'loss':>8} {'ppl':>9} {'bits/tok':>9} {'bpb':>7}")
         for split in [s for s in ("val", "test") if s in data.splits]:
             r = evaluate(model, data, cfg, device, split)
             bpb = f"{r['bpb']:.4f}" if "bpb" in r else "n/a"
             print(f"{split:<6} {r['tokens']:>12,} {r['loss']:>8.4f} {r['ppl']:>9.2f} {r['bits_per_token']:>9.4f} {bpb:>7}")
     elif a == "plot":
-        runs = {os.path.basename(os.path.normpath(p)): p for p in [cfg.out, *args.runs]}
-        print(plot_runs(runs, os.path.join(cfg.out, "loss.png"), title=cfg.variant))
+        print(plot_runs([cfg.out, *args.runs], os.path.join(cfg.out, "loss.png"), title=f"{paper.name}: loss"))
     elif a == "sample":
-        tok = get_tokenizer(TokenData(cfg.data).meta.get("tokenizer", "gpt2"))
+        tok = get_tokenizer(TokenData(cfg.data).tokenizer)
         idx = torch.tensor([tok.encode(args.prompt)], device=device)
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
-    elif a == "eval-tasks":
-        import bench as bench_py  # lm-eval adapter and multiple-choice scorer
-        bench_py.eval_tasks(cfg, args.eval_tasks, model)
     elif a == "bench":
-        print(f"{cfg.variant or 'model'}: {bench_line(bench(cfg, build_model))}")
+        print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {bench_line(bench(cfg, paper.build_model))}")
     else:
-        actions[a][1](cfg, args)
+        paper.actions[a][1](cfg, args)
 
+
+PAPER = Paper("core", Config, GPT, doc=__doc__)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(PAPER))

@@ -47,11 +47,10 @@ refused.
     python exoformer.py --train --preset small --data data/docs --out runs/exo_dyn           # Dynamic E-ExoFormer
     python exoformer.py --train --preset small --data data/docs --variant resformer --out runs/exo_res
     python exoformer.py --plot --out runs/exo_dyn --runs runs/exo_res                        # val curves, one plot
-    python exoformer.py --compare --preset small --data data/docs     # tokens/s of every variant vs baseline
+    python bench.py --papers exoformer                              # tokens/s of every variant vs baseline
     python exoformer.py --eval --init-from 'ckpt_step:38146.pt' --data data/fineweb-edu10b   # published checkpoint
     python exoformer.py --analyze --init-from 'ckpt_step:38146.pt' --runs runs/exo_dyn --data data/docs --out runs/an
 """
-import dataclasses
 import json
 import os
 import sys
@@ -78,7 +77,17 @@ VARIANT_FLAGS = {
     "nuresformer": dict(gate="on", mix="qkvg", anchor="layer0", anchor_norm="qkvg", dynamic="off"),
     "exoformer": dict(gate="on", mix="qkvg", anchor="exo", anchor_norm="qkvg", dynamic="off"),
 }
-PAPER = dict(n_layer=29, n_head=16, n_embd=1024, block_size=2048, vocab_size=57601, batch_size=16, grad_accum=8,
+
+
+def describe(f):
+    """One --help line of a variant from its flags."""
+    mix = f"{f['mix']} mixed with {dict(layer0='layer 0', exo='exogenous')[f['anchor']]} anchors" if f["mix"] else "no mixing"
+    return ", ".join(filter(None, ("gated" if f["gate"] == "on" else "ungated", mix,
+                                   f"anchors normed {f['anchor_norm']}" if f["anchor_norm"] else "",
+                                   "per-token dynamic scales" if f["dynamic"] == "on" else "")))
+
+
+RECIPE = dict(n_layer=29, n_head=16, n_embd=1024, block_size=2048, vocab_size=57601, batch_size=16, grad_accum=8,
              max_iters=38147, eval_interval=100, eval_iters=10)  # train.py and analysis.py's fallback config
 
 
@@ -102,17 +111,16 @@ class ExoConfig(core.Config):
     residual_mode: str = opt("elementwise", "granularity of the mixing coefficients: scalar, headwise, elementwise")
     lambda_init: float = opt(0.5, "initial lam1 = lam2 (times 2 with --dynamic on, halved by sigmoid(0))")
     dynamic_hidden: int = opt(16, "hidden width of the dynamic mixing MLP")
-    z_loss: float = opt(1e-5, "weight of the z-loss mean(logsumexp(logits)^2), training only")
+    z_loss: float = opt(1e-5, "weight of the z-loss mean(logsumexp(logits)^2), training only", True)
     doc_sep: int = opt(50256, "document separator token: attention stays inside documents (-1: off)")
-    muon_lr: float = opt(0.01, "Muon peak learning rate (block matrices and anchor_proj)")
-    muon_wd: float = opt(0.1, "Muon (cautious) weight decay")
+    muon_lr: float = opt(0.01, "Muon peak learning rate (block matrices and anchor_proj)", True)
+    muon_wd: float = opt(0.1, "Muon (cautious) weight decay", True)
 
     PRESETS = {**core.Config.PRESETS,
                "small": dict(n_layer=4, n_head=12, n_embd=768, block_size=1024, batch_size=16, max_iters=600,
                              warmup_iters=50, eval_interval=100, eval_iters=20, log_interval=25),  # GPU comparisons
-               "paper": PAPER}
-    VARIANTS = tuple(VARIANT_FLAGS)
-    RUN_FIELDS = core.Config.RUN_FIELDS + ("z_loss", "muon_lr", "muon_wd")
+               "paper": RECIPE}
+    VARIANTS = {v: describe(f) for v, f in VARIANT_FLAGS.items()}
 
     def __post_init__(self):
         super().__post_init__()
@@ -399,10 +407,12 @@ RENAMES = (("transformer.layers.", "transformer.h."), (".attn_norm.", ".norm_1."
            (".attn.v_norm.", ".attn.v_res_norm."), (".attn.g_norm.", ".attn.g_res_norm."))
 
 
-def from_published(ckpt, path):
-    """(config, state_dict) of a train.py checkpoint. The model file is recognised from the keys (the model_args
+def from_published(ckpt, path, given=None):
+    """(config, state_dict) of a train.py checkpoint (compiled `_orig_mod.` keys too), None for another format. The model file is recognised from the keys (the model_args
     fields of model1-3 are identical): dynamic_mixing -> model4, anchor_proj -> model3/4 exogenous, attn.v_norm in
     every layer -> model2, *_res_norm -> model3/4 internal, else model1 (raw layer-0 anchors)."""
+    if "model_args" not in ckpt or "model" not in ckpt:
+        return None
     args, sd = ckpt["model_args"], core.strip_prefix(ckpt["model"])
     bad = [k for k, ok in UNSUPPORTED.items() if args.get(k, ok) != ok]
     if bad:
@@ -439,35 +449,6 @@ def from_published(ckpt, path):
         else:
             out[k] = v.float()
     return cfg, out
-
-
-def load_model(path, device="cpu"):
-    """Our checkpoint or a published `ckpt_step:*.pt` (compiled `_orig_mod.` keys too) -> model in eval mode."""
-    ckpt = core.load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        return None
-    if ckpt.get("format") == "attnlab":
-        cfg, state = core.config_from_dict(ExoConfig, ckpt["config"]), ckpt["model"]
-    elif "model_args" in ckpt and "model" in ckpt:
-        cfg, state = from_published(ckpt, path)
-    else:
-        return None
-    model = ExoGPT(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise core.ConfigError(f"{path}: keys do not match the model (missing {missing[:3]}, unexpected "
-                               f"{unexpected[:3]})")
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Eval: tokens/s of every variant against the baseline
-
-def compare(cfg, args):
-    """core.bench for each variant at this size, each freshly compiled; tokens/s, x baseline, MFU, memory."""
-    runs = {v: dataclasses.replace(cfg, variant=v, **VARIANT_FLAGS[v])
-            for v in ("baseline", *[v for v in VARIANT_FLAGS if v != "baseline"])}
-    return core.bench_variants(runs, ExoGPT, cfg.out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +523,7 @@ def analyze(cfg, args):
     idx = torch.stack(windows)[:, :-1].to(device)
     results = {}
     for path in paths:
-        model = core.checked_load(load_model, path).to(device)
+        model = core.load_model(PAPER, path, device)
         if int(idx.max()) >= model.cfg.vocab_size:
             raise core.ConfigError(f"{path}: --data has tokens beyond the model's vocabulary ({model.cfg.vocab_size})")
         name = os.path.basename(os.path.dirname(path)) if path.endswith("ckpt.pt") else os.path.basename(path)
@@ -595,12 +576,20 @@ def plot_analysis(results, png):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
+def build_model(cfg):
+    return ExoGPT(cfg)
+
+
+PAPER = core.Paper(
+    "exoformer", ExoConfig, build_model, baseline="baseline", doc=__doc__, convert=from_published,
+    formats="the paper's train.py checkpoints (ckpt_step:*.pt, any of the four model files)",
+    actions={"analyze": ("per-layer mixing coefficients, gate statistics, attention sink and representation measures "
+                         "of --init-from and --runs checkpoints on the val split (<out>/analysis.json, analysis.png)",
+                         analyze)})
+
+
 def main(argv=None):
-    return core.main(argv, ExoConfig, ExoGPT, load_model, doc=__doc__, actions={
-        "analyze": ("per-layer mixing coefficients, gate statistics, attention sink and representation measures of "
-                    "--init-from and --runs checkpoints on the val split (<out>/analysis.json, analysis.png)",
-                    analyze),
-        "compare": ("tokens/s of every variant against baseline at this size (<out>/compare.json)", compare)})
+    return core.main(PAPER, argv)
 
 
 if __name__ == "__main__":

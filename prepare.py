@@ -58,7 +58,6 @@ OPENWEBTEXT = dict(url="https://zenodo.org/record/3834942/files", file="openwebt
 FINEWEB = dict(url="https://huggingface.co/datasets/kjj0/finewebedu10B-gpt2/resolve/main", prefix="finewebedu",
                shards=99, shard_tokens=100_000_000, parquet_files=14,
                parquet_url="https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT")
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER = 20240520, 1, 256
 CHUNK_CHARS = 1 << 20   # text is tokenized in pieces of about this many characters, one per process task
 RETRIES, TIMEOUT = 5, 60
 FLAKY = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)   # worth a retry
@@ -277,8 +276,8 @@ def read_text(path):
             return f.read()
     except UnicodeDecodeError:
         raise PrepareError(f"{path} is not UTF-8 text") from None
-    except lzma.LZMAError as e:
-        raise PrepareError(f"{path}: corrupt xz file ({e})") from None
+    except (lzma.LZMAError, EOFError) as e:  # a truncated .xz ends in EOFError
+        raise PrepareError(f"{path}: corrupt or truncated xz file ({e or type(e).__name__})") from None
 
 
 def holdout(docs, frac):
@@ -317,8 +316,8 @@ def encode_docs(docs, tok, workers, dtype, label):
 
 
 def prepare_text(inputs, out, tokenizer="gpt2", val=(), workers=None):
-    """Tokenize local text files into out/train.bin, val.bin and meta.json: the `text` command (core also calls it
-    for the embedded default dataset)."""
+    """Tokenize local text files into out/train.bin, val.bin and meta.json: the `text` command (assets/tutorial, the
+    embedded dataset, was made by it with --tokenizer bytes)."""
     files, out = {"train": [Path(p) for p in inputs], "val": [Path(p) for p in val]}, Path(out)
     for p in files["train"] + files["val"]:
         if not p.is_file():
@@ -474,15 +473,15 @@ def cmd_openwebtext(args):
 
 def check_shard(path):
     """An llm.c shard: magic, version, and a size that matches the token count in its header."""
-    header = np.fromfile(path, np.int32, SHARD_HEADER)
-    if len(header) < SHARD_HEADER or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION \
-            or path.stat().st_size != 4 * SHARD_HEADER + 2 * int(header[2]):
+    header = np.fromfile(path, np.int32, core.SHARD_HEADER)
+    if len(header) < core.SHARD_HEADER or header[0] != core.SHARD_MAGIC or header[1] != core.SHARD_VERSION \
+            or path.stat().st_size != 4 * core.SHARD_HEADER + 2 * int(header[2]):
         raise PrepareError(f"{path.name.removesuffix('.part')}: not a whole llm.c shard (bad header or size)")
 
 
 def write_shard(out, index, ids):
-    header = np.zeros(SHARD_HEADER, np.int32)
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(ids)
+    header = np.zeros(core.SHARD_HEADER, np.int32)
+    header[:3] = core.SHARD_MAGIC, core.SHARD_VERSION, len(ids)
     with core.atomic(out / f"{FINEWEB['prefix']}_{'val' if index == 0 else 'train'}_{index:06d}.bin") as f:
         f.write(header.tobytes())
         f.write(ids.tobytes())

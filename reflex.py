@@ -42,16 +42,15 @@ Deviations from the original:
   - The core model has no residual dropout after c_proj (the original's resid_dropout); its experiments use dropout 0.
   - Training uses the core loop: its warm-up is (it+1)/(warmup+1) (nanoGPT: it/warmup), batches are a pure function
     of (seed, step) so every variant sees identical data, and MFU is against the detected GPU's peak (not the A100's).
-  - The repository publishes no weights, so only our checkpoints load.
+  - The repository publishes no weights; core.load_model reads our checkpoints.
 
 Usage:
     python reflex.py --train --preset tiny --device cpu --heads 5-2-1 --out runs/rx_521
     python reflex.py --train --preset e768-t1024 --data data/owt --heads all --out runs/rx_all
     python reflex.py --train --preset e512-t256 --data data/docs --variant baseline --out runs/rx_base
-    python reflex.py --compare --preset 124m-8h --data data/docs          # tokens/s of 5-2-1, 4-2-2, all vs baseline
+    python bench.py --papers reflex                # tokens/s of 5-2-1, 4-2-2, all vs baseline (124m-8h on a GPU)
     python reflex.py --charts --out runs/rx_base --runs runs/rx_521 runs/rx_all  # loss + speed figures
 """
-import dataclasses
 import os
 import re
 import statistics
@@ -78,7 +77,6 @@ class ReflexConfig(core.Config):
     norm_eps: float = core.opt(1e-6, "LayerNorm epsilon (the original: 1e-6)")
     heads: str = core.opt("5-2-1", "reflex head split: s-a-b (self, previous layer, the layer before; sums to "
                                    "n_head) or 'all' (layer i: n_head - i self heads + one per earlier layer)")
-    bench_splits: str = core.opt("5-2-1,4-2-2,all", "--compare: comma list of head splits timed against baseline")
 
     PRESETS = {
         **core.Config.PRESETS,
@@ -90,8 +88,8 @@ class ReflexConfig(core.Config):
         # 124M-class with the original's 8 heads and n_layer <= n_head, so 5-2-1, 4-2-2 and all are all valid
         "124m-8h": dict(n_layer=8, n_head=8, n_embd=896, block_size=1024, batch_size=16),
     }
-    VARIANTS = ("reflex", "baseline")
-    RUN_FIELDS = core.Config.RUN_FIELDS + ("bench_splits",)
+    VARIANTS = {"reflex": "heads split by --heads between this layer and the two before (the method)",
+                "baseline": "plain causal self-attention in every layer (the repository's 'original')"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -172,22 +170,6 @@ def build_model(cfg):
     return core.GPT(cfg, ATTENTION[cfg.variant])
 
 
-def load_model(path, device="cpu"):
-    """Our checkpoint -> model in eval mode (the repository publishes no weights)."""
-    return core.load_ours(path, ReflexConfig, build_model, device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Eval: speed of every head split against the baseline, in one process
-
-def compare(cfg, args):
-    """Time training steps of the baseline and each split of --bench-splits (core.bench, same shapes and batch)."""
-    splits = [h.strip() for h in cfg.bench_splits.split(",") if h.strip()]
-    runs = {"baseline": dataclasses.replace(cfg, variant="baseline"),
-            **{h: dataclasses.replace(cfg, variant="reflex", heads=h) for h in splits}}
-    return core.bench_variants(runs, build_model, cfg.out)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Plots: the original's charts (train/val loss of every run on one figure, MFU per run), from log.jsonl
 
@@ -203,7 +185,7 @@ def charts(cfg, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = {os.path.basename(os.path.normpath(p)): p for p in [cfg.out, *args.runs]}
-    print(core.plot_runs(runs, os.path.join(cfg.out, "loss.png"), title="reflex attention: train / val loss"))
+    print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: train / val loss"))
     speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = list(speed)
@@ -230,14 +212,15 @@ def charts(cfg, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+PAPER = core.Paper(
+    "reflex", ReflexConfig, build_model, baseline="baseline", doc=__doc__, size_preset="124m-8h",
+    bench_rows={f"reflex {h}": dict(variant="reflex", heads=h) for h in ("4-2-2", "all")},
+    actions={"charts": ("<out>/loss.png (train/val loss of --out and --runs) and <out>/speed.png (tokens/s, MFU per "
+                        "run)", charts)})
+
+
 def main(argv=None):
-    actions = {
-        "compare": ("time the baseline and every split of --bench-splits in one process (tokens/s, x baseline)",
-                    compare),
-        "charts": ("<out>/loss.png (train/val loss of --out and --runs) and <out>/speed.png (tokens/s, MFU per run)",
-                   charts),
-    }
-    return core.main(argv, ReflexConfig, build_model, load_model, actions=actions, doc=__doc__)
+    return core.main(PAPER, argv)
 
 
 if __name__ == "__main__":

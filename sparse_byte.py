@@ -70,21 +70,18 @@ from core import triton, tl  # optional: without Triton the eager and flex paths
 
 @dataclass
 class SparseByteConfig(core.Config):
-    seq_length: int = core.opt(0, "thesis --seq_length: sets block_size (0: keep --block-size)")
+    seq_length: int = core.opt(0, "thesis --seq_length: sets block_size (0: keep --block-size)", True)
     num_epochs: float = core.opt(0.0, "thesis --num_epochs: sets max_iters = epochs * (train tokens // "
-                                      "(batch_size * block_size)) // (grad_accum * processes) (0: keep --max-iters)")
+                                      "(batch_size * block_size)) // (grad_accum * processes) (0: keep --max-iters)", True)
     mask_subset: str = core.opt("0123", "sparse: thesis clusters kept (0 local-16, 3 local-32, 1 strided, 2 global)")
-    metric_seqs: int = core.opt(10, "--metrics: the first N non-overlapping val windows")
-    cluster_k_max: int = core.opt(8, "--cluster: k-means for k = 2 .. K")
-    cluster_k: int = core.opt(0, "--cluster: k of the scatter plot (0: best silhouette)")
 
     PRESETS = {**core.Config.PRESETS,
                "thesis": dict(vocab_size=256, n_layer=12, n_head=8, n_embd=512, mlp_hidden=2048, bias=True,
                               block_size=1024, dropout=0.05, batch_size=32, grad_accum=4, lr=1e-4, min_lr=1e-9,
                               warmup_iters=1000, weight_decay=0.1, beta2=0.999, grad_clip=1.0)}
-    VARIANTS = ("dense", "sparse")
+    VARIANTS = {"sparse": "the thesis's four static per-head patterns (local, wider local, strided, global)",
+                "dense": "full causal attention in every head (the thesis's baseline)"}
     ATTN_IMPLS = core.Config.ATTN_IMPLS + ("triton",)
-    RUN_FIELDS = core.Config.RUN_FIELDS + ("num_epochs", "metric_seqs", "cluster_k_max", "cluster_k")
 
     def __post_init__(self):
         if self.seq_length:  # the thesis's knobs are consumed: the saved config holds block_size / max_iters
@@ -97,10 +94,10 @@ class SparseByteConfig(core.Config):
             raise core.ConfigError("--attn-impl triton is the sparse variant's kernel (dense: auto, sdpa, flex, ...)")
         if not self.mask_subset or set(self.mask_subset) - set("0123"):
             raise core.ConfigError(f"--mask-subset takes cluster ids 0-3 (e.g. 0123 or 03), not {self.mask_subset!r}")
-        if self.num_epochs < 0 or self.metric_seqs < 1 or self.cluster_k_max < 2 or self.cluster_k < 0:
-            raise core.ConfigError("need --num-epochs >= 0, --metric-seqs >= 1, --cluster-k-max >= 2, --cluster-k >= 0")
+        if self.num_epochs < 0:
+            raise core.ConfigError("--num-epochs must be >= 0")
         if self.num_epochs:
-            n = core.TokenData(self.data or core.default_dataset()).tokens("train")
+            n = core.TokenData(self.data or core.DEFAULT_DATA).tokens("train")
             batches = (n - 1) // (self.batch_size * self.block_size)  # the thesis's create_batches
             world = int(os.environ.get("WORLD_SIZE", 1))  # DDP: each step reads grad_accum batches per process
             self.max_iters = max(1, int(self.num_epochs * batches) // (self.grad_accum * world))
@@ -558,8 +555,6 @@ def build_model(cfg):
     return SparseGPT(cfg, ATTENTION[cfg.variant])
 
 
-def load_model(path, device="cpu"):
-    return core.load_ours(path, SparseByteConfig, build_model, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -617,9 +612,11 @@ def read_metrics_csv(path):
 
 
 def metrics_action(cfg, args):
+    if args.metric_seqs < 1:
+        raise core.ConfigError("--metric-seqs must be >= 1")
     path = cfg.init_from or os.path.join(cfg.out, "ckpt.pt")
-    model = core.checked_load(load_model, path)
-    m, n = extract_metrics(model, core.TokenData(cfg.data), cfg.metric_seqs, cfg.batch_size, core.resolve_device(cfg))
+    model = core.load_model(PAPER, path)
+    m, n = extract_metrics(model, core.TokenData(cfg.data), args.metric_seqs, cfg.batch_size, core.resolve_device(cfg))
     os.makedirs(cfg.out, exist_ok=True)
     out = os.path.join(cfg.out, "head_metrics.csv")
     write_metrics_csv(out, m.numpy())
@@ -684,6 +681,8 @@ def run_variant(folder):
 
 
 def cluster_action(cfg, args):
+    if args.cluster_k_max < 2 or args.cluster_k < 0:
+        raise core.ConfigError("need --cluster-k-max >= 2 and --cluster-k >= 0")
     heads, rows, variants = [], [], []
     for src in args.runs or [cfg.out]:
         path = src if os.path.isfile(src) else os.path.join(src, "head_metrics.csv")
@@ -695,14 +694,14 @@ def cluster_action(cfg, args):
         variants += [run_variant(os.path.dirname(path) or ".")] * len(lh)
     raw = np.vstack(rows)
     X, variants = standardize(raw), np.array(variants)
-    ks = list(range(2, min(cfg.cluster_k_max, len(X) - 1) + 1))
+    ks = list(range(2, min(args.cluster_k_max, len(X) - 1) + 1))
     if not ks:
         raise core.ConfigError(f"{len(X)} heads are too few to cluster (need at least 3)")
     labels = {k: kmeans(X, k, cfg.seed)[0] for k in ks}
     sil = {k: silhouette_samples(X, labels[k]) for k in ks}
     scores = {k: float(sil[k].mean()) for k in ks}
     best = max(ks, key=scores.get)
-    shown = cfg.cluster_k or best
+    shown = args.cluster_k or best
     if shown not in labels:
         raise core.ConfigError(f"--cluster-k must be in 2..{ks[-1]}")
     os.makedirs(cfg.out, exist_ok=True)
@@ -825,15 +824,21 @@ def kernel_bench_action(cfg, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+PAPER = core.Paper(
+    "sparse_byte", SparseByteConfig, build_model, baseline="dense", doc=__doc__,
+    actions={"metrics": ("head metrics (entropy, sparsity, distance) of --init-from or <out>/ckpt.pt on the first "
+                         "--metric-seqs val windows of --data -> <out>/head_metrics.csv", metrics_action),
+             "cluster": ("k-means of the head metrics of --runs (run dirs or CSVs; default --out): silhouettes, "
+                         "plots, clusters.csv in --out", cluster_action),
+             "kernel-bench": ("GPU: sparse (flex, triton) vs dense attention fwd+bwd at T = 1024, 4096, 8192",
+                              kernel_bench_action)},
+    flags={"--metric-seqs": dict(type=int, default=10, help="--metrics: the first N non-overlapping val windows"),
+           "--cluster-k-max": dict(type=int, default=8, help="--cluster: k-means for k = 2 .. K"),
+           "--cluster-k": dict(type=int, default=0, help="--cluster: k of the scatter plot (0: best silhouette)")})
+
+
 def main(argv=None):
-    return core.main(argv, SparseByteConfig, build_model, load_model, doc=__doc__, actions={
-        "metrics": ("head metrics (entropy, sparsity, distance) of --init-from or <out>/ckpt.pt on the first "
-                    "--metric-seqs val windows of --data -> <out>/head_metrics.csv", metrics_action),
-        "cluster": ("k-means of the head metrics of --runs (run dirs or CSVs; default --out): silhouettes, "
-                    "plots, clusters.csv in --out", cluster_action),
-        "kernel-bench": ("GPU: sparse (flex, triton) vs dense attention fwd+bwd at T = 1024, 4096, 8192",
-                         kernel_bench_action),
-    })
+    return core.main(PAPER, argv)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ def flex_cpu_grad(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)
 
 
+def tutorial_bytes():
+    """Real text: the embedded dataset's Python tutorial, whole (its train.bin and val.bin are its UTF-8 bytes)."""
+    return b"".join(open(os.path.join(core.DEFAULT_DATA, f"{s}.bin"), "rb").read() for s in ("train", "val"))
+
+
 def write_bytes_dataset(path, text, val_frac=0.1):
     os.makedirs(path, exist_ok=True)
     b = text.encode()
@@ -84,7 +89,7 @@ def write_bytes_dataset(path, text, val_frac=0.1):
 def tutorial(tmp_path_factory):
     """Real text, bytes: the embedded default dataset's source (90/10 split). Used by core, attn_bias, cogformer
     and reflex."""
-    text = open(os.path.join(HERE, "assets", "python_tutorial.txt")).read()
+    text = tutorial_bytes().decode()
     return write_bytes_dataset(str(tmp_path_factory.mktemp("tutorial")), text)
 
 
@@ -279,16 +284,15 @@ def test_loader_reads_plain_and_llmc_shards(tmp_path):
         core.TokenData(str(tmp_path))
 
 
-def test_embedded_default_dataset_trains_without_data(tmp_path, monkeypatch, capsys):
-    """No --data: the shipped Python tutorial becomes a byte-level dataset (last 5% val) and a run trains on it."""
-    monkeypatch.setattr(core, "HERE", str(tmp_path))
-    assert core.main(["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "2", "--eval-interval", "2",
-                      "--out", str(tmp_path / "run")]) == 0
-    data = core.TokenData(str(tmp_path / "data" / "tutorial"))
-    assert data.meta["tokenizer"] == "bytes" and data.vocab_size == 256
-    assert data.tokens("train") + data.tokens("val") == os.path.getsize(core.DEFAULT_TEXT)
-    assert 0.04 < data.tokens("val") / os.path.getsize(core.DEFAULT_TEXT) < 0.06
-    assert core.read_log(str(tmp_path / "run"))[-1]["step"] == 2
+def test_embedded_default_dataset_trains_without_data(tmp_path, capsys):
+    """No --data: the shipped Python tutorial, bytes (last 5% val, cut at a line start), and a run trains on it."""
+    assert core.main(core.PAPER, ["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "2",
+                                  "--eval-interval", "2", "--out", str(tmp_path / "run")]) == 0
+    data = core.TokenData(core.DEFAULT_DATA)
+    assert data.tokenizer == "bytes" and data.vocab_size == 256
+    train, val = (bytes(data.splits[s][0]) for s in ("train", "val"))
+    assert train.endswith(b"\n") and val.decode().startswith("") and 0.04 < len(val) / len(train + val) < 0.06
+    assert core.read_log(str(tmp_path / "run"))[-1]["step"] == 2 and core.DEFAULT_DATA in capsys.readouterr().out
 
 
 def test_gpt2_tokenizer_offline(monkeypatch):
@@ -308,14 +312,14 @@ def test_gpt2_tokenizer_offline(monkeypatch):
 
 def train_tiny(data, out, **kw):
     cfg = tiny(data=data, out=str(out), **{"max_iters": 40, "eval_interval": 20, "log_interval": 5, **kw})
-    model = core.train(cfg, core.GPT)
+    model = core.train(core.PAPER, cfg, ckpt=core.load_checkpoint(str(out / "ckpt.pt")) if cfg.resume else None)
     return cfg, model, core.read_log(str(out))
 
 
 def test_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
     cfg, model, log = train_tiny(tutorial, tmp_path, max_iters=100, eval_interval=50)
     assert log[0]["loss"] > 4.5 and log[-1]["loss"] < 3.3 and log[-1]["val_loss"] < 3.5
-    loaded = core.load_ours(str(tmp_path / "ckpt.pt"), core.Config, core.GPT)
+    loaded = core.load_model(core.PAPER, str(tmp_path / "ckpt.pt"))
     idx = torch.randint(0, 256, (2, 32))
     assert torch.equal(loaded(idx), model.eval()(idx))
     ckpt = core.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -355,7 +359,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
     core.lr_mult = lambda it, c: (setattr(model, "exploded", it >= 23), real(it, c))[1]
     try:
         with pytest.raises(core.ConfigError, match="diverged.*last good checkpoint"):
-            core.train(cfg, core.GPT, model)
+            core.train(core.PAPER, cfg, model)
     finally:
         core.lr_mult = real
     ckpt = core.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -394,7 +398,7 @@ def test_cli_help_lists_every_field():
     (["--train", "--data", "/nonexistent"], "dataset directory not found"),
     (["--eval", "--init-from", "/nonexistent.pt"], "checkpoint not found"),
     (["--train", "--max-iters", "ten"], "invalid int value"),
-    ([], "nothing to do"),
+    (["--eval", "--out", "/nonexistent"], "checkpoint not found"),
 ])
 def test_cli_user_mistakes_give_one_line(args, msg):
     rc, out, err = run_cli("core.py", *args, "--device", "cpu")
@@ -853,12 +857,11 @@ def test_new_parameters_are_weight_decayed():
         assert all(abs(p.std().item() - 0.02) < 0.01 for p in extra)  # N(0, 0.02²) survives the core's init
 
 
-def test_default_config_trains_the_default_model():
-    """§7.1: the original's default config builds the attn_bias model."""
+def test_default_config_trains_the_attn_bias_model():
+    """As the original's default config: the paper's method, the attn_bias model."""
     cfg = ab.AttnBiasConfig(device="cpu", vocab_size=256, n_layer=1, n_embd=32, n_head=2)
-    assert cfg.variant == "default"
-    assert type(ab.build_model(cfg)) is core.GPT
-    assert not any(isinstance(m, ab.BiasAttention) for m in ab.build_model(cfg).modules())
+    assert cfg.variant == "attn_bias"
+    assert all(isinstance(b.attn, ab.BiasAttention) for b in ab.build_model(cfg).transformer.h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,11 +924,12 @@ def test_prepending_with_top_left_causal_is_wrong():
 
 
 def test_probe_accepts_a_correct_kernel_and_rejects_a_broken_one(monkeypatch, capsys):
-    monkeypatch.setattr(ab, "KERNEL_OK", {})
-    assert ab.probe_kernel("cpu", torch.device("cpu"), 16)
+    ab.probe_kernel.cache_clear()
+    assert ab.probe_kernel("cpu", "cpu", 16)
     fwd, bwd = ab.KERNELS["cpu"]
     monkeypatch.setitem(ab.KERNELS, "broken", (fwd, lambda *a, **k: [g * 0.5 for g in bwd(*a, **k)]))
-    assert not ab.probe_kernel("broken", torch.device("cpu"), 16)
+    assert not ab.probe_kernel("broken", "cpu", 16)
+    ab.probe_kernel.cache_clear()
     assert "failed its parity check" in capsys.readouterr().err
 
 
@@ -1032,7 +1036,7 @@ def test_published_checkpoint_reproduces_nanogpt(variant, prefix, tmp_path):
     ckpt = ab_published(variant, prefix=prefix)
     path = str(tmp_path / "ckpt_50000.pt")
     torch.save(ckpt, path)
-    model = ab.load_model(path)
+    model = core.load_model(ab.PAPER, path)
     assert model.cfg.variant == variant and not model.training
     idx = torch.randint(0, 256, (2, 16))
     ref = nanogpt_forward({k[len(prefix):]: v for k, v in ckpt["model"].items()}, ckpt["model_args"], idx)
@@ -1048,7 +1052,7 @@ def test_published_default_with_bias_keys_loads_as_attn_bias(tmp_path, capsys):
     ckpt = ab_published("attn_bias")
     ckpt["config"]["model_type"] = "gpt2_default"
     torch.save(ckpt, tmp_path / "c.pt")
-    assert ab.load_model(str(tmp_path / "c.pt")).cfg.variant == "attn_bias"
+    assert core.load_model(ab.PAPER, str(tmp_path / "c.pt")).cfg.variant == "attn_bias"
     assert "the weights are the attn_bias model" in capsys.readouterr().err
 
 
@@ -1057,14 +1061,14 @@ def test_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
     assert ab.main(["--eval", "--init-from", str(tmp_path / "sink.pt"), "--data", tutorial, "--device", "cpu",
                     "--eval-tokens", "2000"]) == 0
     out = capsys.readouterr().out
-    assert "ppl" in out and "bits/tok" in out and out.splitlines()[1].startswith("val")
-    loss, ppl, bits = map(float, out.splitlines()[1].split()[2:5])
+    assert "ppl" in out and "bits/tok" in out and out.startswith(f"attn_bias/sink on {tutorial}")
+    loss, ppl, bits = map(float, out.splitlines()[2].split()[2:5])
     assert abs(ppl - math.exp(loss)) < 1e-2 * ppl and abs(bits - loss / math.log(2)) < 1e-3
     bad = dict(state=torch.zeros(1))
     torch.save(bad, tmp_path / "bad.pt")
     for args, msg in ((["--eval", "--init-from", str(tmp_path / "nope.pt")], "checkpoint not found"),
                       (["--eval", "--init-from", str(tmp_path / "bad.pt")], "not a checkpoint"),
-                      (["--train", "--variant", "sinks"], "--variant must be one of"),
+                      (["--train", "--variant", "sinks"], "invalid choice"),
                       (["--train", "--attn-impl", "fast"], "--attn-impl must be one of")):
         assert ab.main(args + ["--data", tutorial, "--device", "cpu"]) == 2
         assert_one_line_error(capsys.readouterr().err, msg)
@@ -1097,7 +1101,7 @@ def test_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
         assert r["step_ms"] > 0
     assert res["sink"]["prompt"]["tokens"][0] == "<sink>" and res["default"]["x_default"] == 1.0
     # top-1 of the last block, recomputed: max |h| over the same windows (sink included), averaged
-    model = ab.load_model(os.path.join(ab_runs["sink"], "ckpt.pt"))
+    model = core.load_model(ab.PAPER, os.path.join(ab_runs["sink"], "ckpt.pt"))
     data = core.TokenData(tutorial)
     top = 0.0
     for i in range(ab.N_WINDOWS):
@@ -1160,7 +1164,7 @@ def test_gpu_auto_picks_the_checked_cudnn_kernel():
     model = ab.build_model(ab.AttnBiasConfig(variant="attn_bias", n_layer=2, n_head=2, n_embd=128, vocab_size=256,
                                              device="cuda"))
     assert model.transformer.h[0].attn.impl(torch.device("cuda")) == "cudnn"
-    assert ab.KERNEL_OK[("cudnn", 64)], "the cuDNN merge failed its parity probe: training falls back to flex"
+    assert model.transformer.h[1].attn.kernel_ok["cudnn", 64], "the cuDNN merge failed its parity probe: flex"
 
 
 @cuda
@@ -1414,7 +1418,7 @@ def test_published_checkpoint_reproduces_reference_logits(tmp_path, attn_type):
     ckpt = published_ckpt(attn_type)
     path = str(tmp_path / f"{'cog' if attn_type == 'np' else 'vanilla'}_ckpt_100.00_Bi.pt")
     torch.save(ckpt, path)
-    model = cg.load_model(path)
+    model = core.load_model(cg.PAPER, path)
     assert model.cog == ([1] if attn_type == "np" else [])
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     ref = reference_forward(ckpt, tokens)
@@ -1429,9 +1433,9 @@ def test_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
     out = str(tmp_path / "ft")
     assert cg.main(["--train", "--init-from", path, "--data", tutorial, "--out", out, "--device", "cpu",
                     "--max-iters", "2", "--batch-size", "2", "--eval-iters", "1", "--log-interval", "1"]) == 0
-    model = cg.load_model(os.path.join(out, "ckpt.pt"))
+    model = core.load_model(cg.PAPER, os.path.join(out, "ckpt.pt"))
     assert model.cog == [1] and model.cfg.n_embd == 64 and model.cfg.block_size == 32
-    ref = cg.load_model(path)
+    ref = core.load_model(cg.PAPER, path)
     moved = [(a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())]
     assert 0 < max(moved) < 0.1  # fine-tuned from the published weights, not re-initialised
 
@@ -1451,7 +1455,7 @@ def test_train_both_variants_loss_falls(trained):
     for variant, out in trained.items():
         log = core.read_log(out)
         assert log[-1]["loss"] < log[0]["loss"] - 0.3 and math.isfinite(log[-1]["val_loss"])
-        model = cg.load_model(os.path.join(out, "ckpt.pt"))
+        model = core.load_model(cg.PAPER, os.path.join(out, "ckpt.pt"))
         assert model.cfg.variant == variant and model.cog == ([1] if variant == "cogformer" else [])
     assert core.read_log(trained["cogformer"])[-1]["loss"] != core.read_log(trained["transformer"])[-1]["loss"]
 
@@ -1888,7 +1892,7 @@ def test_checkpoint_round_trip_and_init_from(tmp_path, capsys):
     assert exo.main(["--train", "--variant", "nuresformer", "--data", data, "--out", out, "--max-iters", "10",
                      "--eval-interval", "10", *TINY_CLI]) == 0
     ckpt = core.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    model = exo.load_model(os.path.join(out, "ckpt.pt"))
+    model = core.load_model(exo.PAPER, os.path.join(out, "ckpt.pt"))
     assert model.cfg.variant == "nuresformer" and model.cfg.anchor_norm == "qkvg" and not model.training
     fresh = exo.ExoGPT(model.cfg)
     fresh.load_state_dict(ckpt["model"])
@@ -1898,7 +1902,7 @@ def test_checkpoint_round_trip_and_init_from(tmp_path, capsys):
     out2 = str(tmp_path / "run2")  # --init-from keeps the checkpoint's model, takes the run settings from flags
     assert exo.main(["--train", "--init-from", os.path.join(out, "ckpt.pt"), "--data", data, "--out", out2,
                      "--max-iters", "5", "--eval-interval", "5", *TINY_CLI]) == 0
-    assert exo.load_model(os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
+    assert core.load_model(exo.PAPER, os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
     assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data]) == 0
     assert "val" in capsys.readouterr().out
 
@@ -2023,7 +2027,7 @@ def test_published_checkpoint_reproduces_reference(name, tmp_path):
     path = str(tmp_path / "ckpt_step:38146.pt")
     torch.save(dict(step=38146, tokens_processed=10_000_000_000, model={"_orig_mod." + k: v for k, v in sd.items()},
                     config=dict(batch_size=16), model_args=args), path)
-    model = exo.load_model(path)
+    model = core.load_model(exo.PAPER, path)
     assert model.cfg.variant == variant
     idx = tokens(seed=1)
     with torch.no_grad():
@@ -2037,9 +2041,10 @@ def test_published_checkpoint_with_unsupported_options(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     torch.save(dict(model=sd, model_args=args), path)
     with pytest.raises(core.ConfigError, match="per_layer_backout"):
-        exo.load_model(path)
+        core.load_model(exo.PAPER, path)
     torch.save(dict(model={"something": torch.zeros(1)}), path)
-    assert exo.load_model(path) is None
+    with pytest.raises(core.ConfigError, match="not a checkpoint exoformer.py reads .*train.py checkpoints"):
+        core.load_model(exo.PAPER, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2047,7 +2052,7 @@ def test_published_checkpoint_with_unsupported_options(tmp_path):
 
 @pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_cli_errors_are_one_line(capsys):
-    for args, msg in ((["--train", "--variant", "nope"], "--variant must be one of"),
+    for args, msg in ((["--train", "--variant", "nope"], "invalid choice"),
                       (["--train", "--family", "gpt2"], "--family must be llama"),
                       (["--train", "--gate", "off", "--mix", "qg", "--anchor", "exo"], "needs --gate on"),
                       (["--train", "--variant", "baseline", "--mix", "v"], "--mix and --anchor go together"),
@@ -2061,7 +2066,7 @@ def test_exoformer_cli_errors_are_one_line(capsys):
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_analyze_and_compare(tmp_path, capsys):
+def test_exoformer_analyze(tmp_path):
     data = write_dataset(tmp_path)
     ckpts = []
     for variant in ("baseline", "nuresformer", "dynamic_exoformer"):
@@ -2087,11 +2092,6 @@ def test_analyze_and_compare(tmp_path, capsys):
     assert all(0 < g < 1 for g in dyn["attention_layers"]["gate_mean"])
     assert nu["attention_layers"]["ratio_q"][0] is None and nu["attention_layers"]["ratio_q"][1] == pytest.approx(1.0)
     assert len(dyn["lambdas"]["g"]) == 2 and len(dyn["lambdas"]["g"][0]["ratio"]) == 32  # elementwise H x D
-    assert exo.main(["--compare", "--data", data, "--out", out, "--doc-sep", str(SEP), *TINY_CLI]) == 0
-    bench = json.load(open(os.path.join(out, "compare.json")))["results"]
-    assert list(bench) == ["baseline", *[v for v in VARIANTS if v != "baseline"]]
-    assert bench["gated"]["params_m"] > bench["baseline"]["params_m"]
-    assert "1.000x" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2285,7 +2285,7 @@ def test_cpu_flex_training_is_refused():
 
 
 def test_sparse_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsys, monkeypatch):
-    monkeypatch.setattr(core, "_warned", set())
+    core.warn_once.cache_clear()
     att = attention("0123", "auto")
     assert att.impl(torch.device("cuda")) == "triton" and att.impl(torch.device("cpu")) == "eager"
     q, k, v = (t.detach() for t in qkv(1, 8, 64, 16))  # CPU, no interpreter: outside the kernel's domain
@@ -2425,7 +2425,7 @@ def test_silhouette_matches_direct_computation():
 # ---- sparse_byte: command line
 
 def make_bytes_dataset(path, n_val, n_test=0):
-    text = open(os.path.join(HERE, "assets", "python_tutorial.txt"), "rb").read()
+    text = tutorial_bytes()
     os.makedirs(path, exist_ok=True)
     splits = {"train": text[:-(n_val + n_test)], "val": text[-(n_val + n_test):len(text) - n_test]}
     if n_test:
@@ -2478,9 +2478,9 @@ def test_cli_train_eval_metrics_cluster(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--train", "--variant", "sparse", "--attn-impl", "sdpa"], "sparse variant runs"),
-    (["--train", "--attn-impl", "triton"], "sparse variant's kernel"),
+    (["--train", "--variant", "dense", "--attn-impl", "triton"], "sparse variant's kernel"),
     (["--train", "--mask-subset", "05"], "--mask-subset"),
-    (["--train", "--variant", "banded"], "--variant must be"),
+    (["--train", "--variant", "banded"], "invalid choice"),
     (["--metrics", "--out", "/nonexistent/run"], "checkpoint not found"),
     (["--cluster", "--runs", "/nonexistent/run"], "no head metrics"),
 ])
@@ -2721,7 +2721,7 @@ def test_cli_smoke_runs_learn(reflex_runs):
         cfg = json.load(open(os.path.join(path, "run.json")))["config"]
         assert cfg["variant"] == ("baseline" if name == "base" else "reflex")
         assert log[0]["loss"] > 4.5 and log[-1]["val_loss"] < 3.6, (name, log[-1])
-    model = reflex.load_model(os.path.join(reflex_runs["all"], "ckpt.pt"))
+    model = core.load_model(reflex.PAPER, os.path.join(reflex_runs["all"], "ckpt.pt"))
     assert model.cfg.heads == "all" and isinstance(model.transformer.h[1].attn, reflex.ReflexAttention)
 
 
@@ -2734,14 +2734,12 @@ def test_cli_charts(reflex_runs, tutorial, capsys):
     assert "tok/s" in stdout and "MFU n/a" in stdout
 
 
-def test_cli_compare(tutorial, tmp_path, capsys):
-    rc, stdout, err = cli(capsys, "--compare", "--preset", "tiny", "--device", "cpu", "--data", tutorial,
-                          "--n-layer", "3", "--n-embd", "32", "--batch-size", "2", "--block-size", "32",
-                          "--bench-splits", "5-2-1,all", "--out", tmp_path)
-    assert rc == 0, err
-    res = json.load(open(tmp_path / "compare.json"))["results"]
-    assert list(res) == ["baseline", "5-2-1", "all"] and all(r["tok_s"] > 0 for r in res.values())
-    assert "x baseline" in stdout
+def test_reflex_bench_rows_are_every_split():
+    """bench.py times the baseline, 5-2-1 and the other head splits (reflex's bench rows) as separate rows."""
+    s = bench.script("reflex")
+    assert bench.pick_variants(s, "all") == ["baseline", "reflex", "reflex 4-2-2", "reflex all"]
+    assert bench.make_cfg(s, "reflex all", "tiny").heads == "all"
+    assert bench.row_flags(s, "reflex 4-2-2") == ["--variant", "reflex", "--heads", "4-2-2"]
 
 
 @cuda
@@ -2779,7 +2777,7 @@ def bench_run_cli(*args):
 def bytes_data(tmp_path_factory):
     """The embedded tutorial as a byte-level dataset."""
     path = str(tmp_path_factory.mktemp("tutorial"))
-    b = open(os.path.join(HERE, "assets", "python_tutorial.txt"), "rb").read()[:200_000]
+    b = tutorial_bytes()[:200_000]
     n = int(len(b) * 0.9)
     np.frombuffer(b[:n], np.uint8).tofile(os.path.join(path, "train.bin"))
     np.frombuffer(b[n:], np.uint8).tofile(os.path.join(path, "val.bin"))
@@ -2831,7 +2829,8 @@ def test_speed_table_core_and_a_paper(tmp_path):
                            "--out", tmp_path)
     assert rc == 0, err
     lines = [l for l in out.splitlines() if l.startswith("| ")]
-    assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| reflex/baseline", "| reflex/reflex"]
+    assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| reflex/baseline", "| reflex/reflex",
+                                                      "| reflex/reflex 4-2-2", "| reflex/reflex all"]
     res = json.load(open(tmp_path / "bench.json"))
     assert res["device"] == "cpu" and res["torch"] == torch.__version__ and "git" in res
     rows = {bench.label(r): r for r in res["rows"]}
@@ -2882,10 +2881,12 @@ def test_row_selection_and_scaling_batches():
     assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/reflex", 32, 16),
                    ("reflex/reflex", 128, 4)]  # the core GPT is the baseline; tokens per step kept at 8 x 64
     args = bench.build_parser().parse_args(["--papers", "reflex", "--preset", "124m", "--impl", "eager,flash"])
-    specs = bench.speed_specs(args, gpu=True)  # 124m has 12 heads: the reflex split 5-2-1 is refused, not run
+    specs = bench.speed_specs(args, gpu=True)  # 124m has 12 heads: the reflex splits of 8 are refused, not run
     assert [(bench.label(s), s["impl"], s.get("status", "run")[:4]) for s in specs] == [
         ("reflex/baseline", "eager", "run"), ("reflex/baseline", "flash", "run"),
-        ("reflex/reflex", "eager", "skip"), ("reflex/reflex", "flash", "skip")]
+        ("reflex/reflex", "eager", "skip"), ("reflex/reflex", "flash", "skip"),
+        ("reflex/reflex 4-2-2", "eager", "skip"), ("reflex/reflex 4-2-2", "flash", "skip"),
+        ("reflex/reflex all", "eager", "run"), ("reflex/reflex all", "flash", "run")]
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex,nope"])
     assert [bench.label(s) for s in bench.speed_specs(args, gpu=False)] == ["core", "reflex/reflex"]
     rows = [dict(s, status="ok", tok_s=1000.0 * s["B"], mem_gb=0.1 * s["T"]) for s in specs[:2]]
@@ -3061,18 +3062,18 @@ def tiny_ckpt(tmp_path, bytes_data):
     cfg = tiny_cfg(data=bytes_data)
     model = core.GPT(cfg)
     path = str(tmp_path / "ckpt.pt")
-    core.save_checkpoint(path, dict(format="attnlab", config=dataclasses.asdict(cfg), model=model.state_dict()))
+    core.save_checkpoint(path, dict(format="attnlab", script="core", config=dataclasses.asdict(cfg),
+                                    data=core.TokenData(bytes_data).info(), model=model.state_dict()))
     return path, model
 
 
-def test_eval_tasks_from_a_script_and_from_bench(tiny_ckpt, mc_file, capsys):
+def test_bench_eval_tasks_of_a_checkpoint(tiny_ckpt, mc_file, capsys):
     path, model = tiny_ckpt
     want = bench.mc_score(bench.Scorer(model, core.get_tokenizer("bytes"), NEWLINE), mc_file)
-    rc, out, err = bench_run_cli("core.py", "--eval-tasks", mc_file, "--init-from", path, "--device", "cpu")
-    assert rc == 0, err
+    rc, out, err = bench_run_cli("bench.py", "--eval-tasks", mc_file, "--init-from", path, "--device", "cpu")
+    assert rc == 0, err  # the checkpoint names its script and its dataset (the tokenizer)
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in out and f"| acc_norm | {want['acc_norm']:.4f} |" in out
-    assert bench.script_of(path) == "core"  # no run.json: the config's fields tell the script
-    assert bench.main(["--eval-tasks", mc_file, "--ckpt", path, "--device", "cpu"]) == 0
+    assert bench.main(["--eval-tasks", mc_file, "--ckpt", path, "--device", "cpu"]) == 0  # the older spelling
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in capsys.readouterr().out
 
 
@@ -3123,7 +3124,7 @@ def test_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
 # bench: GPU (H100): every fast path of every variant against its eager reference in bf16, then one compiled row
 
 @cuda
-@pytest.mark.parametrize("name", bench.SCRIPTS)
+@pytest.mark.parametrize("name", bench.scripts())
 def test_gpu_parity_of_every_variant(name):
     s = bench.script(name)
     for variant in bench.pick_variants(s, "all"):
