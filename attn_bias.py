@@ -5,7 +5,7 @@ arXiv 2402.17762 (COLM 2024). Official repo: https://github.com/locuslab/massive
 
 Method. Massive activations act as an input-independent attention bias: they pull attention onto their token and add
 a near-constant term to the attention output. Give the model that bias explicitly and they are no longer needed.
-Three GPT-2 small models (spec §1):
+Three GPT-2 small models (sec. 5.2 and the repository's gpt-2/ code):
 - default: nanoGPT GPT-2 (no biases, exact GELU, tied head);
 - sink: one learned vector `reg_token` (1, 1, C) is prepended before the blocks (no position embedding) and dropped
   after the final norm, in training, eval and generation alike;
@@ -15,16 +15,16 @@ Three GPT-2 small models (spec §1):
 
 Attention paths of attn_bias (--attn-impl): eager (prepend k', v' and mask with the T×(T+1) lower-right causal mask:
 the paper's math, the reference), sdpa (the same mask through SDPA: the paper's code, ×1.20 a plain step),
-flex (FlexAttention over the T real keys, then the bias key folded in through the log-sum-exp, §8),
+flex (FlexAttention over the T real keys, then the bias key folded in through the log-sum-exp),
 cudnn (default on GPU; the same merge on PyTorch's private cuDNN kernel with our own backward, checked against the
 masked reference once per process before use, else FlexAttention) and flash (flash-attn's bottom-right causal mask
 when installed, else the merge on the private flash kernel). On CPU, cudnn and flash use the CPU flash kernel.
 Never prepend k' and call SDPA with is_causal=True: its mask is top-left aligned and drops each query's own key.
 
-Deviations: the default config trains the default model (the original's trains attn_bias, §7.1); we compile the
-model on GPU; --eval scores the whole split in non-overlapping windows (test.py draws 500 random batches);
---analyze averages 10 val windows (analyze.py: 3) and labels the sink position in the 3-D plot (analyze.py's labels
-crash on it, §7.8); our GPU runs use data/docs, not OpenWebText.
+Deviations: none in the models (the default variant, attn_bias, is also what the original's default config trains,
+though its model_type says default); we compile the model on GPU; --eval scores the whole split in non-overlapping
+windows (test.py draws 500 random batches); --analyze averages 10 val windows (analyze.py: 3) and labels the sink
+position in the 3-D plot (analyze.py's labels crash on it); our GPU runs use data/docs, not OpenWebText.
 
     python attn_bias.py --train --preset paper --variant attn_bias --data data/openwebtext --out runs/owt_bias
     python attn_bias.py --train --preset short --variant sink --data data/docs --out runs/docs_sink
@@ -56,7 +56,7 @@ except ImportError:
 RECIPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False, dropout=0.0, batch_size=12,
              grad_accum=40, max_iters=50000, lr=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000,
              weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=1000, eval_iters=200,
-             log_interval=10)  # spec §2-3: 491,520 tokens/step; cosine over 600k, the published models stop at 50k
+             log_interval=10)  # the repository's config: 491,520 tokens/step; cosine over 600k, published at 50k
 
 
 @dataclass
@@ -81,7 +81,7 @@ class AttnBiasConfig(core.Config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention
+# The paper's math: the bias key and value (eager, the spec), the attention with its paths, the models
 
 def with_bias_key(k, v, k_bias, v_bias):
     """Prepend k', v' as key 0: (B, H, T, D) -> (B, H, T+1, D)."""
@@ -98,8 +98,130 @@ def masked_bias_attention(q, k, v, k_bias, v_bias, dropout_p=0.0):
                                           dropout_p=dropout_p)
 
 
+class BiasAttention(core.Attention):
+    """Attention with a learned bias key k' and value v' per head (sec. 5.2)."""
+    FAST, FAST_CPU = "cudnn", "sdpa"
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        shape = (1, cfg.n_head, 1, cfg.head_dim)  # names and shapes as in the published checkpoints
+        self.k_bias = nn.Parameter(torch.randn(shape) * 0.02)
+        self.v_bias = nn.Parameter(torch.randn(shape) * 0.02)
+        self.kernel_ok = {}  # (kernel, head dim) -> probe verdict, read under torch.compile (build_model fills it)
+
+    def attend(self, q, k, v, ctx):
+        if ctx.doc is not None:
+            raise core.ConfigError("attn_bias does not support document masks")
+        if self.dropout and self.training and ctx.record is None:  # only SDPA drops attention weights
+            return self.attend_sdpa(q, k, v, ctx)
+        return super().attend(q, k, v, ctx)
+
+    def attend_eager(self, q, k, v, ctx):
+        # the core's reference with S = T+1 keys applies exactly the paper's lower-right T×(T+1) mask
+        return super().attend_eager(q, *with_bias_key(k, v, self.k_bias, self.v_bias), ctx)
+
+    def attend_sdpa(self, q, k, v, ctx):
+        drop = self.dropout if self.training else 0.0
+        return masked_bias_attention(q, k, v, self.k_bias, self.v_bias, drop)
+
+    def attend_flex(self, q, k, v, ctx):
+        T = q.size(-2)
+        mask = core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), None, None, T, T)
+        return flex_bias_attention(q, k, v, self.k_bias, self.v_bias, mask)
+
+    def attend_cudnn(self, q, k, v, ctx):
+        return self.attend_kernel("cudnn" if q.is_cuda else "cpu", q, k, v, ctx)
+
+    def attend_flash(self, q, k, v, ctx):
+        if core.flash_attn_func is not None and q.is_cuda and q.dtype != torch.float32:
+            k, v = with_bias_key(k, v, self.k_bias, self.v_bias)  # flash-attn aligns causal lower right: exact
+            y = core.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return y.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+        return self.attend_kernel("flash" if q.is_cuda else "cpu", q, k, v, ctx)
+
+    def attend_kernel(self, kernel, q, k, v, ctx):
+        ok = kernel == "cpu"
+        if not ok and q.dtype in (torch.bfloat16, torch.float16):
+            key = (kernel, q.size(-1))  # probed at build time; under compile only the verdict is read
+            if key not in self.kernel_ok and not torch.compiler.is_compiling():
+                self.kernel_ok[key] = probe_kernel(kernel, str(q.device), key[1])
+            ok = self.kernel_ok.get(key, False)
+        if not ok:
+            core.warn_once(f"attn_bias: the {kernel} kernel is not usable for {q.dtype} here: using FlexAttention")
+            return self.attend_flex(q, k, v, ctx)
+        return BiasKeyAttention.apply(q, k, v, self.k_bias, self.v_bias, kernel)
+
+
+class SinkGPT(core.GPT):
+    """One learned sink token before the sequence (sec. 5.2's sink baseline); every token sees it, it never reaches
+    the logits."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reg_token = nn.Parameter(torch.randn(1, 1, cfg.n_embd) * 0.02)  # (1, 1, C), the published name
+
+    def embed(self, idx, ctx):
+        B, T = idx.shape
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        x = torch.cat((self.reg_token.expand(B, -1, -1), x), dim=1)  # (B, T+1, C); the sink has no position
+        return self.transformer.drop(x)
+
+    def final(self, x, ctx):
+        return self.transformer.norm_f(x)[:, 1:]  # (B, T, C): drop the sink after the final norm
+
+
+def build_model(cfg):
+    if cfg.variant == "sink":
+        return SinkGPT(cfg)
+    if cfg.variant == "default":
+        return core.GPT(cfg)
+    model = core.GPT(cfg, BiasAttention)
+    device = core.resolve_device(cfg)
+    impl = model.transformer.h[0].attn.impl(device)
+    if device.type == "cuda" and (impl == "cudnn" or impl == "flash" and core.flash_attn_func is None):
+        ok = probe_kernel(impl, str(device), cfg.head_dim)  # eagerly, before torch.compile traces the model
+        for block in model.transformer.h:
+            block.attn.kernel_ok[impl, cfg.head_dim] = ok
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's published checkpoints
+
+PUBLISHED_NAMES = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", "transformer.ln_f.": "transformer.norm_f."}
+
+
+def from_published(ckpt, path, given=None):
+    """The paper's nanoGPT checkpoints -> (config, state_dict), None for another format: state_dict under 'model',
+    sizes under 'model_args'; the variant is read from the keys (k_bias: attn_bias, reg_token: sink), which outrank
+    config['model_type'] (the released attn_bias file says gpt2_default)."""
+    if "model" not in ckpt or "model_args" not in ckpt:
+        return None
+    state = {}
+    for k, v in core.strip_prefix(ckpt["model"]).items():
+        if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
+            continue
+        for old, new in PUBLISHED_NAMES.items():
+            k = k.replace(old, new)
+        state[k] = v
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
+    variant = ("attn_bias" if any(k.endswith(".attn.k_bias") for k in state) else
+               "sink" if "reg_token" in state else "default")
+    declared = (ckpt.get("config") or {}).get("model_type")
+    if declared and declared != "gpt2_" + variant:
+        core.warn_once(f"{path}: config says model_type {declared}, the weights are the {variant} model")
+    a = ckpt["model_args"]
+    cfg = AttnBiasConfig(variant=variant, n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"],
+                         block_size=a["block_size"], bias=a["bias"], vocab_size=a["vocab_size"],
+                         dropout=a.get("dropout", 0.0))
+    return cfg, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast paths' kernels: the bias key folded into a stock causal kernel through its log-sum-exp
+
 def merge_bias_key(o, lse, q, k_bias, v_bias):
-    """Fold one unmasked key into a causal result (o, lse) over the T real keys (spec §8):
+    """Fold one unmasked key into a causal result (o, lse) over the T real keys:
     s = q·k'/√D, L' = logaddexp(L, s), p = e^(s − L'), out = o + p (v' − o). Returns out, L', p."""
     s = (q.float() * k_bias.float()).sum(-1) * q.size(-1) ** -0.5  # (B, H, T) logit of the bias key
     lse_b = torch.logaddexp(lse.float().reshape(s.shape), s)      # log-sum-exp over all T+1 keys
@@ -159,7 +281,7 @@ KERNELS = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd, _flash_bwd),
 
 
 class BiasKeyAttention(torch.autograd.Function):
-    """Causal attention over [k'; K] on a stock kernel that only sees the T real keys (spec §8).
+    """Causal attention over [k'; K] on a stock kernel that only sees the T real keys.
 
     Backward: the kernel's own backward, given out and L' instead of its forward's output and lse, recomputes the
     (T+1)-key probabilities e^(s_ij − L') and D = rowsum(dO∘out), so it returns the exact dq, dk, dv for the real
@@ -220,128 +342,10 @@ def probe_kernel(kernel, device, D):
     return ok
 
 
-class BiasAttention(core.Attention):
-    """Attention with a learned bias key k' and value v' per head (spec §1.1)."""
-    FAST, FAST_CPU = "cudnn", "sdpa"
-
-    def __init__(self, cfg, layer):
-        super().__init__(cfg, layer)
-        shape = (1, cfg.n_head, 1, cfg.head_dim)  # names and shapes as in the published checkpoints
-        self.k_bias = nn.Parameter(torch.randn(shape) * 0.02)
-        self.v_bias = nn.Parameter(torch.randn(shape) * 0.02)
-        self.kernel_ok = {}  # (kernel, head dim) -> probe verdict, read under torch.compile (build_model fills it)
-
-    def attend(self, q, k, v, ctx):
-        if ctx.doc is not None:
-            raise core.ConfigError("attn_bias does not support document masks")
-        if self.dropout and self.training and ctx.record is None:  # only SDPA drops attention weights
-            return self.attend_sdpa(q, k, v, ctx)
-        return super().attend(q, k, v, ctx)
-
-    def attend_eager(self, q, k, v, ctx):
-        # the core's reference with S = T+1 keys applies exactly the paper's lower-right T×(T+1) mask
-        return super().attend_eager(q, *with_bias_key(k, v, self.k_bias, self.v_bias), ctx)
-
-    def attend_sdpa(self, q, k, v, ctx):
-        drop = self.dropout if self.training else 0.0
-        return masked_bias_attention(q, k, v, self.k_bias, self.v_bias, drop)
-
-    def attend_flex(self, q, k, v, ctx):
-        T = q.size(-2)
-        mask = core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), None, None, T, T)
-        return flex_bias_attention(q, k, v, self.k_bias, self.v_bias, mask)
-
-    def attend_cudnn(self, q, k, v, ctx):
-        return self.attend_kernel("cudnn" if q.is_cuda else "cpu", q, k, v, ctx)
-
-    def attend_flash(self, q, k, v, ctx):
-        if core.flash_attn_func is not None and q.is_cuda and q.dtype != torch.float32:
-            k, v = with_bias_key(k, v, self.k_bias, self.v_bias)  # flash-attn aligns causal lower right: exact
-            y = core.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return y.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
-        return self.attend_kernel("flash" if q.is_cuda else "cpu", q, k, v, ctx)
-
-    def attend_kernel(self, kernel, q, k, v, ctx):
-        ok = kernel == "cpu"
-        if not ok and q.dtype in (torch.bfloat16, torch.float16):
-            key = (kernel, q.size(-1))  # probed at build time; under compile only the verdict is read
-            if key not in self.kernel_ok and not torch.compiler.is_compiling():
-                self.kernel_ok[key] = probe_kernel(kernel, str(q.device), key[1])
-            ok = self.kernel_ok.get(key, False)
-        if not ok:
-            core.warn_once(f"attn_bias: the {kernel} kernel is not usable for {q.dtype} here: using FlexAttention")
-            return self.attend_flex(q, k, v, ctx)
-        return BiasKeyAttention.apply(q, k, v, self.k_bias, self.v_bias, kernel)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model + VARIANTS
-
-class SinkGPT(core.GPT):
-    """One learned sink token before the sequence (spec §1.2); every token sees it, it never reaches the logits."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.reg_token = nn.Parameter(torch.randn(1, 1, cfg.n_embd) * 0.02)  # (1, 1, C), the published name
-
-    def embed(self, idx, ctx):
-        B, T = idx.shape
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
-        x = torch.cat((self.reg_token.expand(B, -1, -1), x), dim=1)  # (B, T+1, C); the sink has no position
-        return self.transformer.drop(x)
-
-    def final(self, x, ctx):
-        return self.transformer.norm_f(x)[:, 1:]  # (B, T, C): drop the sink after the final norm
-
-
-def build_model(cfg):
-    if cfg.variant == "sink":
-        return SinkGPT(cfg)
-    if cfg.variant == "default":
-        return core.GPT(cfg)
-    model = core.GPT(cfg, BiasAttention)
-    device = core.resolve_device(cfg)
-    impl = model.transformer.h[0].attn.impl(device)
-    if device.type == "cuda" and (impl == "cudnn" or impl == "flash" and core.flash_attn_func is None):
-        ok = probe_kernel(impl, str(device), cfg.head_dim)  # eagerly, before torch.compile traces the model
-        for block in model.transformer.h:
-            block.attn.kernel_ok[impl, cfg.head_dim] = ok
-    return model
-
-
-TITLES = {"default": "GPT-2 Default", "sink": "GPT-2 with Sink Token", "attn_bias": "GPT-2 with Attention Bias"}
-PUBLISHED_NAMES = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", "transformer.ln_f.": "transformer.norm_f."}
-
-
-def from_published(ckpt, path, given=None):
-    """The paper's nanoGPT checkpoints -> (config, state_dict), None for another format: state_dict under 'model',
-    sizes under 'model_args'; the variant is read from the keys (k_bias: attn_bias, reg_token: sink), which outrank
-    config['model_type'] (the released attn_bias file says gpt2_default)."""
-    if "model" not in ckpt or "model_args" not in ckpt:
-        return None
-    state = {}
-    for k, v in core.strip_prefix(ckpt["model"]).items():
-        if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
-            continue
-        for old, new in PUBLISHED_NAMES.items():
-            k = k.replace(old, new)
-        state[k] = v
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
-    variant = ("attn_bias" if any(k.endswith(".attn.k_bias") for k in state) else
-               "sink" if "reg_token" in state else "default")
-    declared = (ckpt.get("config") or {}).get("model_type")
-    if declared and declared != "gpt2_" + variant:
-        core.warn_once(f"{path}: config says model_type {declared}, the weights are the {variant} model")
-    a = ckpt["model_args"]
-    cfg = AttnBiasConfig(variant=variant, n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"],
-                         block_size=a["block_size"], bias=a["bias"], vocab_size=a["vocab_size"],
-                         dropout=a.get("dropout", 0.0))
-    return cfg, state
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Eval and analysis (--eval is the core's: val loss in nats, perplexity, bits per token)
 
+TITLES = {"default": "GPT-2 Default", "sink": "GPT-2 with Sink Token", "attn_bias": "GPT-2 with Attention Bias"}
 PROMPT = "Summer is warm. Winter is cold."  # analyze.py's 3-D plot; block index 5 (the 6th block's output)
 N_WINDOWS = 10
 

@@ -3,19 +3,19 @@
 Paper: Ang Lv et al., "More Expressive Attention with Negative Weights", arXiv 2411.07176.
 Official repo: https://github.com/trestad/CogAttn (inference and analysis code and two 141M checkpoints only).
 
-Method (spec §1.1): per head, s = (q/√d)·kᵀ; the causal (and same-document) mask goes on |s|, *after* the abs;
+Method (sec. 3, eq. 2): per head, s = (q/√d)·kᵀ; the causal (and same-document) mask goes on |s|, *after* the abs;
 W = sign(s) ⊙ softmax(|s|) and o = W v. Rows satisfy Σ|W| = 1, and a negative weight subtracts a token's value.
 The Cogformer keeps softmax attention in the first and the last layer and uses cog attention in between; the
 baseline Transformer is the same Llama-style model (RMSNorm, SwiGLU, RoPE, untied head, no bias) with softmax only.
 
 Attention paths (--attn-impl): eager (the spec, the reference), flex2x (FlexAttention over doubled keys [K;K] and
-values [V;−V], spec §8.4) and triton (default on GPU): a FlashAttention-2-style kernel, forward with an online max
-of |s| and signed numerator (§8.2), backward dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D), D = rowsum(dO ⊙ O) (§8.3); it saves
+values [V;−V]) and triton (default on GPU): a FlashAttention-2-style kernel, forward with an online max
+of |s| and signed numerator, backward dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D), D = rowsum(dO ⊙ O); it saves
 only O and the log-sum-exp. Softmax layers use the core's fast path.
 
 Deviations: the paper's data, optimiser and schedule are unpublished (we use the core's AdamW + cosine); our RoPE is
-the half-split form, so loading the published checkpoints permutes the q/k columns of each head (spec §6); exact
-zeros s = 0 get weight 0 in every path, but flex2x also drops them from the denominator (§1.2, measure zero).
+the half-split form, so loading the published checkpoints permutes the q/k columns of each head; exact
+zeros s = 0 get weight 0 in every path, but flex2x also drops them from the denominator (measure zero).
 
     python cogformer.py --train --variant cogformer --preset 141m-gpt2 --data data/docs --out runs/cog
     python cogformer.py --plot --out runs/cog --runs runs/transformer         # both loss curves on one figure
@@ -42,7 +42,7 @@ from core import triton, tl  # optional: without Triton the eager and flex2x pat
 
 
 BODY_141M = dict(family="llama", n_layer=12, n_head=12, n_embd=768, mlp_hidden=2304, norm_eps=1e-6, block_size=1024,
-                 batch_size=16)  # 12 x 12 heads x 768, FFN 2304 (spec §2, §3)
+                 batch_size=16)  # 12 x 12 heads x 768, FFN 2304 (the released 141M models)
 
 
 @dataclass
@@ -79,12 +79,11 @@ def cog_layer_ids(cfg):
         return set()
     if cfg.cog_layers:
         return {int(i) for i in cfg.cog_layers.split(",")}
-    return set(range(1, cfg.n_layer - 1))  # softmax in layer 0 and layer L-1 (attn_type 'np', spec §1.3)
+    return set(range(1, cfg.n_layer - 1))  # softmax in layer 0 and layer L-1 (the released code's attn_type 'np')
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention: the math (eager, flex2x) and the fused Triton kernel
-
+# The paper's math: cog weights (eager, the spec), flex2x, the attention and the model
 
 def cog_weights(q, k, mask):
     """W = sign(s) ⊙ softmax(|s|) in fp32, (B, H, T, S); mask (bool, True = attend) goes on |s| (pitfall 1)."""
@@ -93,7 +92,7 @@ def cog_weights(q, k, mask):
 
 
 def flex2x_mods(T, doc=None):
-    """score_mod and mask_mod over the 2T keys [K;K] with values [V;−V] (§8.4): copy 1 keeps s > 0, copy 2 keeps
+    """score_mod and mask_mod over the 2T keys [K;K] with values [V;−V]: copy 1 keeps s > 0, copy 2 keeps
     s < 0 as |s|; one softmax over the copies is then Σ sign(s)e^{|s|}v / Σ e^{|s|}. Masks sit in mask_mod."""
     def score_mod(score, b, h, q_idx, kv_idx):
         keep = torch.where(kv_idx < T, score > 0, score < 0)
@@ -105,6 +104,103 @@ def flex2x_mods(T, doc=None):
         return keep if doc is None else keep & (doc[b, q_idx] == doc[b, j])
     return score_mod, mask_mod
 
+
+class CogAttention(core.Attention):
+    """Cog attention (sec. 3): project as usual, attend with signed weights."""
+    FAST, FAST_CPU = "triton", "eager"
+
+    def attend_eager(self, q, k, v, ctx):
+        w = cog_weights(q, k, self.eager_mask(q.size(-2), k.size(-2), ctx, q.device))  # (B, H, T, S)
+        if ctx.record is not None:
+            ctx.record(self.layer, w)
+        w = F.dropout(w, self.dropout, self.training)
+        return w.type_as(v) @ v
+
+    def attend_flex2x(self, q, k, v, ctx):
+        from torch.nn.attention.flex_attention import flex_attention
+        B, H, T, _ = q.shape
+        score_mod, mask_mod = flex2x_mods(T, ctx.doc)
+        mask = core.flex_block_mask(ctx, mask_mod, B if ctx.doc is not None else None, None, T, 2 * T, key="cog2x")
+        try:
+            return flex_attention(q, torch.cat([k, k], 2), torch.cat([v, -v], 2), score_mod=score_mod,
+                                  block_mask=mask)
+        except NotImplementedError as e:  # e.g. FlexAttention has no backward on CPU
+            core.warn_once(f"flex2x: {e} Using eager cog attention.")
+            return self.attend_eager(q, k, v, ctx)
+
+    def attend_triton(self, q, k, v, ctx):
+        if not triton_ok(q, k):
+            core.warn_once("the cog Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex2x")
+            return self.attend_flex2x(q, k, v, ctx)
+        return cog_attention_triton(q, k, v, ctx.doc)
+
+
+class SoftmaxAttention(core.Attention):
+    """The softmax layers: cog-only impl names (flex2x, triton) mean the core's own fast path."""
+
+    def impl(self, device):
+        impl = super().impl(device)
+        return impl if impl in core.Config.ATTN_IMPLS else (self.FAST if device.type == "cuda" else self.FAST_CPU)
+
+
+class CogGPT(core.GPT):
+    def __init__(self, cfg):
+        cog = cog_layer_ids(cfg)
+        super().__init__(cfg, lambda c, i: (CogAttention if i in cog else SoftmaxAttention)(c, i))
+        self.cog = sorted(cog)
+
+    def flops_per_token(self):
+        """The core's 6N + 12·L·C·T, with each cog layer's attention term set to what its path computes.
+        One matmul over the causal half costs C·T per token. triton: 2 forward + 7 backward (S and dW are
+        recomputed in both backward kernels) = 9·C·T; flex2x: the same over 2T keys = 18·C·T; eager: 6 matmuls
+        over the full T×T square = 12·C·T (the core's convention, kept for the softmax layers)."""
+        c = self.cfg
+        impl = self.transformer.h[self.cog[0]].attn.impl(next(self.parameters()).device) if self.cog else "eager"
+        per_layer = {"triton": 9, "flex2x": 18}.get(impl, 12) * c.n_embd * c.block_size
+        return super().flops_per_token() + len(self.cog) * (per_layer - 12 * c.n_embd * c.block_size)
+
+
+def build_model(cfg):
+    return CogGPT(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's published checkpoints
+
+
+def published_to_ours(ckpt, path=None, given=None):
+    """The paper's checkpoint dict (vanilla_/cog_ckpt_100.00_Bi.pt) -> (CogConfig, our state_dict); None: another
+    format."""
+    if "model_cfg" not in ckpt or "model" not in ckpt:
+        return None
+    mc, sd = ckpt["model_cfg"], ckpt["model"]
+    if mc.get("attn_type") not in ("np", "vanilla"):
+        raise core.ConfigError(f"unknown attn_type {mc.get('attn_type')!r} in the published checkpoint")
+    if mc["dim"] != mc["n_heads"] * mc["head_dim"]:
+        raise core.ConfigError("published checkpoint: dim != n_heads * head_dim is not supported")
+    cfg = CogConfig(family="llama", n_layer=mc["n_layers"], n_head=mc["n_heads"], n_embd=mc["dim"],
+                    mlp_hidden=mc["hidden_dim"], vocab_size=mc["vocab_size"], norm_eps=mc.get("norm_eps", 1e-6),
+                    block_size=mc["max_seq_length"], variant="cogformer" if mc["attn_type"] == "np" else "transformer")
+    # interleaved RoPE pairs (2i, 2i+1) -> our half-split pairs (i, i + D/2): reorder q/k outputs in each head
+    D = cfg.head_dim
+    perm = torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
+    perm = (torch.arange(cfg.n_head)[:, None] * D + perm).flatten()
+    out = {"transformer.wte.weight": sd["embedding.weight"], "transformer.norm_f.weight": sd["norm.weight"],
+           "lm_head.weight": sd["output.weight"]}
+    for l in range(cfg.n_layer):
+        p, o = f"layers.{l}.", f"transformer.h.{l}."
+        att, ffn = p + "attention.", p + "ffn.shared_experts.0."
+        out[o + "attn.c_attn.weight"] = torch.cat([sd[att + "qw"].t()[perm], sd[att + "kw"].t()[perm],
+                                                   sd[att + "vw"].t()])  # weights stored [in, out]: transpose
+        out[o + "attn.c_proj.weight"] = sd[att + "ow"].t()
+        out[o + "norm_1.weight"], out[o + "norm_2.weight"] = sd[p + "attention_norm.weight"], sd[p + "ffn_norm.weight"]
+        out[o + "mlp.w_gate.weight"] = sd[ffn + "pw"].t()  # pw is the SiLU branch
+        out[o + "mlp.w_up.weight"], out[o + "mlp.w_down.weight"] = sd[ffn + "gw"].t(), sd[ffn + "ow"].t()
+    return cfg, {k: v.float().contiguous() for k, v in out.items()}  # freqs_cis, shortcut_bar: dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused Triton kernel (FlashAttention-2 style, signed weights): forward, dq, dk/dv, as custom ops
 
 if triton is not None:
     # forward and dq need BLOCK_M % BLOCK_N == 0, dk/dv needs BLOCK_N % BLOCK_M == 0 (diagonal-block split)
@@ -137,7 +233,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_new)
             e = tl.math.exp2(a - m_new[:, None])
             l_i = l_i * alpha + tl.sum(e, 1)
-            w = tl.where(s > 0, e, tl.where(s < 0, -e, 0.0))  # the numerator carries σ (§8.2)
+            w = tl.where(s > 0, e, tl.where(s < 0, -e, 0.0))  # the numerator carries σ = sign(s)
             acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         return acc, l_i, m_i
@@ -172,7 +268,7 @@ if triton is not None:
 
     @triton.jit
     def _cog_bwd_delta(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """D = rowsum(dO ⊙ O) in fp32: FA2's preprocess, unchanged for cog attention (§8.3.4)."""
+        """D = rowsum(dO ⊙ O) in fp32: FA2's preprocess, unchanged for cog attention."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -295,7 +391,7 @@ if triton is not None:
 @torch.library.custom_op("attnlab::cog_attn_fwd", mutates_args=())
 def cog_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused causal cog attention on (B, H, T, D), §8.2 -> (O, log-sum-exp in log2 units of the scaled |s|)."""
+    """Fused causal cog attention on (B, H, T, D) -> (O, log-sum-exp in log2 units of the scaled |s|)."""
     B, H, T, D = q.shape
     q, k, v = core.unit_stride(q, k, v)
     o, lse = core.attn_outputs(q)
@@ -314,7 +410,7 @@ def _(q, k, v, doc):
 @torch.library.custom_op("attnlab::cog_attn_bwd", mutates_args=())
 def cog_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, doc: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """§8.3: dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D) with D = rowsum(dO ⊙ O), recomputing W from Q, K and the LSE."""
+    """dV = Wᵀ dO, dS = W ⊙ (σ ⊙ dW − D) with D = rowsum(dO ⊙ O), recomputing W from Q, K and the LSE."""
     B, H, T, D = q.shape
     q, k, v, do = core.unit_stride(q, k, v, do)
     docp = doc.to(torch.int32).contiguous() if doc is not None else lse
@@ -358,100 +454,6 @@ def cog_attention_triton(q, k, v, doc=None):
 def triton_ok(q, k):
     """The kernel's domain: causal self-attention (as many keys as queries), see core.triton_ok."""
     return q.size(-2) == k.size(-2) and core.triton_ok(q)
-
-
-class CogAttention(core.Attention):
-    """Cog attention (spec §1.1): project as usual, attend with signed weights."""
-    FAST, FAST_CPU = "triton", "eager"
-
-    def attend_eager(self, q, k, v, ctx):
-        w = cog_weights(q, k, self.eager_mask(q.size(-2), k.size(-2), ctx, q.device))  # (B, H, T, S)
-        if ctx.record is not None:
-            ctx.record(self.layer, w)
-        w = F.dropout(w, self.dropout, self.training)
-        return w.type_as(v) @ v
-
-    def attend_flex2x(self, q, k, v, ctx):
-        from torch.nn.attention.flex_attention import flex_attention
-        B, H, T, _ = q.shape
-        score_mod, mask_mod = flex2x_mods(T, ctx.doc)
-        mask = core.flex_block_mask(ctx, mask_mod, B if ctx.doc is not None else None, None, T, 2 * T, key="cog2x")
-        try:
-            return flex_attention(q, torch.cat([k, k], 2), torch.cat([v, -v], 2), score_mod=score_mod,
-                                  block_mask=mask)
-        except NotImplementedError as e:  # e.g. FlexAttention has no backward on CPU
-            core.warn_once(f"flex2x: {e} Using eager cog attention.")
-            return self.attend_eager(q, k, v, ctx)
-
-    def attend_triton(self, q, k, v, ctx):
-        if not triton_ok(q, k):
-            core.warn_once("the cog Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex2x")
-            return self.attend_flex2x(q, k, v, ctx)
-        return cog_attention_triton(q, k, v, ctx.doc)
-
-
-class SoftmaxAttention(core.Attention):
-    """The softmax layers: cog-only impl names (flex2x, triton) mean the core's own fast path."""
-
-    def impl(self, device):
-        impl = super().impl(device)
-        return impl if impl in core.Config.ATTN_IMPLS else (self.FAST if device.type == "cuda" else self.FAST_CPU)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model, variants and checkpoints
-
-
-class CogGPT(core.GPT):
-    def __init__(self, cfg):
-        cog = cog_layer_ids(cfg)
-        super().__init__(cfg, lambda c, i: (CogAttention if i in cog else SoftmaxAttention)(c, i))
-        self.cog = sorted(cog)
-
-    def flops_per_token(self):
-        """The core's 6N + 12·L·C·T, with each cog layer's attention term set to what its path computes.
-        One matmul over the causal half costs C·T per token. triton: 2 forward + 7 backward (S and dW are
-        recomputed in both backward kernels) = 9·C·T; flex2x: the same over 2T keys = 18·C·T; eager: 6 matmuls
-        over the full T×T square = 12·C·T (the core's convention, kept for the softmax layers)."""
-        c = self.cfg
-        impl = self.transformer.h[self.cog[0]].attn.impl(next(self.parameters()).device) if self.cog else "eager"
-        per_layer = {"triton": 9, "flex2x": 18}.get(impl, 12) * c.n_embd * c.block_size
-        return super().flops_per_token() + len(self.cog) * (per_layer - 12 * c.n_embd * c.block_size)
-
-
-def published_to_ours(ckpt, path=None, given=None):
-    """The paper's checkpoint dict (vanilla_/cog_ckpt_100.00_Bi.pt) -> (CogConfig, our state_dict); None: another
-    format."""
-    if "model_cfg" not in ckpt or "model" not in ckpt:
-        return None
-    mc, sd = ckpt["model_cfg"], ckpt["model"]
-    if mc.get("attn_type") not in ("np", "vanilla"):
-        raise core.ConfigError(f"unknown attn_type {mc.get('attn_type')!r} in the published checkpoint")
-    if mc["dim"] != mc["n_heads"] * mc["head_dim"]:
-        raise core.ConfigError("published checkpoint: dim != n_heads * head_dim is not supported")
-    cfg = CogConfig(family="llama", n_layer=mc["n_layers"], n_head=mc["n_heads"], n_embd=mc["dim"],
-                    mlp_hidden=mc["hidden_dim"], vocab_size=mc["vocab_size"], norm_eps=mc.get("norm_eps", 1e-6),
-                    block_size=mc["max_seq_length"], variant="cogformer" if mc["attn_type"] == "np" else "transformer")
-    # interleaved RoPE pairs (2i, 2i+1) -> our half-split pairs (i, i + D/2): reorder q/k outputs in each head
-    D = cfg.head_dim
-    perm = torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
-    perm = (torch.arange(cfg.n_head)[:, None] * D + perm).flatten()
-    out = {"transformer.wte.weight": sd["embedding.weight"], "transformer.norm_f.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
-    for l in range(cfg.n_layer):
-        p, o = f"layers.{l}.", f"transformer.h.{l}."
-        att, ffn = p + "attention.", p + "ffn.shared_experts.0."
-        out[o + "attn.c_attn.weight"] = torch.cat([sd[att + "qw"].t()[perm], sd[att + "kw"].t()[perm],
-                                                   sd[att + "vw"].t()])  # weights stored [in, out]: transpose
-        out[o + "attn.c_proj.weight"] = sd[att + "ow"].t()
-        out[o + "norm_1.weight"], out[o + "norm_2.weight"] = sd[p + "attention_norm.weight"], sd[p + "ffn_norm.weight"]
-        out[o + "mlp.w_gate.weight"] = sd[ffn + "pw"].t()  # pw is the SiLU branch
-        out[o + "mlp.w_up.weight"], out[o + "mlp.w_down.weight"] = sd[ffn + "gw"].t(), sd[ffn + "ow"].t()
-    return cfg, {k: v.float().contiguous() for k, v in out.items()}  # freqs_cis, shortcut_bar: dropped
-
-
-def build_model(cfg):
-    return CogGPT(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

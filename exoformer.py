@@ -81,7 +81,8 @@ VARIANT_FLAGS = {
 
 def describe(f):
     """One --help line of a variant from its flags."""
-    mix = f"{f['mix']} mixed with {dict(layer0='layer 0', exo='exogenous')[f['anchor']]} anchors" if f["mix"] else "no mixing"
+    anchor = dict(layer0="layer 0", exo="exogenous").get(f["anchor"])
+    mix = f"{f['mix']} mixed with {anchor} anchors" if f["mix"] else "no mixing"
     return ", ".join(filter(None, ("gated" if f["gate"] == "on" else "ungated", mix,
                                    f"anchors normed {f['anchor_norm']}" if f["anchor_norm"] else "",
                                    "per-token dynamic scales" if f["dynamic"] == "on" else "")))
@@ -396,7 +397,7 @@ class Muon(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: ours and the published ones (any of the four official model files)
+# The paper's published checkpoints (any of the four official model files)
 
 UNSUPPORTED = dict(smear_gate_enabled=False, per_layer_backout=False, embedding_layer0_mix_enabled=False,
                    anchor_delta_enabled=False, weight_tying=False, logit_soft_cap=None, clip_qkv=None,
@@ -408,9 +409,10 @@ RENAMES = (("transformer.layers.", "transformer.h."), (".attn_norm.", ".norm_1."
 
 
 def from_published(ckpt, path, given=None):
-    """(config, state_dict) of a train.py checkpoint (compiled `_orig_mod.` keys too), None for another format. The model file is recognised from the keys (the model_args
-    fields of model1-3 are identical): dynamic_mixing -> model4, anchor_proj -> model3/4 exogenous, attn.v_norm in
-    every layer -> model2, *_res_norm -> model3/4 internal, else model1 (raw layer-0 anchors)."""
+    """(config, state_dict) of a train.py checkpoint (compiled `_orig_mod.` keys too), None for another format.
+    The model file is recognised from the keys (the model_args fields of model1-3 are identical): dynamic_mixing ->
+    model4, anchor_proj -> model3/4 exogenous, attn.v_norm in every layer -> model2, *_res_norm -> model3/4 internal,
+    else model1 (raw layer-0 anchors)."""
     if "model_args" not in ckpt or "model" not in ckpt:
         return None
     args, sd = ckpt["model_args"], core.strip_prefix(ckpt["model"])

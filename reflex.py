@@ -185,7 +185,7 @@ def charts(cfg, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = {os.path.basename(os.path.normpath(p)): p for p in [cfg.out, *args.runs]}
-    print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: train / val loss"))
+    print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
     speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = list(speed)

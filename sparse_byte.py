@@ -71,8 +71,8 @@ from core import triton, tl  # optional: without Triton the eager and flex paths
 @dataclass
 class SparseByteConfig(core.Config):
     seq_length: int = core.opt(0, "thesis --seq_length: sets block_size (0: keep --block-size)", True)
-    num_epochs: float = core.opt(0.0, "thesis --num_epochs: sets max_iters = epochs * (train tokens // "
-                                      "(batch_size * block_size)) // (grad_accum * processes) (0: keep --max-iters)", True)
+    num_epochs: float = core.opt(0.0, "thesis --num_epochs: sets max_iters = epochs * (train tokens // (batch_size "
+                                      "* block_size)) // (grad_accum * processes) (0: keep --max-iters)", True)
     mask_subset: str = core.opt("0123", "sparse: thesis clusters kept (0 local-16, 3 local-32, 1 strided, 2 global)")
 
     PRESETS = {**core.Config.PRESETS,
