@@ -1,7 +1,9 @@
 """attnlab tests, one file. CPU suite: `python -m pytest -q test_all.py` (minutes); GPU-only tests skip without CUDA.
 
-Sections: core, prepare, attn_bias, cogformer, exoformer, sparse_byte, reflex, bench. Helpers shared by several sections
-come first; a helper that differs between papers carries the paper's prefix (ab_, cog_, exo_, reflex_, bench_)."""
+Sections: core, prepare, attn_bias, cogformer, exoformer, sparse_byte, reflex, bench. Every test name starts with its
+subject, so `pytest -k reflex` runs reflex's tests; GPU tests are marked @gpu (they skip without CUDA) and named
+test_<subject>_gpu_*, so `pytest -k gpu` runs them all. Helpers shared by several sections come first (one tiny config
+builder, `tiny`; one dataset writer, `write_dataset`); a helper of one paper carries its prefix (ab_, cog_, exo_, ...)."""
 import copy
 import csv
 import dataclasses
@@ -45,7 +47,7 @@ import sparse_byte as sb  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "data")
 TIKTOKEN = os.path.join(SHARED, "gpt2.tiktoken")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # and test_<subject>_gpu_*
 
 
 def run_cli(script, *args, env=None):
@@ -68,29 +70,43 @@ def flex_cpu_grad(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)
 
 
+def tiny(cls=core.Config, **kw):
+    """The one tiny config of the tests: a script's `tiny` preset on the CPU with a byte vocabulary."""
+    return cls(**{**cls.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", **kw})
+
+
 def tutorial_bytes():
     """Real text: the embedded dataset's Python tutorial, whole (its train.bin and val.bin are its UTF-8 bytes)."""
     return b"".join(open(os.path.join(core.DEFAULT_DATA, f"{s}.bin"), "rb").read() for s in ("train", "val"))
 
 
-def write_bytes_dataset(path, text, val_frac=0.1):
+def write_dataset(path, splits, tokenizer="bytes", vocab_size=256, eot_token=None):
+    """The one dataset writer of the tests, in prepare.py's format: {split: bytes (UTF-8 text) or token ids} ->
+    <split>.bin and meta.json (bytes per split for bits per byte when the splits are text)."""
     os.makedirs(path, exist_ok=True)
-    b = text.encode()
-    n = int(len(b) * (1 - val_frac))
-    np.frombuffer(b[:n], np.uint8).tofile(os.path.join(path, "train.bin"))
-    np.frombuffer(b[n:], np.uint8).tofile(os.path.join(path, "val.bin"))
-    meta = dict(tokenizer="bytes", vocab_size=256, dtype="uint8", eot_token=None,
-                splits=dict(train=dict(tokens=n, bytes=n), val=dict(tokens=len(b) - n, bytes=len(b) - n)))
+    dtype = "uint8" if vocab_size <= 256 else "uint16"
+    for split, data in splits.items():
+        ids = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data)
+        ids.astype(dtype).tofile(os.path.join(path, f"{split}.bin"))
+    meta = dict(tokenizer=tokenizer, vocab_size=vocab_size, dtype=dtype, eot_token=eot_token,
+                splits={k: dict(tokens=len(v), bytes=len(v) if isinstance(v, bytes) else None)
+                        for k, v in splits.items()})
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
-    return path
+    return str(path)
+
+
+def text_splits(b, val, test=0):
+    """The last `val` (+ `test`) bytes of b held out: {train, val[, test]}; fractions of len(b) when below 1."""
+    val, test = (int(n * len(b)) if n < 1 else n for n in (val, test))
+    cut = len(b) - val - test
+    return {"train": b[:cut], "val": b[cut:cut + val], **({"test": b[-test:]} if test else {})}
 
 
 @pytest.fixture(scope="session")
 def tutorial(tmp_path_factory):
     """Real text, bytes: the embedded default dataset's source (90/10 split). Used by core, attn_bias, cogformer
     and reflex."""
-    text = tutorial_bytes().decode()
-    return write_bytes_dataset(str(tmp_path_factory.mktemp("tutorial")), text)
+    return write_dataset(tmp_path_factory.mktemp("tutorial"), text_splits(tutorial_bytes(), 0.1))
 
 
 def cli_runs(main, root, runs, *flags):
@@ -108,17 +124,14 @@ def cli_runs(main, root, runs, *flags):
 # core
 # ================================================================================================================
 
-def tiny(family="gpt2", **kw):
-    kw = {**core.Config.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", "family": family, **kw}
-    return core.Config(**kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # core: model
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_forward_backward_shapes(family):
-    cfg = tiny(family)
+def test_core_forward_backward_shapes(family):
+    cfg = tiny(family=family)
     model = core.GPT(cfg)
     idx = torch.randint(0, 256, (3, 17))
     assert model(idx).shape == (3, 17, 256)
@@ -132,7 +145,7 @@ def test_forward_backward_shapes(family):
         assert model.lm_head.weight is not model.transformer.wte.weight and "wpe" not in model.transformer
 
 
-def test_gpt2_small_parameter_count():
+def test_core_gpt2_small_parameter_count():
     cfg = core.Config(vocab_size=50304)
     with torch.device("meta"):
         model = core.GPT(cfg)
@@ -143,9 +156,9 @@ def test_gpt2_small_parameter_count():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_causality(family, impl):
+def test_core_causality(family, impl):
     torch.manual_seed(0)
-    model = core.GPT(tiny(family, attn_impl=impl)).eval()
+    model = core.GPT(tiny(family=family, attn_impl=impl)).eval()
     idx = torch.randint(0, 256, (2, 32))
     t = 20
     idx2 = idx.clone()
@@ -163,10 +176,10 @@ def attn_grads(model, idx, doc=None):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fast_paths_match_eager(family, flex_cpu_grad):
+def test_core_fast_paths_match_eager(family, flex_cpu_grad):
     """SDPA and FlexAttention (with and without document masks) equal the eager reference, outputs and grads."""
     torch.manual_seed(0)
-    cfg = tiny(family)
+    cfg = tiny(family=family)
     model = core.GPT(cfg)
     idx = torch.randint(0, 256, (2, 48))
     doc = torch.cumsum((torch.rand(2, 48) < 0.1).long(), dim=1)
@@ -175,7 +188,7 @@ def test_fast_paths_match_eager(family, flex_cpu_grad):
         for impl in ("eager", "sdpa", "flex"):
             for m in model.modules():
                 if isinstance(m, core.Attention):
-                    m.cfg = tiny(family, attn_impl=impl)
+                    m.cfg = tiny(family=family, attn_impl=impl)
             out = attn_grads(model, idx, d)
             if ref is None:
                 ref = out
@@ -185,9 +198,9 @@ def test_fast_paths_match_eager(family, flex_cpu_grad):
                 assert torch.allclose(g, ref[1][n], atol=1e-5, rtol=1e-4), (impl, n)
 
 
-def test_document_mask_blocks_other_documents():
+def test_core_document_mask_blocks_other_documents():
     torch.manual_seed(0)
-    model = core.GPT(tiny("llama", attn_impl="eager")).eval()
+    model = core.GPT(tiny(family="llama", attn_impl="eager")).eval()
     idx = torch.randint(0, 256, (1, 32))
     doc = torch.tensor([[0] * 16 + [1] * 16])
     idx2 = idx.clone()
@@ -196,25 +209,25 @@ def test_document_mask_blocks_other_documents():
     assert torch.allclose(a[0, 16:], b[0, 16:], atol=1e-6)  # the second document never saw it
 
 
-def test_document_block_mask_built_once_per_forward(monkeypatch):
+def test_core_document_block_mask_built_once_per_forward(monkeypatch):
     """Every layer reads one FlexAttention document mask; only the first request builds it (outside the graph)."""
     calls, build = [], core.build_block_mask
     monkeypatch.setattr(core, "build_block_mask", lambda *a: calls.append(a) or build(*a))
-    model = core.GPT(tiny("llama", attn_impl="sdpa")).eval()
+    model = core.GPT(tiny(family="llama", attn_impl="sdpa")).eval()
     idx, doc = torch.randint(0, 256, (2, 32)), torch.tensor([[0] * 16 + [1] * 16] * 2)
     with torch.no_grad():
         model(idx, doc=doc)
     assert len(calls) == 1 and model.cfg.n_layer > 1
 
 
-@cuda
-def test_gpu_context_builds_the_document_mask_before_the_layers():
-    model = core.GPT(tiny("llama")).cuda()
+@gpu
+def test_core_gpu_context_builds_the_document_mask_before_the_layers():
+    model = core.GPT(tiny(family="llama")).cuda()
     idx, doc = torch.randint(0, 256, (2, 256), device="cuda"), torch.zeros(2, 256, dtype=torch.long, device="cuda")
     assert "causal" in model.context(idx, doc).cache and "causal" not in model.context(idx).cache
 
 
-def test_flash_fallback_when_not_installed(monkeypatch, capsys):
+def test_core_flash_fallback_when_not_installed(monkeypatch, capsys):
     monkeypatch.setattr(core, "flash_attn_func", None)
     torch.manual_seed(0)
     model = core.GPT(tiny(attn_impl="flash")).eval()
@@ -227,7 +240,7 @@ def test_flash_fallback_when_not_installed(monkeypatch, capsys):
     assert torch.allclose(out, model(idx), atol=1e-5)
 
 
-def test_record_reports_probabilities():
+def test_core_record_reports_probabilities():
     model = core.GPT(tiny()).eval()
     seen = []
     model(torch.randint(0, 256, (2, 10)), record=lambda layer, p: seen.append((layer, p.shape, p.sum(-1))))
@@ -235,7 +248,7 @@ def test_record_reports_probabilities():
     assert seen[0][1] == (2, 4, 10, 10) and torch.allclose(seen[0][2], torch.ones(2, 4, 10))
 
 
-def test_rope_matches_complex_rotation():
+def test_core_rope_matches_complex_rotation():
     T, D = 7, 8
     x = torch.randn(1, 1, T, D)
     cos, sin = core.rope_tables(T, D, 10000.0, "cpu")
@@ -243,7 +256,7 @@ def test_rope_matches_complex_rotation():
     assert torch.allclose(core.apply_rope(x, cos, sin), torch.cat((z.real, z.imag), -1), atol=1e-6)
 
 
-def test_lr_schedule():
+def test_core_lr_schedule():
     cfg = tiny(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert core.lr_mult(0, cfg) == pytest.approx(1 / 11)
     assert core.lr_mult(10, cfg) == pytest.approx(1.0)
@@ -256,7 +269,7 @@ def test_lr_schedule():
 # ----------------------------------------------------------------------------------------------------------------
 # core: data and tokenizer
 
-def test_loader_reads_plain_and_llmc_shards(tmp_path):
+def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
     toks = np.arange(5000, dtype=np.uint16)
     header = np.zeros(256, np.int32)
     header[:3] = (core.SHARD_MAGIC, 1, len(toks))
@@ -284,7 +297,7 @@ def test_loader_reads_plain_and_llmc_shards(tmp_path):
         core.TokenData(str(tmp_path))
 
 
-def test_embedded_default_dataset_trains_without_data(tmp_path, capsys):
+def test_core_embedded_default_dataset_trains_without_data(tmp_path, capsys):
     """No --data: the shipped Python tutorial, bytes (last 5% val, cut at a line start), and a run trains on it."""
     assert core.main(core.PAPER, ["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "2",
                                   "--eval-interval", "2", "--out", str(tmp_path / "run")]) == 0
@@ -295,7 +308,7 @@ def test_embedded_default_dataset_trains_without_data(tmp_path, capsys):
     assert core.read_log(str(tmp_path / "run"))[-1]["step"] == 2 and core.DEFAULT_DATA in capsys.readouterr().out
 
 
-def test_gpt2_tokenizer_offline(monkeypatch):
+def test_core_gpt2_tokenizer_offline(monkeypatch):
     if not os.path.exists(TIKTOKEN):
         pytest.skip("no ../shared/data/gpt2.tiktoken")
     monkeypatch.setenv("ATTNLAB_TIKTOKEN", TIKTOKEN)
@@ -316,7 +329,7 @@ def train_tiny(data, out, **kw):
     return cfg, model, core.read_log(str(out))
 
 
-def test_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
+def test_core_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
     cfg, model, log = train_tiny(tutorial, tmp_path, max_iters=100, eval_interval=50)
     assert log[0]["loss"] > 4.5 and log[-1]["loss"] < 3.3 and log[-1]["val_loss"] < 3.5
     loaded = core.load_model(core.PAPER, str(tmp_path / "ckpt.pt"))
@@ -328,7 +341,7 @@ def test_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
     assert r["bpb"] == pytest.approx(r["loss"] / math.log(2)) and r["tokens"] > 10000
 
 
-def test_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
+def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
     _, _, full = train_tiny(tutorial, tmp_path / "full", dropout=0.1)
     real = core.lr_mult
 
@@ -347,7 +360,7 @@ def test_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
 
 
-def test_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
+def test_core_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
     class Exploding(core.GPT):
         def loss_fn(self, logits, targets):
             loss = super().loss_fn(logits, targets)
@@ -366,7 +379,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
     assert ckpt["step"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_ddp_two_processes_match_one(tutorial, tmp_path):
+def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
     args = ["--preset", "tiny", "--device", "cpu", "--data", tutorial, "--max-iters", "8", "--log-interval", "2",
             "--eval-interval", "8", "--batch-size", "4"]
     rc, _, err = run_cli("core.py", "--train", *args, "--grad-accum", "2", "--out", tmp_path / "one")
@@ -385,7 +398,7 @@ def test_ddp_two_processes_match_one(tutorial, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # core: command line
 
-def test_cli_help_lists_every_field():
+def test_core_cli_help_lists_every_field():
     rc, out, _ = run_cli("core.py", "--help")
     assert rc == 0
     for f in core.field_names(core.Config):
@@ -400,13 +413,13 @@ def test_cli_help_lists_every_field():
     (["--train", "--max-iters", "ten"], "invalid int value"),
     (["--eval", "--out", "/nonexistent"], "checkpoint not found"),
 ])
-def test_cli_user_mistakes_give_one_line(args, msg):
+def test_core_cli_user_mistakes_give_one_line(args, msg):
     rc, out, err = run_cli("core.py", *args, "--device", "cpu")
     assert rc == 2
     assert_one_line_error(err, msg)
 
 
-def test_cli_train_eval_sample_plot(tutorial, tmp_path):
+def test_core_cli_train_eval_sample_plot(tutorial, tmp_path):
     out = tmp_path / "run"
     rc, stdout, err = run_cli("core.py", "--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial,
                               "--out", out, "--max-iters", "20", "--eval-interval", "10")
@@ -420,9 +433,9 @@ def test_cli_train_eval_sample_plot(tutorial, tmp_path):
     assert rc == 0 and os.path.getsize(out / "loss.png") > 1000, err
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fast_paths_match_eager(dtype):
+def test_core_gpu_fast_paths_match_eager(dtype):
     """On the GPU: SDPA (flash/cuDNN), compiled FlexAttention (doc mask too) vs eager, outputs and input grads."""
     torch.manual_seed(0)
     B, H, T, D = 2, 4, 300, 64
@@ -519,7 +532,7 @@ def looks_valid(out):
 
 # ----------------------------------------------------------------------------- prepare: text
 
-def test_text_plain_and_xz_with_val(tmp_path):
+def test_prepare_text_plain_and_xz_with_val(tmp_path):
     a, b, v = "Hello world.\nSecond line here.\n", "Ünïcode text\n\nwith a blank line.", "Validation text.\n"
     (tmp_path / "a.txt").write_text(a)
     with lzma.open(tmp_path / "b.txt.xz", "wt") as f:
@@ -545,7 +558,7 @@ def test_text_plain_and_xz_with_val(tmp_path):
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256}
 
 
-def test_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
+def test_prepare_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
     lines = [f"line {i} of the corpus, some words\n" for i in range(300)]
     with lzma.open(tmp_path / "a.txt.xz", "wt") as f:
         f.write("".join(lines))
@@ -566,7 +579,7 @@ def test_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not DOCS_VAL.exists(), reason="needs ../shared/data/docs_val.txt.xz")
-def test_text_parallel_pieces_give_the_same_tokens(tmp_path, monkeypatch):
+def test_prepare_text_parallel_pieces_give_the_same_tokens(tmp_path, monkeypatch):
     """Real prose cut into ~20 kB pieces and tokenized by 2 processes equals one serial encode."""
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 20_000)
     out = tmp_path / "out"
@@ -597,7 +610,7 @@ def enwik8(server, monkeypatch):
     return raw, blob
 
 
-def test_enwik8_dropped_connection_resumes_and_second_run_does_nothing(tmp_path, enwik8, capsys):
+def test_prepare_enwik8_dropped_connection_resumes_and_second_run_does_nothing(tmp_path, enwik8, capsys):
     raw, blob = enwik8
     Handler.cut["/enwik8/enwik8.zip"] = len(blob) // 2
     out = tmp_path / "enwik8"
@@ -617,7 +630,7 @@ def test_enwik8_dropped_connection_resumes_and_second_run_does_nothing(tmp_path,
 
 
 @pytest.mark.parametrize("ranges", [True, False])
-def test_enwik8_resumes_a_part_file_left_by_an_earlier_run(tmp_path, enwik8, ranges):
+def test_prepare_enwik8_resumes_a_part_file_left_by_an_earlier_run(tmp_path, enwik8, ranges):
     """A server without Range support answers 200 with the whole file: the download starts over."""
     raw, blob = enwik8
     Handler.ranges = ranges
@@ -629,7 +642,7 @@ def test_enwik8_resumes_a_part_file_left_by_an_earlier_run(tmp_path, enwik8, ran
     assert (out / "download" / "enwik8.zip").read_bytes() == blob
 
 
-def test_enwik8_corrupt_download_is_rejected_and_removed(tmp_path, enwik8, capsys):
+def test_prepare_enwik8_corrupt_download_is_rejected_and_removed(tmp_path, enwik8, capsys):
     raw, blob = enwik8
     Handler.files["/enwik8/enwik8.zip"] = blob[:100] + bytes([blob[100] ^ 1]) + blob[101:]
     out = tmp_path / "enwik8"
@@ -639,7 +652,7 @@ def test_enwik8_corrupt_download_is_rejected_and_removed(tmp_path, enwik8, capsy
     assert looks_valid(out) == [] and not list(out.rglob("*.part"))
 
 
-def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, enwik8, monkeypatch, capsys):
+def test_prepare_full_disk_is_one_line_and_leaves_nothing(tmp_path, enwik8, monkeypatch, capsys):
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: SimpleNamespace(total=100, used=90, free=10))
     out = tmp_path / "enwik8"
     assert prepare.main(["enwik8", "--out", str(out)]) == 1
@@ -656,7 +669,7 @@ def shard(ids):
     return header.tobytes() + np.array(ids, np.uint16).tobytes()
 
 
-def test_fineweb_shards_download_and_loader(tmp_path, server, capsys):
+def test_prepare_fineweb_shards_download_and_loader(tmp_path, server, capsys):
     rng = np.random.default_rng(0)
     shards = {f"finewebedu_val_{0:06d}.bin": rng.integers(0, 50257, 300),
               f"finewebedu_train_{1:06d}.bin": rng.integers(0, 50257, 500),
@@ -677,7 +690,7 @@ def test_fineweb_shards_download_and_loader(tmp_path, server, capsys):
     assert prepare.main(argv) == 0 and "nothing to do" in capsys.readouterr().out
 
 
-def test_fineweb_corrupt_shards_are_rejected(tmp_path, server, capsys):
+def test_prepare_fineweb_corrupt_shards_are_rejected(tmp_path, server, capsys):
     good = shard(range(100))
     Handler.files["/fw/finewebedu_val_000000.bin"] = good[:-2]                       # header says 100 tokens
     out = tmp_path / "fw"
@@ -692,7 +705,7 @@ def test_fineweb_corrupt_shards_are_rejected(tmp_path, server, capsys):
     assert err.count("\n") == 1 and "sha256" in err and looks_valid(out) == []
 
 
-def test_fineweb_from_parquet_without_pyarrow_says_so(tmp_path, monkeypatch, capsys):
+def test_prepare_fineweb_from_parquet_without_pyarrow_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert prepare.main(["fineweb-edu10b", "--from-parquet", "--out", str(tmp_path / "fw")]) == 1
@@ -700,7 +713,7 @@ def test_fineweb_from_parquet_without_pyarrow_says_so(tmp_path, monkeypatch, cap
     assert err.count("\n") == 1 and "pip install pyarrow" in err
 
 
-def test_fineweb_from_parquet_tokenizes_like_llmc(tmp_path, server, monkeypatch):
+def test_prepare_fineweb_from_parquet_tokenizes_like_llmc(tmp_path, server, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     texts = [[f"Document {f}.{i}: some educational text on physics and history." for i in range(30)] for f in range(2)]
@@ -746,7 +759,7 @@ def openwebtext_archive():
     return tar_xz(subsets), expected
 
 
-def test_openwebtext_download_tokenize_split(tmp_path, server, monkeypatch, capsys):
+def test_prepare_openwebtext_download_tokenize_split(tmp_path, server, monkeypatch, capsys):
     blob, texts = openwebtext_archive()
     Handler.files["/owt/openwebtext.tar.xz"] = blob
     monkeypatch.setitem(prepare.OPENWEBTEXT, "sha256", hashlib.sha256(blob).hexdigest())
@@ -780,13 +793,13 @@ def test_openwebtext_download_tokenize_split(tmp_path, server, monkeypatch, caps
 
 # ----------------------------------------------------------------------------- prepare: errors from the CLI
 
-def test_http_404_is_one_line(tmp_path, server):
+def test_prepare_http_404_is_one_line(tmp_path, server):
     code, out, err = run("enwik8", "--out", tmp_path / "e", "--base-url", f"{server}/nowhere")
     assert code == 1 and err.count("\n") == 1 and "HTTP 404" in err and "nowhere/enwik8.zip" in err
     assert looks_valid(tmp_path / "e") == []
 
 
-def test_refused_connection_is_one_line(tmp_path):
+def test_prepare_refused_connection_is_one_line(tmp_path):
     with socket.socket() as s:   # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -794,7 +807,7 @@ def test_refused_connection_is_one_line(tmp_path):
     assert code == 1 and err.count("\n") == 1 and "Connection refused" in err
 
 
-def test_wrong_out_is_one_line(tmp_path, server, capsys):
+def test_prepare_wrong_out_is_one_line(tmp_path, server, capsys):
     (tmp_path / "file").write_text("x")
     assert prepare.main(["enwik8", "--out", str(tmp_path / "file")]) == 1
     assert "is a file" in capsys.readouterr().err
@@ -811,10 +824,6 @@ def test_wrong_out_is_one_line(tmp_path, server, capsys):
 # compiled FlexAttention, compiled model) skip without CUDA.
 # ================================================================================================================
 
-def ab_tiny(**kw):
-    return ab.AttnBiasConfig(**{**ab.AttnBiasConfig.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", **kw})
-
-
 @pytest.fixture(scope="module")
 def ab_runs(tutorial, tmp_path_factory):
     """The three variants trained for 60 steps through the CLI."""
@@ -825,7 +834,7 @@ def ab_runs(tutorial, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------------
 # attn_bias: model
 
-def test_variants_train_and_loss_falls(ab_runs):
+def test_attn_bias_variants_train_and_loss_falls(ab_runs):
     for v, path in ab_runs.items():
         log = core.read_log(path)
         assert log[-1]["loss"] < log[0]["loss"] - 1.0, v
@@ -836,7 +845,7 @@ def test_variants_train_and_loss_falls(ab_runs):
         assert ("reg_token" in ckpt["model"]) == (v == "sink")
 
 
-def test_gpt2_small_parameter_counts():
+def test_attn_bias_gpt2_small_parameter_counts():
     """Spec §1.3: 124,373,760 parameters, +768 (reg_token), +18,432 (k_bias, v_bias x 12 layers)."""
     counts = {}
     for v in ab.AttnBiasConfig.VARIANTS:
@@ -847,17 +856,17 @@ def test_gpt2_small_parameter_counts():
     assert counts == dict(default=124_373_760, sink=124_374_528, attn_bias=124_392_192)
 
 
-def test_new_parameters_are_weight_decayed():
+def test_attn_bias_new_parameters_are_weight_decayed():
     """Spec §1.1/§7.9: k_bias, v_bias and reg_token are >= 2-D, so nanoGPT decays them; so do we."""
     for v, names in (("sink", {"reg_token"}), ("attn_bias", {"k_bias", "v_bias"})):
-        model = ab.build_model(ab_tiny(variant=v))
+        model = ab.build_model(tiny(ab.AttnBiasConfig, variant=v))
         decayed = {id(p) for p in model.configure_optimizers(model.cfg, "cpu")[0].param_groups[0]["params"]}
         extra = [p for n, p in model.named_parameters() if n.split(".")[-1] in names]
         assert extra and all(id(p) in decayed for p in extra)
         assert all(abs(p.std().item() - 0.02) < 0.01 for p in extra)  # N(0, 0.02²) survives the core's init
 
 
-def test_default_config_trains_the_attn_bias_model():
+def test_attn_bias_default_config_trains_the_attn_bias_model():
     """As the original's default config: the paper's method, the attn_bias model."""
     cfg = ab.AttnBiasConfig(device="cpu", vocab_size=256, n_layer=1, n_embd=32, n_head=2)
     assert cfg.variant == "attn_bias"
@@ -876,7 +885,7 @@ def qkv_inputs(B=2, H=3, T=37, D=16, seed=0):
 
 
 def run_attention(impl, x, kb, vb, H=3):
-    attn = ab.BiasAttention(ab_tiny(variant="attn_bias", n_head=H, n_embd=x.size(-1) // 3, attn_impl=impl), 0)
+    attn = ab.BiasAttention(tiny(ab.AttnBiasConfig, n_head=H, n_embd=x.size(-1) // 3, attn_impl=impl), 0)
     with torch.no_grad():
         attn.k_bias.copy_(kb)
         attn.v_bias.copy_(vb)
@@ -887,7 +896,7 @@ def run_attention(impl, x, kb, vb, H=3):
     return y.detach(), grads
 
 
-def test_eager_is_the_papers_formula():
+def test_attn_bias_eager_is_the_papers_formula():
     """Spec §1.1, query by query: o_i = (Σ_{j<=i} e^{s_ij} v_j + e^{s_ib} v') / (Σ_{j<=i} e^{s_ij} + e^{s_ib})."""
     x, kb, vb = qkv_inputs(T=9)
     y, _ = run_attention("eager", x, kb, vb)
@@ -914,7 +923,7 @@ def test_attn_bias_fast_paths_match_eager(impl, flex_cpu_grad):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (impl, name, (a - b).abs().max())
 
 
-def test_prepending_with_top_left_causal_is_wrong():
+def test_attn_bias_prepending_with_top_left_causal_is_wrong():
     """Why the fast paths exist (§7.7): SDPA's is_causal on the prepended key drops each query's own key."""
     x, kb, vb = qkv_inputs()
     y_ref, _ = run_attention("eager", x, kb, vb)
@@ -923,7 +932,7 @@ def test_prepending_with_top_left_causal_is_wrong():
     assert not torch.allclose(F.scaled_dot_product_attention(q, k, v, is_causal=True), y_ref, atol=1e-2)
 
 
-def test_probe_accepts_a_correct_kernel_and_rejects_a_broken_one(monkeypatch, capsys):
+def test_attn_bias_probe_accepts_a_correct_kernel_and_rejects_a_broken_one(monkeypatch, capsys):
     ab.probe_kernel.cache_clear()
     assert ab.probe_kernel("cpu", "cpu", 16)
     fwd, bwd = ab.KERNELS["cpu"]
@@ -938,7 +947,7 @@ def test_probe_accepts_a_correct_kernel_and_rejects_a_broken_one(monkeypatch, ca
                                           ("attn_bias", "cudnn")])
 def test_attn_bias_causality(variant, impl):
     torch.manual_seed(0)
-    model = ab.build_model(ab_tiny(variant=variant, attn_impl=impl)).eval()
+    model = ab.build_model(tiny(ab.AttnBiasConfig, variant=variant, attn_impl=impl)).eval()
     idx = torch.randint(0, 256, (2, 40))
     t = 23
     idx2 = idx.clone()
@@ -949,9 +958,9 @@ def test_attn_bias_causality(variant, impl):
     assert not torch.allclose(a[:, t], b[:, t])
 
 
-def test_sink_never_reaches_the_logits():
+def test_attn_bias_sink_never_reaches_the_logits():
     torch.manual_seed(0)
-    model = ab.build_model(ab_tiny(variant="sink")).eval()
+    model = ab.build_model(tiny(ab.AttnBiasConfig, variant="sink")).eval()
     idx = torch.randint(0, 256, (2, 20))
     tr = model.transformer
     with torch.no_grad():
@@ -1023,7 +1032,7 @@ def nanogpt_forward(sd, args, idx):
     return (x[:, 1:] if "reg_token" in sd else x) @ sd["lm_head.weight"].T
 
 
-def test_published_key_counts():
+def test_attn_bias_published_key_counts():
     """Spec §6: 76, 77 and 100 keys for the 12-layer models (mask buffers aside)."""
     for v, n in (("default", 76), ("sink", 77), ("attn_bias", 100)):
         keys = [k for k in ab_published(v, L=12, H=2, C=8, V=16, Tb=4)["model"] if not k.endswith(".attn.bias")]
@@ -1032,7 +1041,7 @@ def test_published_key_counts():
 
 @pytest.mark.parametrize("variant", ["default", "sink", "attn_bias"])
 @pytest.mark.parametrize("prefix", ["", "_orig_mod."])
-def test_published_checkpoint_reproduces_nanogpt(variant, prefix, tmp_path):
+def test_attn_bias_published_checkpoint_reproduces_nanogpt(variant, prefix, tmp_path):
     ckpt = ab_published(variant, prefix=prefix)
     path = str(tmp_path / "ckpt_50000.pt")
     torch.save(ckpt, path)
@@ -1047,7 +1056,7 @@ def test_published_checkpoint_reproduces_nanogpt(variant, prefix, tmp_path):
             assert torch.allclose(model(idx), ref, atol=1e-4), impl
 
 
-def test_published_default_with_bias_keys_loads_as_attn_bias(tmp_path, capsys):
+def test_attn_bias_published_default_with_bias_keys_loads_as_attn_bias(tmp_path, capsys):
     """§7.1: the default train config trained attn_bias; the weights, not config['model_type'], decide."""
     ckpt = ab_published("attn_bias")
     ckpt["config"]["model_type"] = "gpt2_default"
@@ -1056,7 +1065,7 @@ def test_published_default_with_bias_keys_loads_as_attn_bias(tmp_path, capsys):
     assert "the weights are the attn_bias model" in capsys.readouterr().err
 
 
-def test_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
+def test_attn_bias_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
     torch.save(ab_published("sink", Tb=64), tmp_path / "sink.pt")
     assert ab.main(["--eval", "--init-from", str(tmp_path / "sink.pt"), "--data", tutorial, "--device", "cpu",
                     "--eval-tokens", "2000"]) == 0
@@ -1074,7 +1083,7 @@ def test_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
         assert_one_line_error(capsys.readouterr().err, msg)
 
 
-def test_published_checkpoint_of_other_sizes_is_one_line_error(tmp_path, tutorial, capsys):
+def test_attn_bias_published_checkpoint_of_other_sizes_is_one_line_error(tmp_path, tutorial, capsys):
     ckpt = ab_published("attn_bias")
     ckpt["model"]["transformer.h.0.attn.k_bias"] = torch.zeros(1, 4, 1, 8)  # 4 heads in a 2-head checkpoint
     torch.save(ckpt, tmp_path / "c.pt")
@@ -1085,7 +1094,7 @@ def test_published_checkpoint_of_other_sizes_is_one_line_error(tmp_path, tutoria
 # ----------------------------------------------------------------------------------------------------------------
 # attn_bias: analysis
 
-def test_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
+def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
     out = str(tmp_path / "ma")
     assert ab.main(["--analyze", "--runs", *ab_runs.values(), "--data", tutorial, "--out", out, "--device", "cpu"]) == 0
     res = {r["variant"]: r for r in json.load(open(os.path.join(out, "analysis.json")))["results"]}
@@ -1138,18 +1147,18 @@ def rel_errors(a, b):
     return [((u - w).norm() / w.norm()).item() for u, w in zip(a, b)]
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize("T", [37, 1024])
-def test_gpu_private_kernels_match_eager(kernel, T):
+def test_attn_bias_gpu_private_kernels_match_eager(kernel, T):
     x, kb, vb = gpu_case(T)
     ref = gpu_grads(ab.masked_bias_attention, x, kb, vb, torch.float32)
     out = gpu_grads(lambda *a: ab.BiasKeyAttention.apply(*a, kernel), x, kb, vb, torch.bfloat16)
     assert max(rel_errors(out, ref)) < 2e-2, rel_errors(out, ref)
 
 
-@cuda
-def test_gpu_compiled_flex_matches_eager():
+@gpu
+def test_attn_bias_gpu_compiled_flex_matches_eager():
     """core.flex_attention compiles FlexAttention on CUDA; the merge's gradient flows through its lse."""
     from torch.nn.attention.flex_attention import create_block_mask
     x, kb, vb = gpu_case(1000)
@@ -1159,17 +1168,17 @@ def test_gpu_compiled_flex_matches_eager():
     assert max(rel_errors(out, ref)) < 2e-2, rel_errors(out, ref)
 
 
-@cuda
-def test_gpu_auto_picks_the_checked_cudnn_kernel():
+@gpu
+def test_attn_bias_gpu_auto_picks_the_checked_cudnn_kernel():
     model = ab.build_model(ab.AttnBiasConfig(variant="attn_bias", n_layer=2, n_head=2, n_embd=128, vocab_size=256,
                                              device="cuda"))
     assert model.transformer.h[0].attn.impl(torch.device("cuda")) == "cudnn"
     assert model.transformer.h[1].attn.kernel_ok["cudnn", 64], "the cuDNN merge failed its parity probe: flex"
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("impl", ["cudnn", "flex"])
-def test_gpu_compiled_model_matches_eager(impl):
+def test_attn_bias_gpu_compiled_model_matches_eager(impl):
     """One bf16 training step of the compiled model vs the eager reference in fp32: loss and every gradient."""
     torch._dynamo.reset()
     cfg = dict(variant="attn_bias", n_layer=2, n_head=2, n_embd=128, block_size=256, vocab_size=256, device="cuda")
@@ -1188,9 +1197,9 @@ def test_gpu_compiled_model_matches_eager(impl):
         assert ((p.grad - r.grad).norm() / r.grad.norm()).item() < 0.1, n  # bf16; a wrong formula gives ~1
 
 
-@cuda
+@gpu
 @pytest.mark.skipif(core.flash_attn_func is None, reason="flash-attn is not installed")
-def test_gpu_flash_attn_package_bottom_right_causal_is_exact():
+def test_attn_bias_gpu_flash_attn_package_bottom_right_causal_is_exact():
     x, kb, vb = gpu_case(1000)
     attn = ab.BiasAttention(ab.AttnBiasConfig(n_head=12, n_embd=768, attn_impl="flash", device="cuda"), 0).cuda()
     with torch.no_grad():
@@ -1204,14 +1213,9 @@ def test_gpu_flash_attn_package_bottom_right_causal_is_exact():
 
 # ================================================================================================================
 # cogformer
-# cogformer tests. test_triton_kernel_matches_eager_in_interpreter loads this file in a subprocess for
-# rand_qkv, rand_doc, attend, cog_grads and cog_tiny: keep module-level code free of side effects.
+# cogformer tests. test_cogformer_triton_kernel_matches_eager_in_interpreter loads this file in a subprocess for
+# rand_qkv, rand_doc, attend, cog_grads and tiny: keep module-level code free of side effects.
 # ================================================================================================================
-
-def cog_tiny(**kw):
-    return cg.CogConfig(**{**cg.CogConfig.PRESETS["tiny"], "vocab_size": 256, "device": "cpu",
-                           "variant": "cogformer", **kw})
-
 
 def rand_qkv(B, H, T, D, seed=0, dtype=torch.float32, device="cpu", scale=1.0):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -1224,7 +1228,7 @@ def rand_doc(B, T, seed=0):
 
 
 def attend(impl, q, k, v, doc=None, record=None):
-    attn = cg.CogAttention(cog_tiny(), 1)
+    attn = cg.CogAttention(tiny(cg.CogConfig), 1)
     return getattr(attn, "attend_" + impl)(q, k, v, core.Ctx(x0=q, doc=doc, record=record))
 
 
@@ -1238,7 +1242,7 @@ def cog_grads(y, inputs, seed=1):
 
 
 @pytest.mark.parametrize("with_doc", [False, True])
-def test_flex2x_matches_eager_outputs_and_grads(flex_cpu_grad, with_doc):
+def test_cogformer_flex2x_matches_eager_outputs_and_grads(flex_cpu_grad, with_doc):
     q, k, v = rand_qkv(2, 2, 100, 16, scale=2.0)  # T = 100: not a multiple of flex's 128 blocks
     doc = rand_doc(2, 100) if with_doc else None
     ye, yf = attend("eager", q, k, v, doc), attend("flex2x", q, k, v, doc)
@@ -1247,7 +1251,7 @@ def test_flex2x_matches_eager_outputs_and_grads(flex_cpu_grad, with_doc):
         torch.testing.assert_close(gf, ge, atol=5e-5, rtol=1e-4)
 
 
-def test_masked_keys_get_zero_weight_even_with_huge_negative_scores():
+def test_cogformer_masked_keys_get_zero_weight_even_with_huge_negative_scores():
     """Pitfall 1: masking s to -inf before the abs would give masked (future) keys the largest weight."""
     T, D = 12, 16
     q = torch.ones(1, 1, T, D)
@@ -1262,7 +1266,7 @@ def test_masked_keys_get_zero_weight_even_with_huge_negative_scores():
     torch.testing.assert_close(w[5, 4:6], torch.tensor([-0.5, -0.5]))  # strongly negative scores dominate the row
 
 
-def test_rows_have_unit_absolute_mass_and_signed_weights():
+def test_cogformer_rows_have_unit_absolute_mass_and_signed_weights():
     q, k, v = rand_qkv(2, 3, 40, 16, scale=1.5)
     seen = {}
     attend("eager", q, k, v, rand_doc(2, 40), record=lambda layer, w: seen.setdefault("w", w))
@@ -1272,20 +1276,20 @@ def test_rows_have_unit_absolute_mass_and_signed_weights():
     assert (w.sum(-1).abs() <= 1 + 1e-6).all()
 
 
-def test_model_layers_and_flops():
-    m = cg.CogGPT(cog_tiny(n_layer=5))
+def test_cogformer_model_layers_and_flops():
+    m = cg.CogGPT(tiny(cg.CogConfig, n_layer=5))
     assert m.cog == [1, 2, 3]
     assert [type(b.attn).__name__ for b in m.transformer.h] == ["SoftmaxAttention"] + ["CogAttention"] * 3 + \
         ["SoftmaxAttention"]
-    assert cg.CogGPT(cog_tiny(n_layer=5, cog_layers="0,4")).cog == [0, 4]
-    assert cg.CogGPT(cog_tiny(variant="transformer")).cog == []
+    assert cg.CogGPT(tiny(cg.CogConfig, n_layer=5, cog_layers="0,4")).cog == [0, 4]
+    assert cg.CogGPT(tiny(cg.CogConfig, variant="transformer")).cog == []
     with torch.device("meta"):
         paper = cg.CogGPT(cg.CogConfig(**cg.CogConfig.PRESETS["141m"], variant="cogformer"))
     assert sum(p.numel() for p in paper.parameters()) == 141_183_744 and paper.cog == list(range(1, 11))
     C, T = 64, 64
-    base = cg.CogGPT(cog_tiny(n_layer=5, variant="transformer")).flops_per_token()
+    base = cg.CogGPT(tiny(cg.CogConfig, n_layer=5, variant="transformer")).flops_per_token()
     for impl, units in (("eager", 12), ("triton", 9), ("flex2x", 18)):
-        got = cg.CogGPT(cog_tiny(n_layer=5, attn_impl=impl)).flops_per_token()
+        got = cg.CogGPT(tiny(cg.CogConfig, n_layer=5, attn_impl=impl)).flops_per_token()
         assert got - base == 3 * (units - 12) * C * T
 
 
@@ -1321,13 +1325,13 @@ for B, H, T, D, with_doc in [(2, 2, 50, 64, False), (1, 2, 37, 64, True), (1, 1,
         torch.testing.assert_close(gt, ge, atol=2e-5, rtol=1e-5, msg=lambda m: f"d{name} T={T}: {m}")
 # the whole model: strided q/k/v views from the core's projection, RoPE, softmax layers around
 x = torch.randint(0, 256, (2, 40))
-t.assert_triton_model_matches_eager(lambda impl: cg.CogGPT(t.cog_tiny(attn_impl=impl)), x, x)
+t.assert_triton_model_matches_eager(lambda impl: cg.CogGPT(t.tiny(cg.CogConfig, attn_impl=impl)), x, x)
 print("OK")
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernel_matches_eager_in_interpreter():
+def test_cogformer_triton_kernel_matches_eager_in_interpreter():
     """Forward, dq, dk, dv at ragged T (not a multiple of the blocks), head dims 64 and 128, with documents."""
     run_in_interpreter(INTERPRETER_CHECK)
 
@@ -1414,7 +1418,7 @@ def reference_forward(ckpt, tokens):
 
 
 @pytest.mark.parametrize("attn_type", ["np", "vanilla"])
-def test_published_checkpoint_reproduces_reference_logits(tmp_path, attn_type):
+def test_cogformer_published_checkpoint_reproduces_reference_logits(tmp_path, attn_type):
     ckpt = published_ckpt(attn_type)
     path = str(tmp_path / f"{'cog' if attn_type == 'np' else 'vanilla'}_ckpt_100.00_Bi.pt")
     torch.save(ckpt, path)
@@ -1427,7 +1431,7 @@ def test_published_checkpoint_reproduces_reference_logits(tmp_path, attn_type):
         torch.testing.assert_close(model(tokens), ref, atol=2e-4, rtol=1e-4)
 
 
-def test_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
+def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
     path = str(tmp_path / "cog_ckpt_100.00_Bi.pt")
     torch.save(published_ckpt("np"), path)
     out = str(tmp_path / "ft")
@@ -1451,7 +1455,7 @@ def trained(tmp_path_factory, tutorial):
                     "--max-iters", "20", "--batch-size", "4", "--data", tutorial)
 
 
-def test_train_both_variants_loss_falls(trained):
+def test_cogformer_train_both_variants_loss_falls(trained):
     for variant, out in trained.items():
         log = core.read_log(out)
         assert log[-1]["loss"] < log[0]["loss"] - 0.3 and math.isfinite(log[-1]["val_loss"])
@@ -1460,7 +1464,7 @@ def test_train_both_variants_loss_falls(trained):
     assert core.read_log(trained["cogformer"])[-1]["loss"] != core.read_log(trained["transformer"])[-1]["loss"]
 
 
-def test_analysis_commands(trained, tutorial, tmp_path):
+def test_cogformer_analysis_commands(trained, tutorial, tmp_path):
     ckpt = os.path.join(trained["cogformer"], "ckpt.pt")
     out = str(tmp_path)
     common = ["--init-from", ckpt, "--data", tutorial, "--out", out, "--device", "cpu"]
@@ -1493,7 +1497,7 @@ def test_cogformer_cli_errors_are_one_line(flags, message, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_kernel_bench_needs_gpu(capsys):
+def test_cogformer_kernel_bench_refused_on_cpu(capsys):
     assert cg.main(["--kernel-bench", "--device", "cpu"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
@@ -1512,10 +1516,10 @@ def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 100, 1024, 2048, 4096])
-def test_triton_matches_eager_gpu(T, dtype, no_tf32):
+def test_cogformer_gpu_triton_matches_eager(T, dtype, no_tf32):
     """fp32: direct comparison. bf16: the kernel's error against the fp32 reference is at most twice eager
     bf16's (FlashAttention's criterion), outputs and dq, dk, dv."""
     q, k, v = rand_qkv(2, 2, T, 64, seed=T, dtype=dtype, device="cuda", scale=1.5)
@@ -1533,9 +1537,9 @@ def test_triton_matches_eager_gpu(T, dtype, no_tf32):
             assert max_err(a, b) <= 2 * max_err(e, b) + 1e-3, (name, max_err(a, b), max_err(e, b))
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("D", [64, 128])
-def test_triton_and_flex2x_match_eager_gpu_with_documents(D, no_tf32):
+def test_cogformer_gpu_triton_and_flex2x_match_eager_with_documents(D, no_tf32):
     q, k, v = rand_qkv(2, 3, 1000, D, seed=D, device="cuda", scale=1.5)
     doc = rand_doc(2, 1000).cuda()
     ye = attend("eager", q, k, v, doc)
@@ -1547,11 +1551,11 @@ def test_triton_and_flex2x_match_eager_gpu_with_documents(D, no_tf32):
             assert max_err(a, b) < 2e-4, impl
 
 
-@cuda
-def test_compiled_model_with_triton_kernel_gpu():
+@gpu
+def test_cogformer_gpu_compiled_model_with_triton_kernel():
     """torch.compile calls the kernels as custom ops inside the whole-model graph. Against the fp32 eager model, the
     compiled bf16 Triton model is as close as the bf16 eager model is (bf16 moves s across 0 and flips signs)."""
-    cfg = cog_tiny(n_layer=3, n_head=2, n_embd=128, block_size=256, device="cuda")
+    cfg = tiny(cg.CogConfig, n_layer=3, n_head=2, n_embd=128, block_size=256, device="cuda")
     x = torch.randint(0, 256, (4, 256), device="cuda")
     out = {}
     for impl, bf16 in (("eager", False), ("eager", True), ("triton", True)):
@@ -1588,6 +1592,7 @@ def exo_one_thread():
 
 
 def exo_tiny(variant="dynamic_exoformer", **kw):
+    """A tiny exoformer with the paper's optimiser settings (ExoConfig's defaults, not the tiny preset's)."""
     return exo.ExoConfig(**{**dict(variant=variant, n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=V,
                                    doc_sep=SEP, attn_impl="eager", device="cpu"), **kw})
 
@@ -1616,7 +1621,7 @@ def tokens(B=2, T=16, seed=0, sep_at=()):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["scalar", "headwise", "elementwise"])
 @pytest.mark.usefixtures("exo_one_thread")
-def test_forward_backward_every_variant(variant, mode):
+def test_exoformer_forward_backward_every_variant(variant, mode):
     torch.manual_seed(0)
     model = live(exo.ExoGPT(exo_tiny(variant, residual_mode=mode)))
     idx = tokens(sep_at=(9,))
@@ -1633,7 +1638,7 @@ def test_forward_backward_every_variant(variant, mode):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.usefixtures("exo_one_thread")
-def test_causal_and_document_masking(variant):
+def test_exoformer_causal_and_document_masking(variant):
     torch.manual_seed(0)
     model = live(exo.ExoGPT(exo_tiny(variant)))
     idx = tokens(sep_at=(8,))  # documents [0, 8) and [8, 16)
@@ -1667,7 +1672,7 @@ def test_exoformer_fast_paths_match_eager(variant, impl, sep, flex_cpu_grad):
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_dynamic_equals_static_exoformer_at_init():
+def test_exoformer_dynamic_equals_static_exoformer_at_init():
     """Model4 doubles the lambdas because the zero-initialised dynamic MLP outputs sigmoid(0) = 0.5: at init the
     Dynamic ExoFormer computes exactly the static ExoFormer, whatever fc1 holds; a trained fc2 breaks the tie."""
     for mode in ("scalar", "headwise", "elementwise"):
@@ -1690,7 +1695,7 @@ def test_dynamic_equals_static_exoformer_at_init():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_init_follows_the_paper():
+def test_exoformer_init_follows_the_paper():
     torch.manual_seed(0)
     model = exo.ExoGPT(exo_tiny("dynamic_exoformer", n_embd=64, n_head=4))
     sd = model.state_dict()
@@ -1709,7 +1714,7 @@ def test_init_follows_the_paper():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_z_loss_only_while_training():
+def test_exoformer_z_loss_only_while_training():
     torch.manual_seed(0)
     model = live(exo.ExoGPT(exo_tiny("gated", z_loss=0.1)))
     idx = tokens()
@@ -1739,7 +1744,7 @@ def train_steps(model, cfg, steps, batch):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.usefixtures("exo_one_thread")
-def test_loss_falls(variant):
+def test_exoformer_loss_falls(variant):
     """Muon + AdamW with the paper's schedule learn a periodic sequence with documents in every variant."""
     torch.manual_seed(0)
     cfg = exo_tiny(variant, n_layer=2, max_iters=30, warmup_iters=3, lr=1e-2, muon_lr=0.02)
@@ -1789,7 +1794,7 @@ def ref_muon_step(p, grad, state, lr, wd, momentum, beta2=0.95):
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_muon_matches_the_published_rule():
+def test_exoformer_muon_matches_the_published_rule():
     torch.manual_seed(0)
     params = [torch.randn(48, 16), torch.randn(16, 40), torch.randn(24, 24), torch.randn(48, 16)]  # tall, wide,
     # square, and a second tall one of the same shape: updated in one batch with the first
@@ -1810,7 +1815,7 @@ def test_muon_matches_the_published_rule():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_muon_state_dict_resumes_exactly():
+def test_exoformer_muon_state_dict_resumes_exactly():
     """Stopping after 2 of 4 steps, saving the optimizer state and loading it into a fresh Muon changes nothing."""
     torch.manual_seed(0)
     start = [torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 24)]
@@ -1837,7 +1842,7 @@ def test_muon_state_dict_resumes_exactly():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_polar_express_orthogonalises():
+def test_exoformer_polar_express_orthogonalises():
     torch.manual_seed(0)
     for shape in [(64, 32), (32, 96)]:
         G = torch.randn(shape)
@@ -1849,7 +1854,7 @@ def test_polar_express_orthogonalises():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_optimizer_groups():
+def test_exoformer_optimizer_groups():
     model = exo.ExoGPT(exo_tiny("dynamic_exoformer"))
     muon, adamw = model.configure_optimizers(model.cfg, "cpu")
     ids = lambda opt: {id(p) for g in opt.param_groups for p in g["params"]}
@@ -1867,18 +1872,16 @@ def test_optimizer_groups():
 # ----------------------------------------------------------------------------------------------------------------
 # exoformer: checkpoints
 
-def write_dataset(path, n_train=6000, n_val=1200, seed=0):
+def exo_dataset(path, n_train=6000, n_val=1200, seed=0):
+    """GPT-2-style token ids: a period of 16 with the separator, 5% noise."""
     rng = np.random.default_rng(seed)
     period = np.array([SEP, 3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38, 4], dtype=np.uint16)
+    splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
-        toks = np.tile(period, n // 16 + 1)[:n].copy()
+        toks = splits[split] = np.tile(period, n // 16 + 1)[:n].copy()
         noise = rng.random(n) < 0.05
         toks[noise] = rng.integers(0, V, int(noise.sum()))
-        toks.tofile(os.path.join(path, f"{split}.bin"))
-    meta = dict(tokenizer="gpt2", vocab_size=V, dtype="uint16", eot_token=SEP,
-                splits=dict(train=dict(tokens=n_train), val=dict(tokens=n_val)))
-    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
-    return str(path)
+    return write_dataset(path, splits, tokenizer="gpt2", vocab_size=V, eot_token=SEP)
 
 
 TINY_CLI = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
@@ -1886,8 +1889,8 @@ TINY_CLI = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--block-size",
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_checkpoint_round_trip_and_init_from(tmp_path, capsys):
-    data = write_dataset(tmp_path)
+def test_exoformer_checkpoint_round_trip_and_init_from(tmp_path, capsys):
+    data = exo_dataset(tmp_path)
     out = str(tmp_path / "run")
     assert exo.main(["--train", "--variant", "nuresformer", "--data", data, "--out", out, "--max-iters", "10",
                      "--eval-interval", "10", *TINY_CLI]) == 0
@@ -2021,7 +2024,7 @@ PUBLISHED = {  # name: (model file, exo_published() arguments, our variant name)
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 @pytest.mark.usefixtures("exo_one_thread")
-def test_published_checkpoint_reproduces_reference(name, tmp_path):
+def test_exoformer_published_checkpoint_reproduces_reference(name, tmp_path):
     version, kw, variant = PUBLISHED[name]
     args, sd = exo_published(version, **kw)
     path = str(tmp_path / "ckpt_step:38146.pt")
@@ -2035,7 +2038,7 @@ def test_published_checkpoint_reproduces_reference(name, tmp_path):
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_published_checkpoint_with_unsupported_options(tmp_path):
+def test_exoformer_published_checkpoint_with_unsupported_options(tmp_path):
     args, sd = exo_published("model1")
     args["per_layer_backout"] = True
     path = str(tmp_path / "ckpt.pt")
@@ -2067,7 +2070,7 @@ def test_exoformer_cli_errors_are_one_line(capsys):
 
 @pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_analyze(tmp_path):
-    data = write_dataset(tmp_path)
+    data = exo_dataset(tmp_path)
     ckpts = []
     for variant in ("baseline", "nuresformer", "dynamic_exoformer"):
         torch.manual_seed(0)
@@ -2097,10 +2100,10 @@ def test_exoformer_analyze(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # exoformer: GPU
 
-@cuda
+@gpu
 @pytest.mark.parametrize("variant", ["dynamic_exoformer", "nuresformer"])
 @pytest.mark.usefixtures("exo_one_thread")
-def test_cuda_compiled_flex_matches_eager(variant):
+def test_exoformer_gpu_compiled_flex_matches_eager(variant):
     """The training path (torch.compile, FlexAttention document masks, bf16) against the eager fp32 reference."""
     torch.manual_seed(0)
     cfg = exo.ExoConfig(variant=variant, n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=512,
@@ -2123,8 +2126,8 @@ def test_cuda_compiled_flex_matches_eager(variant):
     assert all(close(b, a, 5e-3) for a, b in zip(*grads))
 
 
-@cuda
-def test_cuda_polar_express_matches_the_fp32_fallback():
+@gpu
+def test_exoformer_gpu_polar_express_matches_the_fp32_fallback():
     """The CUDA path (bf16 products, fp32 accumulation, batched) against the published PyTorch fallback (fp32)."""
     torch.manual_seed(0)
     for shape in [(3, 256, 64), (2, 96, 384)]:
@@ -2158,7 +2161,7 @@ def row_sets(c, T):
     return rows
 
 
-def test_head_assignment_follows_the_thesis():
+def test_sparse_byte_head_assignment_follows_the_thesis():
     assert sb.head_clusters(8) == [0, 3, 3, 1, 1, 1, 2, 2]
     assert sb.head_clusters(6) == [0, 3, 1, 1, 2, 2]
     assert sb.head_clusters(4) == [0, 3, 1, 2]
@@ -2169,7 +2172,7 @@ def test_head_assignment_follows_the_thesis():
 
 
 @pytest.mark.parametrize("T", [7, 40, 200])
-def test_pattern_mask_matches_the_definition(T):
+def test_sparse_byte_pattern_mask_matches_the_definition(T):
     for c in (0, 1, 2, 3):
         ref = torch.zeros(T, T, dtype=torch.bool)
         for i, keys in enumerate(row_sets(c, T)):
@@ -2182,7 +2185,7 @@ def test_pattern_mask_matches_the_definition(T):
 
 
 @pytest.mark.parametrize("T", [5, 128, 300])
-def test_extended_layout_holds_each_key_once(T):
+def test_sparse_byte_extended_layout_holds_each_key_once(T):
     """The flex mask over the extended keys, folded back onto positions, is the spec with no key counted twice."""
     clusters = sb.head_clusters(8)
     src, region = sb.kv_layout(clusters, T)
@@ -2193,7 +2196,7 @@ def test_extended_layout_holds_each_key_once(T):
     assert torch.equal(folded.bool(), sb.pattern_mask(clusters, T))
 
 
-def test_block_mask_is_block_sparse():
+def test_sparse_byte_block_mask_is_block_sparse():
     """What FlexAttention computes: the BlockMask's tiles are exactly the non-empty tiles, far fewer than causal."""
     T, clusters = 2048, sb.head_clusters(8)
     src, region = sb.kv_layout(clusters, T)
@@ -2221,7 +2224,7 @@ def qkv(B, H, T, D, seed=0):
 
 
 @pytest.mark.parametrize("subset", SUBSETS)
-def test_flex_matches_eager_forward_and_gradients(subset, flex_cpu_grad):
+def test_sparse_byte_flex_matches_eager_forward_and_gradients(subset, flex_cpu_grad):
     att, T = attention(subset, "flex"), 200  # not a multiple of the block: padded regions
     res = []
     for fn in (att.attend_eager, att.attend_flex):
@@ -2233,7 +2236,7 @@ def test_flex_matches_eager_forward_and_gradients(subset, flex_cpu_grad):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_sparse_triton_pattern_lists_each_column_once():
+def test_sparse_byte_triton_pattern_lists_each_column_once():
     """The kernel's per-head rows: the strided columns S * n plus the anchors off the stride are columns(c, T)."""
     for T in (5, 13, 200, 4096):
         clusters = sb.head_clusters(8)
@@ -2272,19 +2275,19 @@ print("OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_sparse_triton_kernel_matches_eager_in_interpreter():
+def test_sparse_byte_triton_kernel_matches_eager_in_interpreter():
     """Forward, dq, dk, dv of the fused kernel vs the masked reference, in Triton's CPU interpreter (fp32)."""
     run_in_interpreter(SPARSE_INTERPRETER_CHECK)
 
 
-def test_cpu_flex_training_is_refused():
+def test_sparse_byte_cpu_flex_training_is_refused():
     att = attention("0123", "flex")
     q, k, v = qkv(1, 8, 64, 16)
     with pytest.raises(core.ConfigError, match="backward on CPU"):
         att.attend_flex(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
 
 
-def test_sparse_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsys, monkeypatch):
+def test_sparse_byte_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsys, monkeypatch):
     core.warn_once.cache_clear()
     att = attention("0123", "auto")
     assert att.impl(torch.device("cuda")) == "triton" and att.impl(torch.device("cpu")) == "eager"
@@ -2296,7 +2299,7 @@ def test_sparse_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsy
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)  # flex's forward runs on CPU
 
 
-def test_sparse_block_mask_is_built_once_before_the_layers_which_trace_in_one_graph():
+def test_sparse_byte_block_mask_is_built_once_before_the_layers_which_trace_in_one_graph():
     """GPU training path: the static block mask is built once per length, eagerly, in the model's context; the
     layers then only read it and compile without a graph break (the 'eager' backend runs that check on CPU)."""
     cfg = sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=64, block_size=160,
@@ -2317,7 +2320,7 @@ def test_sparse_block_mask_is_built_once_before_the_layers_which_trace_in_one_gr
     assert not model.context(x, record=lambda *a: None).cache  # recording runs the eager reference: no mask
 
 
-def test_sparse_model_is_causal_and_records_masked_probabilities():
+def test_sparse_byte_model_is_causal_and_records_masked_probabilities():
     cfg = sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=64, block_size=96)
     model = sb.build_model(cfg).eval()
     idx = torch.randint(0, 256, (1, 96))
@@ -2335,7 +2338,7 @@ def test_sparse_model_is_causal_and_records_masked_probabilities():
 
 # ---- sparse_byte: head metrics on hand-made attention
 
-def test_metrics_on_hand_made_attention():
+def test_sparse_byte_metrics_on_hand_made_attention():
     T = 64
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
@@ -2358,7 +2361,7 @@ def test_metrics_on_hand_made_attention():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_metrics_threshold_and_renormalisation():
+def test_sparse_byte_metrics_threshold_and_renormalisation():
     """Entries below 1e-4 count as sparse; rows are renormalised (a scaled matrix gives the same numbers)."""
     p = torch.tensor([[1.0, 0.0], [0.99995, 0.00005]])
     m = sb.head_metrics(p[None, None])[0, 0]
@@ -2366,9 +2369,9 @@ def test_metrics_threshold_and_renormalisation():
     torch.testing.assert_close(sb.head_metrics(3 * p[None, None]), sb.head_metrics(p[None, None]))
 
 
-def test_extracted_metrics_are_means_over_windows(tmp_path):
+def test_sparse_byte_extracted_metrics_are_means_over_windows(tmp_path):
     data = tmp_path / "d"
-    make_bytes_dataset(data, 3000)
+    write_dataset(data, text_splits(tutorial_bytes(), 3000))
     cfg = sb.SparseByteConfig(variant="sparse", vocab_size=256, n_layer=2, n_head=4, n_embd=32, block_size=64)
     model = sb.build_model(cfg)
     m, n = sb.extract_metrics(model, core.TokenData(str(data)), 5, 2, torch.device("cpu"))
@@ -2384,7 +2387,7 @@ def test_extracted_metrics_are_means_over_windows(tmp_path):
 
 # ---- sparse_byte: clustering
 
-def test_standardize_matches_population_zscore():
+def test_sparse_byte_standardize_matches_population_zscore():
     X = np.array([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 9.0]])
     Z = sb.standardize(X)
     np.testing.assert_allclose(Z.mean(0), 0, atol=1e-12)
@@ -2392,7 +2395,7 @@ def test_standardize_matches_population_zscore():
     assert (Z[:, 1] == 0).all()
 
 
-def test_kmeans_recovers_planted_clusters():
+def test_sparse_byte_kmeans_recovers_planted_clusters():
     rng = np.random.default_rng(0)
     truth = np.repeat(np.arange(4), 25)
     centers = np.array([[0, 0, 0], [6, 0, 0], [0, 6, 0], [0, 0, 6]], float)
@@ -2405,7 +2408,7 @@ def test_kmeans_recovers_planted_clusters():
     assert max(scores, key=scores.get) == 4
 
 
-def test_silhouette_matches_direct_computation():
+def test_sparse_byte_silhouette_matches_direct_computation():
     rng = np.random.default_rng(3)
     X = rng.normal(size=(30, 3))
     labels = rng.integers(0, 4, 30)
@@ -2424,21 +2427,8 @@ def test_silhouette_matches_direct_computation():
 
 # ---- sparse_byte: command line
 
-def make_bytes_dataset(path, n_val, n_test=0):
-    text = tutorial_bytes()
-    os.makedirs(path, exist_ok=True)
-    splits = {"train": text[:-(n_val + n_test)], "val": text[-(n_val + n_test):len(text) - n_test]}
-    if n_test:
-        splits["test"] = text[-n_test:]
-    for s, b in splits.items():
-        np.frombuffer(b, np.uint8).tofile(os.path.join(path, f"{s}.bin"))
-    json.dump(dict(tokenizer="bytes", vocab_size=256, dtype="uint8", eot_token=None,
-                   splits={s: dict(tokens=len(b), bytes=len(b)) for s, b in splits.items()}),
-              open(os.path.join(path, "meta.json"), "w"))
-
-
-def test_thesis_knobs_map_onto_core(tmp_path):
-    make_bytes_dataset(tmp_path / "d", 5000)
+def test_sparse_byte_thesis_knobs_map_onto_core(tmp_path):
+    write_dataset(tmp_path / "d", text_splits(tutorial_bytes(), 5000))
     n = core.TokenData(str(tmp_path / "d")).tokens("train")
     cfg = sb.SparseByteConfig(data=str(tmp_path / "d"), seq_length=128, batch_size=4, grad_accum=2, num_epochs=3)
     assert cfg.block_size == 128 and cfg.max_iters == 3 * ((n - 1) // (4 * 128)) // 2
@@ -2447,9 +2437,9 @@ def test_thesis_knobs_map_onto_core(tmp_path):
     assert (thesis.n_layer, thesis.n_head, thesis.n_embd, thesis.hidden, thesis.block_size) == (12, 8, 512, 2048, 1024)
 
 
-def test_cli_train_eval_metrics_cluster(tmp_path, capsys):
+def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys):
     data = str(tmp_path / "d")
-    make_bytes_dataset(data, 6000, 3000)
+    write_dataset(data, text_splits(tutorial_bytes(), 6000, 3000))
     common = ["--preset", "tiny", "--data", data, "--n-head", "8", "--n-embd", "64", "--max-iters", "20",
               "--eval-interval", "20", "--lr", "3e-3"]
     for variant in ("dense", "sparse"):
@@ -2484,22 +2474,22 @@ def test_cli_train_eval_metrics_cluster(tmp_path, capsys):
     (["--metrics", "--out", "/nonexistent/run"], "checkpoint not found"),
     (["--cluster", "--runs", "/nonexistent/run"], "no head metrics"),
 ])
-def test_cli_mistakes_give_one_line(argv, message, capsys):
+def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
-def test_kernel_bench_needs_a_gpu(capsys):
+def test_sparse_byte_kernel_bench_refused_on_cpu(capsys):
     assert sb.main(["--kernel-bench", "--device", "cpu"]) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
 # ---- sparse_byte: GPU
 
-@cuda
+@gpu
 @pytest.mark.parametrize("T", [300, 1024])
-def test_compiled_flex_matches_eager_on_gpu(T):
+def test_sparse_byte_gpu_compiled_flex_matches_eager(T):
     att = attention("0123", "flex", T=T, D=64).cuda()
     res = []
     for fn in (att.attend_eager, att.attend_flex):
@@ -2511,9 +2501,9 @@ def test_compiled_flex_matches_eager_on_gpu(T):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("T", [300, 1024, 4096])
-def test_sparse_triton_matches_eager_on_gpu(T):
+def test_sparse_byte_gpu_triton_matches_eager(T):
     """The fused kernel in bf16 (autotuned tiles) vs the masked reference in fp32."""
     att = attention("0123", "triton", T=T, D=64).cuda()
     res = []
@@ -2525,8 +2515,8 @@ def test_sparse_triton_matches_eager_on_gpu(T):
     assert max(rel_errors(res[1], res[0])) < 2e-2
 
 
-@cuda
-def test_compiled_sparse_model_matches_eager_reference_on_gpu():
+@gpu
+def test_sparse_byte_gpu_compiled_sparse_model_matches_eager_reference():
     """The training path end to end: inductor-compiled model with block-sparse flex vs the masked eager model."""
     kw = dict(variant="sparse", vocab_size=256, n_layer=2, n_head=8, n_embd=128, block_size=256)
     torch.manual_seed(0)
@@ -2543,8 +2533,8 @@ def test_compiled_sparse_model_matches_eager_reference_on_gpu():
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-@cuda
-def test_kernel_bench_runs_on_gpu():
+@gpu
+def test_sparse_byte_gpu_kernel_bench_runs():
     r = sb.bench_attention(1024, sb.head_clusters(8), 64, 4, torch.device("cuda"))
     assert 0.4 < r["block_density"] < 0.5 and r["sparse_ms"] > 0 and r["dense_sdpa_ms"] > 0 and r["triton_ms"] > 0
 
@@ -2554,15 +2544,11 @@ def test_kernel_bench_runs_on_gpu():
 # Tests of reflex.py.
 # ================================================================================================================
 
-def rcfg(**kw):
-    return reflex.ReflexConfig(**{**reflex.ReflexConfig.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", **kw})
-
-
 def eager_and_fused(heads, **kw):
     """Two reflex models with the same weights: the per-group eager reference and the fused SDPA path."""
     torch.manual_seed(0)
-    eager = reflex.build_model(rcfg(heads=heads, attn_impl="eager", **kw))
-    fused = reflex.build_model(rcfg(heads=heads, attn_impl="sdpa", **kw))
+    eager = reflex.build_model(tiny(reflex.ReflexConfig, heads=heads, attn_impl="eager", **kw))
+    fused = reflex.build_model(tiny(reflex.ReflexConfig, heads=heads, attn_impl="sdpa", **kw))
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -2601,17 +2587,17 @@ def original_forward(model, idx, scheme):
 
 
 @pytest.mark.parametrize("heads,scheme", [("5-2-1", (5, 2, 1)), ("4-2-2", (4, 2, 2)), ("all", "all")])
-def test_matches_the_original_forward(heads, scheme):
+def test_reflex_matches_the_original_forward(heads, scheme):
     torch.manual_seed(0)
-    model = reflex.build_model(rcfg(heads=heads, n_layer=6)).eval()
+    model = reflex.build_model(tiny(reflex.ReflexConfig, heads=heads, n_layer=6)).eval()
     idx = torch.randint(0, 256, (2, 40))
     assert torch.allclose(model(idx), original_forward(model, idx, scheme), atol=1e-5)
 
 
-def test_s00_equals_baseline_exactly():
+def test_reflex_s00_equals_baseline_exactly():
     torch.manual_seed(0)
-    base = reflex.build_model(rcfg(variant="baseline"))
-    rx = reflex.build_model(rcfg(heads="8-0-0"))
+    base = reflex.build_model(tiny(reflex.ReflexConfig, variant="baseline"))
+    rx = reflex.build_model(tiny(reflex.ReflexConfig, heads="8-0-0"))
     assert list(base.state_dict()) == list(rx.state_dict())
     rx.load_state_dict(base.state_dict())
     idx = torch.randint(0, 256, (2, 48))
@@ -2621,7 +2607,7 @@ def test_s00_equals_baseline_exactly():
 
 
 @pytest.mark.parametrize("heads", ["5-2-1", "4-2-2", "all", "0-5-3"])
-def test_fused_matches_per_group_reference(heads):
+def test_reflex_fused_matches_per_group_reference(heads):
     """One fused SDPA call on gathered K/V == one eager call per head group: logits and every gradient, including
     the earlier layers' c_attn (their K/V projections receive gradient through later cross heads)."""
     eager, fused = eager_and_fused(heads)
@@ -2632,10 +2618,10 @@ def test_fused_matches_per_group_reference(heads):
         assert torch.allclose(gf[n], ge[n], atol=1e-6, rtol=1e-4), n
 
 
-def test_rope_on_gathered_keys_equals_gathering_rotated_keys():
+def test_reflex_rope_on_gathered_keys_equals_gathering_rotated_keys():
     """llama family: the fast path rotates the gathered head columns; RoPE depends on the position only, so that
     equals slicing the rotated keys of the layer they come from."""
-    cfg = rcfg(family="llama")
+    cfg = tiny(reflex.ReflexConfig, family="llama")
     model, att = reflex.build_model(cfg), reflex.ReflexAttention(cfg, 2)
     idx = torch.randint(0, 256, (2, 24))
     ctx, D = model.context(idx), cfg.head_dim
@@ -2648,10 +2634,10 @@ def test_rope_on_gathered_keys_equals_gathering_rotated_keys():
     torch.testing.assert_close(v2, v[:, 5:7])
 
 
-def test_cross_heads_backprop_into_earlier_layers_same_slots():
+def test_reflex_cross_heads_backprop_into_earlier_layers_same_slots():
     """5-2-1 over 4 layers: a K/V head slot gets gradient iff some head reads it (not detached, same slots)."""
     torch.manual_seed(0)
-    model = reflex.build_model(rcfg(heads="5-2-1"))
+    model = reflex.build_model(tiny(reflex.ReflexConfig, heads="5-2-1"))
     _, g = reflex_grads(model, torch.randint(0, 256, (2, 32)))
     C, D = model.cfg.n_embd, model.cfg.head_dim
 
@@ -2666,9 +2652,9 @@ def test_cross_heads_backprop_into_earlier_layers_same_slots():
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("heads", ["5-2-1", "all"])
-def test_causal(heads, impl):
+def test_reflex_causal(heads, impl):
     torch.manual_seed(0)
-    model = reflex.build_model(rcfg(heads=heads, attn_impl=impl)).eval()
+    model = reflex.build_model(tiny(reflex.ReflexConfig, heads=heads, attn_impl=impl)).eval()
     idx = torch.randint(0, 256, (2, 32))
     t = 20
     idx2 = idx.clone()
@@ -2695,13 +2681,13 @@ def cli(capsys, *args):
     (["--heads", "all", "--n-layer", "9"], "needs n_layer <= n_head"),
     (["--preset", "124m"], "sums to 8, but n_head is 12"),
 ])
-def test_invalid_heads_one_line(args, msg, tutorial, capsys):
+def test_reflex_invalid_heads_one_line(args, msg, tutorial, capsys):
     rc, _, err = cli(capsys, "--train", "--device", "cpu", "--data", tutorial, *args)
     assert rc == 2
     assert_one_line_error(err, msg)
 
 
-def test_cli_process_invalid_split_exits_nonzero(tutorial):
+def test_reflex_cli_process_invalid_split_exits_nonzero(tutorial):
     rc, _, err = run_cli("reflex.py", "--train", "--device", "cpu", "--data", tutorial, "--heads", "4-2-1")
     assert rc == 2 and err.strip() == "error: --heads 4-2-1 sums to 7, but n_head is 8", err
 
@@ -2715,7 +2701,7 @@ def reflex_runs(tutorial, tmp_path_factory):
                     "--max-iters", "60", "--eval-interval", "30")
 
 
-def test_cli_smoke_runs_learn(reflex_runs):
+def test_reflex_cli_smoke_runs_learn(reflex_runs):
     for name, path in reflex_runs.items():
         log = core.read_log(path)
         cfg = json.load(open(os.path.join(path, "run.json")))["config"]
@@ -2725,7 +2711,7 @@ def test_cli_smoke_runs_learn(reflex_runs):
     assert model.cfg.heads == "all" and isinstance(model.transformer.h[1].attn, reflex.ReflexAttention)
 
 
-def test_cli_charts(reflex_runs, tutorial, capsys):
+def test_reflex_cli_charts(reflex_runs, tutorial, capsys):
     rc, stdout, err = cli(capsys, "--charts", "--out", reflex_runs["base"], "--data", tutorial,
                           "--runs", reflex_runs["521"], reflex_runs["422"], reflex_runs["all"])
     assert rc == 0, err
@@ -2742,9 +2728,9 @@ def test_reflex_bench_rows_are_every_split():
     assert bench.row_flags(s, "reflex 4-2-2") == ["--variant", "reflex", "--heads", "4-2-2"]
 
 
-@cuda
+@gpu
 @pytest.mark.parametrize("heads", ["5-2-1", "4-2-2", "all"])
-def test_gpu_fused_matches_reference_bf16(heads):
+def test_reflex_gpu_fused_matches_reference_bf16(heads):
     """On the GPU the fused call runs flash/cuDNN SDPA in bf16; compare with the per-group fp32 eager reference."""
     eager, fused = (m.cuda() for m in eager_and_fused(heads, n_embd=512, n_layer=6, block_size=256))
     idx = torch.randint(0, 256, (4, 256), device="cuda")
@@ -2776,25 +2762,13 @@ def bench_run_cli(*args):
 @pytest.fixture(scope="module")
 def bytes_data(tmp_path_factory):
     """The embedded tutorial as a byte-level dataset."""
-    path = str(tmp_path_factory.mktemp("tutorial"))
-    b = tutorial_bytes()[:200_000]
-    n = int(len(b) * 0.9)
-    np.frombuffer(b[:n], np.uint8).tofile(os.path.join(path, "train.bin"))
-    np.frombuffer(b[n:], np.uint8).tofile(os.path.join(path, "val.bin"))
-    json.dump(dict(tokenizer="bytes", vocab_size=256, dtype="uint8", eot_token=None,
-                   splits=dict(train=dict(tokens=n, bytes=n), val=dict(tokens=len(b) - n, bytes=len(b) - n))),
-              open(os.path.join(path, "meta.json"), "w"))
-    return path
-
-
-def tiny_cfg(**kw):
-    return core.Config(**{**core.Config.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", **kw})
+    return write_dataset(tmp_path_factory.mktemp("tutorial"), text_splits(tutorial_bytes()[:200_000], 0.1))
 
 
 @pytest.fixture(scope="module")
 def scorer():
     torch.manual_seed(0)
-    return bench.Scorer(core.GPT(tiny_cfg()), core.get_tokenizer("bytes"), NEWLINE, batch_size=3)
+    return bench.Scorer(core.GPT(tiny()), core.get_tokenizer("bytes"), NEWLINE, batch_size=3)
 
 
 MC = [dict(context="The cat sat on the", choices=[" mat", " hat and a coat", "x"], label=0),
@@ -2824,7 +2798,7 @@ def direct_loglik(model, context, choice, T=64):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: speed: table, bench.json, chart; parity gate
 
-def test_speed_table_core_and_a_paper(tmp_path):
+def test_bench_speed_table_core_and_a_paper(tmp_path):
     rc, out, err = bench_run_cli("bench.py", "--papers", "core,reflex", "--device", "cpu", "--steps", 2, "--warmup", 1,
                            "--out", tmp_path)
     assert rc == 0, err
@@ -2846,7 +2820,7 @@ def not_causal(self, q, k, v, ctx):
     return F.scaled_dot_product_attention(q, k, v)  # a broken fast path: attends to the future
 
 
-def test_parity_passes_and_flags_a_broken_fast_path(monkeypatch):
+def test_bench_parity_passes_and_flags_a_broken_fast_path(monkeypatch):
     s = bench.script("core")
     cfg = bench.make_cfg(s, "", "tiny", device="cpu")
     good = bench.check_parity(s, cfg)
@@ -2863,7 +2837,7 @@ def test_parity_passes_and_flags_a_broken_fast_path(monkeypatch):
     assert "FAIL" in bench.speed_table([row])
 
 
-def test_measure_reports_oom_and_refused_configs(monkeypatch):
+def test_bench_measure_reports_oom_and_refused_configs(monkeypatch):
     spec = dict(script="core", variant="", baseline="", preset="tiny", impl="auto", over=dict(device="cpu"),
                 check=False)
     def oom(*a, **k):
@@ -2873,7 +2847,7 @@ def test_measure_reports_oom_and_refused_configs(monkeypatch):
     assert bench.measure({**spec, "preset": "nope"})["status"].startswith("skip: core has no preset 'nope'")
 
 
-def test_row_selection_and_scaling_batches():
+def test_bench_row_selection_and_scaling_batches():
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--scaling", "--seq", "32,128",
                                             "--preset", "tiny"])
     specs = bench.speed_specs(args, gpu=False)
@@ -2894,7 +2868,7 @@ def test_row_selection_and_scaling_batches():
     assert [r["x_baseline"] for r in rows] == [1.0, 1.0]  # no auto row: each impl against the first baseline row
 
 
-def test_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path, monkeypatch):
+def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path, monkeypatch):
     ran = []
     def fake_row(spec, log):
         ran.append((bench.label(spec), spec["T"], spec.get("check", True)))
@@ -2921,7 +2895,7 @@ def test_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path, monke
     assert [r["T"] for r in json.load(open(tmp_path / "cut" / "scaling.json"))["rows"]] == [32, 64]
 
 
-def test_append_replaces_rows_run_again(tmp_path):
+def test_bench_append_replaces_rows_run_again(tmp_path):
     row = lambda script, variant, ms: dict(script=script, variant=variant, impl="auto", T=64, B=8, ms=ms)
     path = str(tmp_path / "bench.json")
     json.dump(dict(rows=[row("reflex", "reflex", 1.0), row("core", "", 2.0)]), open(path, "w"))
@@ -2931,7 +2905,7 @@ def test_append_replaces_rows_run_again(tmp_path):
     assert bench.merge(str(tmp_path / "none.json"), "rows", merged, key) == merged
 
 
-def test_variant_roles_of_every_paper():
+def test_bench_variant_roles_of_every_paper():
     roles = {n: (bench.script(n).baseline, bench.script(n).main) for n in bench.PAPERS}
     assert roles == {"exoformer": ("baseline", "dynamic_exoformer"), "attn_bias": ("default", "attn_bias"),
                      "cogformer": ("transformer", "cogformer"), "sparse_byte": ("dense", "sparse"),
@@ -2942,7 +2916,7 @@ def test_variant_roles_of_every_paper():
             assert bench.make_cfg(s, v, bench.preset_for(n, {}, gpu=True)).n_embd >= 768
 
 
-def test_cli_errors():
+def test_bench_cli_errors():
     assert bench.main(["--papers", "nope", "--device", "cpu"]) == 2
     assert bench.main(["--compare", "--data", "/nonexistent/dir"]) == 2
     assert bench.main(["--eval-tasks", "mc.jsonl"]) == 2
@@ -2952,7 +2926,7 @@ def test_cli_errors():
 # ----------------------------------------------------------------------------------------------------------------
 # bench: downstream: multiple choice, rolling log-likelihood, generation
 
-def test_mc_scorer_matches_direct_computation(scorer, mc_file):
+def test_bench_mc_scorer_matches_direct_computation(scorer, mc_file):
     res = bench.mc_score(scorer, mc_file)
     direct = [[direct_loglik(scorer.model, d["context"], c) for c in d["choices"]] for d in MC]
     assert np.allclose(np.array(sum(res["lls"], [])), np.array(sum(direct, [])), atol=1e-4)
@@ -2964,10 +2938,10 @@ def test_mc_scorer_matches_direct_computation(scorer, mc_file):
     assert bench.mc_score(scorer, mc_file, limit=2)["n"] == 2
 
 
-def test_mc_scorer_prefers_the_learned_continuation(tmp_path):
+def test_bench_mc_scorer_prefers_the_learned_continuation(tmp_path):
     """A model trained on one sentence must pick its continuation over a same-length wrong one."""
     torch.manual_seed(0)
-    model = core.GPT(tiny_cfg())
+    model = core.GPT(tiny())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.tensor([list(b"the quick brown fox jumps over the lazy dog. the quick brown fox")])  # 64 bytes
     for _ in range(60):
@@ -2980,7 +2954,7 @@ def test_mc_scorer_prefers_the_learned_continuation(tmp_path):
     assert res["acc"] == 1.0 and res["lls"][0][1] > res["lls"][0][0] + 1
 
 
-def test_bad_mc_file_is_one_clear_error(scorer, tmp_path):
+def test_bench_bad_mc_file_is_one_clear_error(scorer, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(dict(context="a", choices=["b"], label=3)) + "\n")
     with pytest.raises(core.ConfigError, match="line 1"):
@@ -2988,10 +2962,10 @@ def test_bad_mc_file_is_one_clear_error(scorer, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="needs the offline gpt2.tiktoken")
-def test_bpe_pair_split_moves_the_trailing_space(monkeypatch):
+def test_bench_bpe_pair_split_moves_the_trailing_space(monkeypatch):
     monkeypatch.setenv("ATTNLAB_TIKTOKEN", TIKTOKEN)
     tok = core.get_tokenizer("gpt2")
-    s = bench.Scorer(core.GPT(tiny_cfg(vocab_size=50304)), tok, tok.eot_token)
+    s = bench.Scorer(core.GPT(tiny(vocab_size=50304)), tok, tok.eot_token)
     assert s.encode_pair("Hello ", "world") == (tok.encode("Hello"), tok.encode(" world"))
     assert s.encode_pair("", "Hello") == ([tok.eot_token], tok.encode("Hello"))
 
@@ -3010,7 +2984,7 @@ def rolling_direct(model, toks, T=64):
     return total
 
 
-def test_rolling_loglikelihood_and_greedy_generation(scorer):
+def test_bench_rolling_loglikelihood_and_greedy_generation(scorer):
     text = "".join(chr(97 + (i * 7) % 26) for i in range(150))
     assert scorer.rolling(text) == pytest.approx(rolling_direct(scorer.model, list(text.encode())), abs=1e-3)
     assert scorer.rolling("short") == pytest.approx(rolling_direct(scorer.model, list(b"short")), abs=1e-4)
@@ -3027,7 +3001,7 @@ def test_rolling_loglikelihood_and_greedy_generation(scorer):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: lm-eval adapter (optional dependency) and --eval-tasks
 
-def test_lm_eval_adapter_matches_direct_scores(scorer, mc_file, tmp_path, monkeypatch):
+def test_bench_lm_eval_adapter_matches_direct_scores(scorer, mc_file, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from lm_eval.api.instance import Instance
@@ -3059,7 +3033,7 @@ def test_lm_eval_adapter_matches_direct_scores(scorer, mc_file, tmp_path, monkey
 @pytest.fixture
 def tiny_ckpt(tmp_path, bytes_data):
     torch.manual_seed(0)
-    cfg = tiny_cfg(data=bytes_data)
+    cfg = tiny(data=bytes_data)
     model = core.GPT(cfg)
     path = str(tmp_path / "ckpt.pt")
     core.save_checkpoint(path, dict(format="attnlab", script="core", config=dataclasses.asdict(cfg),
@@ -3077,7 +3051,7 @@ def test_bench_eval_tasks_of_a_checkpoint(tiny_ckpt, mc_file, capsys):
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in capsys.readouterr().out
 
 
-def test_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
+def test_bench_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     monkeypatch.setitem(sys.modules, "lm_eval.api", None)
     monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
@@ -3092,7 +3066,7 @@ def test_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: --compare
 
-def test_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
+def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
     rc, out, err = bench_run_cli("bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
                            "--data", bytes_data, "--max-iters", 4, "--out", tmp_path)
     assert rc == 0, err
@@ -3109,7 +3083,7 @@ def test_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
+def test_bench_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
     rc, out, err = bench_run_cli("bench.py", "--ddp", 2, "--device", "cpu", "--preset", "tiny", "--data", bytes_data,
                            "--max-iters", 6, "--out", tmp_path)
     assert rc == 0, err
@@ -3123,9 +3097,9 @@ def test_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: GPU (H100): every fast path of every variant against its eager reference in bf16, then one compiled row
 
-@cuda
+@gpu
 @pytest.mark.parametrize("name", bench.scripts())
-def test_gpu_parity_of_every_variant(name):
+def test_bench_gpu_parity_of_every_variant(name):
     s = bench.script(name)
     for variant in bench.pick_variants(s, "all"):
         res = bench.check_parity(s, bench.make_cfg(s, variant, "tiny", device="cuda"))
@@ -3133,8 +3107,8 @@ def test_gpu_parity_of_every_variant(name):
         assert res["floor"] > 0 and "eager" not in res["impls"]  # checked in bf16, on a fast path
 
 
-@cuda
-def test_gpu_compiled_row(tmp_path):
+@gpu
+def test_bench_gpu_compiled_row(tmp_path):
     rc, out, err = bench_run_cli("bench.py", "--papers", "core", "--preset", "tiny", "--steps", 3, "--out", tmp_path)
     assert rc == 0, err
     (row,) = json.load(open(tmp_path / "bench.json"))["rows"]
