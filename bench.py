@@ -456,8 +456,9 @@ def run_env(rows):
 def train_run(cmd, out):
     """Run one training command; its output goes to <out>/stdout.txt. -> error line or None."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "stdout.txt"), "w") as log:
-        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get("PYTHONPATH"))))}
+    with open(os.path.join(out, "stdout.txt"), "w") as log:  # a script outside the repo still imports core
+        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
         last = [l for l in open(os.path.join(out, "stdout.txt")).read().splitlines() if l.strip()][-1:] or [""]
         return f"exit {p.returncode}: {last[0][:200]}"

@@ -3095,6 +3095,49 @@ def test_bench_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# core + bench: a new paper script, as the README's "Add your own attention" writes it
+
+def readme_window_script(path):
+    """The README's example script, written to path (so the README's code is what this test runs)."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    code = text[text.index("## Add your own attention"):].split("```python\n", 1)[1].split("```", 1)[0]
+    path.write_text(code)
+    return str(path)
+
+
+def test_new_paper_script_through_core_and_bench(tmp_path, tutorial, flex_cpu_grad, monkeypatch):
+    script = readme_window_script(tmp_path / "window.py")
+    env = {"PYTHONPATH": HERE}
+    common = ["--preset", "tiny", "--device", "cpu", "--data", tutorial, "--window", "16"]
+    rc, out, err = run_cli(script, "--train", *common, "--max-iters", "40", "--eval-interval", "20",
+                           "--out", tmp_path / "run", env=env)
+    assert rc == 0, err
+    log = core.read_log(str(tmp_path / "run"))
+    assert log[-1]["loss"] < log[0]["loss"] - 1 and "window/window" in out
+    rc, out, err = run_cli(script, "--eval", "--out", tmp_path / "run", env=env)
+    assert rc == 0 and "window/window on" in out and "\nval " in out, err
+    rc, out, err = run_cli(script, "--help", env=env)
+    assert rc == 0 and "--window" in out and "full causal attention" in out
+    # bench.py: its rows (baseline first), each checked then timed; the parity check also fails a broken path
+    rc, out, err = bench_run_cli("bench.py", "--papers", script, "--device", "cpu", "--steps", 1, "--warmup", 0,
+                                 "--out", tmp_path / "bench")
+    assert rc == 0, err
+    rows = json.load(open(tmp_path / "bench" / "bench.json"))["rows"]
+    assert [bench.label(r) for r in rows] == ["window/baseline", "window/window"]
+    assert all(r["status"] == "ok" for r in rows) and rows[0]["x_baseline"] == 1.0
+    s = bench.script(script)
+    cfg = bench.make_cfg(s, "window", "tiny", device="cpu", attn_impl="flex", window=16)
+    assert bench.check_parity(s, cfg)["status"] == "ok"
+    monkeypatch.setattr(sys.modules["window"].WindowAttention, "attend_flex", core.Attention.attend_flex)  # no band
+    assert bench.check_parity(s, cfg)["status"] == "FAIL"
+    rc, out, err = bench_run_cli("bench.py", "--compare", "--papers", script, "--preset", "tiny", "--device", "cpu",
+                                 "--data", tutorial, "--max-iters", 4, "--out", tmp_path / "compare")
+    assert rc == 0, err
+    runs = json.load(open(tmp_path / "compare" / "compare.json"))["runs"]
+    assert [bench.label(r) for r in runs] == ["window/baseline", "window/window"] and not any(r["error"] for r in runs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # bench: GPU (H100): every fast path of every variant against its eager reference in bf16, then one compiled row
 
 @gpu
