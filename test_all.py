@@ -396,6 +396,189 @@ def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# core: a run is never silently wrong, and nothing is lost. Each case: exit code 2, one line, no file changed.
+
+def quick(main, out, *flags, data=None):
+    """A 4-step tiny run of a script's main (checkpoint at steps 2 and 4) -> its exit code."""
+    return main(["--train", "--preset", "tiny", "--device", "cpu", "--max-iters", "4", "--eval-interval", "2",
+                 "--eval-iters", "1", "--out", str(out), *(["--data", data] if data else []), *flags])
+
+
+def fails_in_one_line(capsys, rc, message):
+    assert rc == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+
+
+def digests(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module")
+def core_run(tmp_path_factory, tutorial):
+    """A finished tiny core run on the tutorial bytes."""
+    out = tmp_path_factory.mktemp("core_run") / "run"
+    assert quick(lambda a: core.main(core.PAPER, a), out, data=tutorial) == 0
+    return str(out)
+
+
+def core_main(*args):
+    return core.main(core.PAPER, [str(a) for a in args])
+
+
+def test_core_checkpoint_names_its_script_and_other_scripts_refuse_it(core_run, tmp_path, capsys, tutorial):
+    ckpt = core.load_checkpoint(os.path.join(core_run, "ckpt.pt"))
+    assert (ckpt["script"], ckpt["variant"], ckpt["step"]) == ("core", "", 4)
+    assert ckpt["data"] == dict(path=os.path.abspath(tutorial), tokenizer="bytes", vocab_size=256)
+    before = digests(core_run)
+    for main in (cg.main, reflex.main):
+        fails_in_one_line(capsys, main(["--eval", "--init-from", os.path.join(core_run, "ckpt.pt")]),
+                          "was written by core.py: use python core.py")
+        fails_in_one_line(capsys, main(["--resume", "--out", core_run, "--max-iters", "6"]), "written by core.py")
+    cog = tmp_path / "cog"
+    assert quick(cg.main, cog, data=tutorial) == 0
+    fails_in_one_line(capsys, core_main("--eval", "--init-from", cog / "ckpt.pt"),
+                      "was written by cogformer.py: use python cogformer.py")
+    fails_in_one_line(capsys, core_main("--resume", "--out", cog, "--max-iters", "6"), "was written by cogformer.py")
+    assert digests(core_run) == before and core.read_log(str(cog))[-1]["step"] == 4
+
+
+def test_core_eval_sample_and_init_from_use_the_checkpoints_dataset(core_run, tmp_path, capsys, tutorial):
+    ckpt = os.path.join(core_run, "ckpt.pt")
+    assert core_main("--eval", "--init-from", ckpt) == 0  # no --data: the run's dataset, named in the output
+    out = capsys.readouterr().out
+    assert f"core/gpt on {os.path.abspath(tutorial)}" in out
+    assert core_main("--eval", "--init-from", ckpt, "--data", tutorial) == 0
+    assert capsys.readouterr().out.splitlines()[2] == out.splitlines()[2]  # the same score
+    assert core_main("--sample", "--init-from", ckpt, "--max-new-tokens", "5") == 0
+    gpt2_ids = write_dataset(tmp_path / "gpt2", {"train": np.arange(500), "val": np.arange(300)}, tokenizer="gpt2",
+                             vocab_size=50257, eot_token=50256)
+    for action in ("--eval", "--sample", "--train"):
+        fails_in_one_line(capsys, core_main(action, "--init-from", ckpt, "--data", gpt2_ids, "--out", tmp_path / "x"),
+                          "holds gpt2 tokens (50257); the model was trained on bytes (256)")
+    other = write_dataset(tmp_path / "other", text_splits(b"another text of bytes\n" * 400, 0.2))
+    fails_in_one_line(capsys, core_main("--train", "--resume", "--out", core_run, "--data", other, "--max-iters", 6),
+                      "is not the run's dataset")
+    assert core_main("--train", "--init-from", ckpt, "--out", tmp_path / "ft", "--max-iters", "2",
+                     "--eval-interval", "2", "--eval-iters", "1") == 0  # fine-tunes on the checkpoint's dataset
+    assert core.load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"))["data"]["path"] == os.path.abspath(tutorial)
+    moved = tmp_path / "moved.pt"
+    ck = core.load_checkpoint(ckpt)
+    ck["data"]["path"] = str(tmp_path / "gone")
+    del ck["checksum"]
+    core.save_checkpoint(str(moved), ck)
+    fails_in_one_line(capsys, core_main("--eval", "--init-from", moved), "which is not here: pass --data")
+
+
+def test_core_train_never_overwrites_a_run(core_run, capsys, tutorial):
+    before = digests(core_run)
+    fails_in_one_line(capsys, quick(lambda a: core.main(core.PAPER, a), core_run, data=tutorial),
+                      "already holds a run (ckpt.pt): --resume continues it, --overwrite starts over")
+    assert digests(core_run) == before
+    assert core.PAPER.default_out(core.Config()) == os.path.join("runs", "core")
+    assert cg.PAPER.default_out(tiny(cg.CogConfig)) == os.path.join("runs", "cogformer", "cogformer")
+    assert core_main("--train", "--resume", "--out", core_run, "--max-iters", "6", "--eval-interval", "2",
+                     "--eval-iters", "1") == 0
+    out = capsys.readouterr().out
+    assert f"resumed from step 4 of {core_run}" in out and f"saved {core_run}/ckpt.pt" in out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign", "text"])
+def test_core_corrupt_truncated_or_foreign_checkpoint_is_one_line(core_run, tmp_path, capsys, damage):
+    data = open(os.path.join(core_run, "ckpt.pt"), "rb").read()
+    path = tmp_path / "ckpt.pt"
+    if damage == "flip":  # 64 bytes in the middle: tensor data, so only the checksum can tell
+        mid = len(data) // 2
+        data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:]
+    path.write_bytes({"flip": data, "truncate": data[:len(data) // 2], "empty": b"", "text": b"hello\n"}.get(
+        damage, b""))
+    if damage == "foreign":
+        torch.save({"state": torch.zeros(3)}, path)
+    message = {"flip": f"{path}: ", "foreign": "not a checkpoint core.py reads"}.get(damage, "not a readable checkpoint")
+    for args in (["--eval", "--init-from", path], ["--sample", "--init-from", path]):
+        fails_in_one_line(capsys, core_main(*args), message)
+    if damage == "flip":
+        with pytest.raises(core.ConfigError, match="checksum mismatch|not a readable checkpoint"):
+            core.load_checkpoint(str(path))
+
+
+def test_core_unwritable_or_full_output_is_refused_before_training(tmp_path, capsys, tutorial, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial,
+                                        "--out", tmp_path / "a_file" / "run"), "cannot write to --out")
+    monkeypatch.setattr(core.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=0, free=1 << 10))
+    fails_in_one_line(capsys, quick(lambda a: core.main(core.PAPER, a), tmp_path / "full", data=tutorial),
+                      "MiB free; saving this model's checkpoint atomically needs about")
+    assert not os.path.exists(tmp_path / "full" / "log.jsonl")
+
+
+def test_core_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(tmp_path, capsys, tutorial, monkeypatch):
+    real, saves = torch.save, []
+
+    def disk_full_on_second_save(obj, f):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real(obj, f)
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    fails_in_one_line(capsys, quick(lambda a: core.main(core.PAPER, a), tmp_path / "run", data=tutorial),
+                      "could not save")
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "log.jsonl", "run.json"]  # no .tmp
+    assert core.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
+
+
+def test_core_checks_come_before_training(core_run, tmp_path, capsys, tutorial):
+    short_val = write_dataset(tmp_path / "short", {"train": tutorial_bytes()[:5000], "val": b"too short"})
+    fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", short_val,
+                                        "--out", tmp_path / "r1"), "the val split of")
+    assert not os.path.exists(tmp_path / "r1" / "log.jsonl")
+    fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial,
+                                        "--attn-impl", "eager", "--block-size", "20000", "--batch-size", "256",
+                                        "--out", tmp_path / "r2"), "GiB: lower --batch-size or --block-size")
+    fails_in_one_line(capsys, core_main("--eval", "--init-from", os.path.join(core_run, "ckpt.pt"), "--block-size",
+                                        "256"), "--block-size 256 contradicts")
+    fails_in_one_line(capsys, core_main("--train", "--resume", "--out", core_run, "--block-size", "32"),
+                      "--block-size 32 contradicts")
+    fails_in_one_line(capsys, core_main("--eval", "--init-from", os.path.join(core_run, "ckpt.pt"), "--n-layer", "3"),
+                      "--n-layer 3 contradicts")
+    assert core_main("--eval", "--init-from", os.path.join(core_run, "ckpt.pt"), "--block-size", "32") == 0
+
+
+@pytest.mark.parametrize("damage,message", [("empty", "is not a whole number of uint16 tokens"),
+                                            ("odd", "is not a whole number of uint16 tokens"),
+                                            ("meta", "not a valid dataset description")])
+def test_core_damaged_dataset_files_are_one_line(tmp_path, capsys, damage, message):
+    data = write_dataset(tmp_path / "d", {"train": np.arange(2000), "val": np.arange(900)}, tokenizer="gpt2",
+                         vocab_size=50257)
+    if damage == "meta":
+        (tmp_path / "d" / "meta.json").write_text("{not json")
+    else:
+        (tmp_path / "d" / "train.bin").write_bytes(b"" if damage == "empty" else b"\x00" * 2001)
+    fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", data,
+                                        "--out", tmp_path / "run"), message)
+
+
+def test_core_divergence_without_a_checkpoint_says_so(tutorial, tmp_path):
+    class Exploding(core.GPT):
+        def loss_fn(self, logits, targets):
+            return super().loss_fn(logits, targets) * float("nan")
+    cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=10, eval_interval=10, log_interval=5)
+    with pytest.raises(core.ConfigError, match="diverged.*no checkpoint written"):
+        core.train(core.PAPER, cfg, Exploding(cfg))
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_core_plots_refuse_runs_of_different_tokenizers(core_run, tmp_path, capsys):
+    exo_run = tmp_path / "exo"
+    assert exo.main(["--train", "--data", exo_dataset(tmp_path), "--out", str(exo_run), "--max-iters", "2",
+                     "--eval-interval", "2", *TINY_CLI]) == 0
+    fails_in_one_line(capsys, core_main("--plot", "--out", core_run, "--runs", exo_run),
+                      "use different tokenizers")
+    assert core_main("--plot", "--out", core_run) == 0
+    assert "run (core)" in capsys.readouterr().out or os.path.exists(os.path.join(core_run, "loss.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # core: command line
 
 def test_core_cli_help_lists_every_field():
@@ -816,6 +999,17 @@ def test_prepare_wrong_out_is_one_line(tmp_path, server, capsys):
     assert prepare.main(["enwik8", "--out", str(tmp_path / "other")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another dataset (openwebtext)" in err
+
+
+def test_prepare_truncated_xz_is_one_line(tmp_path, capsys):
+    with lzma.open(tmp_path / "a.txt.xz", "wt") as f:
+        f.write("some text\n" * 5000)
+    data = (tmp_path / "a.txt.xz").read_bytes()
+    (tmp_path / "a.txt.xz").write_bytes(data[:len(data) // 2])
+    assert prepare.main(["text", "--input", str(tmp_path / "a.txt.xz"), "--tokenizer", "bytes", "--out",
+                         str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "corrupt or truncated xz file")
+    assert not os.path.exists(tmp_path / "out" / "meta.json")
 
 
 # ================================================================================================================
@@ -2845,6 +3039,15 @@ def test_bench_measure_reports_oom_and_refused_configs(monkeypatch):
     monkeypatch.setattr(core, "bench", oom)
     assert bench.measure(spec)["status"] == "OOM"
     assert bench.measure({**spec, "preset": "nope"})["status"].startswith("skip: core has no preset 'nope'")
+    huge = {**spec, "over": dict(device="cpu", block_size=20000, batch_size=4096, attn_impl="eager")}
+    monkeypatch.undo()
+    assert bench.measure(huge)["status"].startswith("skip: this config needs about")  # refused before it starts
+
+
+def test_bench_row_killed_by_the_os_is_oom(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=-9))
+    row = bench.run_row(dict(script="core", variant=""), str(tmp_path / "log.txt"))
+    assert row["status"].startswith("OOM: killed by the OS")
 
 
 def test_bench_row_selection_and_scaling_batches():
