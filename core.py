@@ -1164,10 +1164,17 @@ def configure(paper, args, chosen):
     checkpoint's model, or a dataset of another tokenizer, is refused here, before any work."""
     given = {k: v for k, v in vars(args).items() if k in field_names(paper.config)}
     preset = args.preset
-    if not preset and not given.get("data") and chosen == ["train"] and not given.get("resume") \
-            and not given.get("init_from"):  # a bare run: what suits the machine
-        preset = paper.size_preset if resolve_device(paper.config(**given)).type == "cuda" else "tiny"
+    bare = not (preset or {"data", "resume", "init_from"} & set(given)) and chosen == ["train"]
+    gpu = bare and resolve_device(paper.config(**given)).type == "cuda"
+    if bare:  # what suits the machine: tiny on a CPU; on a GPU the 124m class, ten passes over the embedded data
+        preset = paper.size_preset if gpu else "tiny"
+        print(f"no --preset or --data: preset {preset} on the embedded Python tutorial; for a real run, prepare a "
+              "dataset (prepare.py text ...) and pass --data", flush=True)
     cfg = paper.config(**{**paper.config.PRESETS.get(preset, {}), **given})
+    if gpu and "max_iters" not in given:
+        steps = math.ceil(10 * TokenData(DEFAULT_DATA).tokens("train") / (cfg.batch_size * cfg.block_size))
+        cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=min(cfg.warmup_iters, steps // 10),
+                                  eval_interval=min(cfg.eval_interval, steps // 5))
     cfg.out = cfg.out or paper.default_out(cfg)
     src = info = model = None
     if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):
@@ -1253,7 +1260,10 @@ def run_action(paper, a, cfg, args, model):
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
     elif a == "bench":
-        print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {bench_line(bench(cfg, paper.build_model))}")
+        label = f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}"
+        print(f"{label}: timing 5 + 20 training steps of {cfg.batch_size} x {cfg.block_size} tokens on {device}",
+              flush=True)
+        print(f"{label}: {bench_line(bench(cfg, paper.build_model))}")
     else:
         paper.actions[a][1](cfg, args)
 

@@ -85,9 +85,10 @@ class ReflexConfig(core.Config):
         "e512-t256": dict(RECIPE, n_embd=512, block_size=256),
         "e512-t1024": dict(RECIPE, n_embd=512, block_size=1024),
         "e768-t1024": dict(RECIPE, n_embd=768, block_size=1024),
-        # 124M-class with the original's 8 heads and n_layer <= n_head, so 5-2-1, 4-2-2 and all are all valid
-        "124m-8h": dict(n_layer=8, n_head=8, n_embd=896, block_size=1024, batch_size=16),
     }
+    # 124M-class with the original's 8 heads and n_layer <= n_head, so 5-2-1, 4-2-2 and all are all valid; the
+    # shared name 124m means this shape here (the core's 12 heads do not split 5-2-1)
+    PRESETS["124m"] = PRESETS["124m-8h"] = dict(n_layer=8, n_head=8, n_embd=896, block_size=1024, batch_size=16)
     VARIANTS = {"reflex": "heads split by --heads between this layer and the two before (the method)",
                 "baseline": "plain causal self-attention in every layer (the repository's 'original')"}
 

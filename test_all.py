@@ -308,6 +308,20 @@ def test_core_embedded_default_dataset_trains_without_data(tmp_path, capsys):
     assert core.read_log(str(tmp_path / "run"))[-1]["step"] == 2 and core.DEFAULT_DATA in capsys.readouterr().out
 
 
+def test_core_bare_run_suits_the_machine(tmp_path, capsys, monkeypatch):
+    """No --preset and no --data: tiny on a CPU; on a GPU the 124m class for ten passes over the embedded data."""
+    assert cg.main(["--device", "cpu", "--max-iters", "3", "--out", str(tmp_path / "cog")]) == 0  # no action: train
+    out = capsys.readouterr().out
+    assert "no --preset or --data: preset tiny" in out and "cogformer/cogformer" in out
+    assert core.load_checkpoint(str(tmp_path / "cog" / "ckpt.pt"))["config"]["n_embd"] == 64
+    monkeypatch.setattr(core, "resolve_device", lambda cfg: torch.device("cuda"))
+    for paper, preset in ((core.PAPER, "124m"), (reflex.PAPER, "124m-8h"), (cg.PAPER, "141m-gpt2")):
+        args = core.build_parser(paper).parse_args([])
+        cfg = core.configure(paper, args, ["train"])[0]
+        assert (cfg.n_embd, cfg.max_iters) == (paper.config.PRESETS[preset]["n_embd"], 149)  # 10 x 243,540 / 16,384
+        assert cfg.warmup_iters == 14 and cfg.eval_interval == 29
+
+
 def test_core_gpt2_tokenizer_offline(monkeypatch):
     if not os.path.exists(TIKTOKEN):
         pytest.skip("no ../shared/data/gpt2.tiktoken")
@@ -2873,7 +2887,7 @@ def cli(capsys, *args):
     (["--heads", "five-2-1"], "three non-negative integers"),
     (["--heads", "5-3"], "three non-negative integers"),
     (["--heads", "all", "--n-layer", "9"], "needs n_layer <= n_head"),
-    (["--preset", "124m"], "sums to 8, but n_head is 12"),
+    (["--n-head", "12"], "sums to 8, but n_head is 12"),
 ])
 def test_reflex_invalid_heads_one_line(args, msg, tutorial, capsys):
     rc, _, err = cli(capsys, "--train", "--device", "cpu", "--data", tutorial, *args)
@@ -3057,13 +3071,16 @@ def test_bench_row_selection_and_scaling_batches():
     got = [(bench.label(s), s["T"], s["B"]) for s in specs]
     assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/reflex", 32, 16),
                    ("reflex/reflex", 128, 4)]  # the core GPT is the baseline; tokens per step kept at 8 x 64
-    args = bench.build_parser().parse_args(["--papers", "reflex", "--preset", "124m", "--impl", "eager,flash"])
-    specs = bench.speed_specs(args, gpu=True)  # 124m has 12 heads: the reflex splits of 8 are refused, not run
+    args = bench.build_parser().parse_args(["--papers", "reflex", "--preset", "tiny", "--impl", "eager,flash"])
+    specs = bench.speed_specs(args, gpu=True)
     assert [(bench.label(s), s["impl"], s.get("status", "run")[:4]) for s in specs] == [
         ("reflex/baseline", "eager", "run"), ("reflex/baseline", "flash", "run"),
-        ("reflex/reflex", "eager", "skip"), ("reflex/reflex", "flash", "skip"),
-        ("reflex/reflex 4-2-2", "eager", "skip"), ("reflex/reflex 4-2-2", "flash", "skip"),
+        ("reflex/reflex", "eager", "run"), ("reflex/reflex", "flash", "run"),
+        ("reflex/reflex 4-2-2", "eager", "run"), ("reflex/reflex 4-2-2", "flash", "run"),
         ("reflex/reflex all", "eager", "run"), ("reflex/reflex all", "flash", "run")]
+    args = bench.build_parser().parse_args(["--papers", "attn_bias", "--preset", "tiny", "--impl", "cudnn"])
+    assert [(bench.label(s), s.get("status", "run")[:4]) for s in bench.speed_specs(args, gpu=True)] == [
+        ("attn_bias/default", "skip"), ("attn_bias/attn_bias", "run"), ("attn_bias/sink", "skip")]  # refused
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex,nope"])
     assert [bench.label(s) for s in bench.speed_specs(args, gpu=False)] == ["core", "reflex/reflex"]
     rows = [dict(s, status="ok", tok_s=1000.0 * s["B"], mem_gb=0.1 * s["T"]) for s in specs[:2]]
