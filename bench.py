@@ -483,61 +483,118 @@ def summarize(log):
 
 
 def compare(args, gpu):
-    if not os.path.isdir(args.data):
-        raise core.ConfigError(f"dataset directory not found: {args.data} (make it with: python prepare.py text "
-                               "--input .cache/shared/docs_train.txt.xz --val .cache/shared/docs_val.txt.xz "
-                               "--tokenizer gpt2 --out data/docs)")
-    os.makedirs(args.out, exist_ok=True)
-    n = args.max_iters
-    flags = ["--data", args.data, "--seed", args.seed, "--max-iters", n, "--warmup-iters", max(1, n // 10),
-             "--eval-interval", max(1, n // 6), "--log-interval", max(1, min(25, n // 10))]  # eval = checkpoint
-    for name, value in (("--batch-size", args.batch), ("--block-size", args.seq), ("--attn-impl", args.impl),
-                        ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
-        flags += [name, value] if value and value != "auto" else []
-    flags += [] if args.compile else ["--no-compile"]
+    """Train each paper's baseline and main variant (or --variants) with identical flags, once per seed; one table,
+    one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
+    resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh)."""
+    data = core.TokenData(args.data)  # one line when it is missing
+    seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
     presets, runs = parse_presets(args.preset), []
     for name in papers(args.papers):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
         for variant in pick_variants(s, args.variants or "main"):
-            out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
-            cmd = [sys.executable, path, "--train", "--preset", preset_for(name, presets, gpu), "--out", out,
-                   "--overwrite", *row_flags(s, variant), *map(str, flags)]
-            print(f"[{len(runs) + 1}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-            err = train_run(cmd, out)
-            run = dict(script=s.name, variant=variant, baseline=s.baseline, out=out, cmd=cmd[1:], error=err)
-            runs.append({**run, **({} if err else summarize(core.read_log(out)))})
+            cmd, n = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
+            for seed in seeds:
+                out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
+                out += f"-seed{seed}" if len(seeds) > 1 else ""
+                run_cmd = [*cmd, "--seed", str(seed), "--out", out]
+                state = prior_run(out, run_cmd, n, args.fresh)
+                print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
+                err = None if state == "done" else train_run(
+                    run_cmd + {"resume": ["--resume"], "new": ["--overwrite"]}[state], out)
+                run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
+                           error=err)
+                runs.append({**run, **({} if err else summarize(core.read_log(out)))})
+                if not err:
+                    runs[-1]["epochs"] = runs[-1]["tokens"] / data.tokens("train")
     if args.append:
-        runs = merge(os.path.join(args.out, "compare.json"), "runs", runs, lambda r: (r["script"], r["variant"]))
-    for r in runs:
-        base = next((b for b in runs if b["script"] == r["script"] and b["variant"] == r["baseline"]), None)
+        runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
+                     lambda r: (r["script"], r["variant"], r.get("seed")))
+    for r in runs:  # against the baseline run of the same seed
+        base = next((b for b in runs if (b["script"], b["variant"], b.get("seed")) == (r["script"], r["baseline"],
+                                                                                   r.get("seed"))), None)
         r["d_val"] = r["val_loss"] - base["val_loss"] if r.get("val_loss") and base and base.get("val_loss") else None
-    head = ["script/variant", "tokens", "val loss", "vs baseline", "tokens/s", "MFU", "memory", "train time"]
-    table = [[label(r), fmt(r.get("tokens"), ","), fmt(r.get("val_loss"), ".4f") if not r["error"] else "failed",
-              fmt(r.get("d_val"), "+.4f"), fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"),
-              fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), fmt(r.get("mem_gb"), ".1f", " GiB"),
-              fmt(r.get("train_s"), ".0f", " s")] for r in runs]
+    head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens/s", "MFU", "memory",
+            "train time"]
+    table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
+              fmt(r.get("val_loss"), ".4f") if not r["error"] else "failed", fmt(r.get("d_val"), "+.4f"),
+              fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
+              fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
-    device = info["device"]
-    print(f"data {args.data}, {device}, torch {info['torch']}, git {info['git']}\n")
+    print(f"data {args.data}, {info['device']}, torch {info['torch']}, git {info['git']}\n")
     print(md_table(head, table))
+    summary = seed_summary(runs)
+    if any(len(v["d_val"]) > 1 for v in summary.values()):
+        print("\n" + md_table(["script/variant", "seeds", "mean val loss", "vs baseline (mean)", "spread of the "
+                                                                                              "difference"],
+                              [[k, len(v["d_val"]), f"{v['val_loss']:.4f}", fmt(v["mean"], "+.4f"),
+                                fmt(v["spread"], ".4f")] for k, v in summary.items()]))
     with core.atomic(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(dict(info, data=args.data, runs=runs), f, indent=1)
-    plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {device}")
+        json.dump(dict(info, data=args.data, train_tokens=data.tokens("train"), runs=runs, summary=summary), f,
+                  indent=1)
+    plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {info['device']}")
     for r in runs:
         if r["error"]:
             print(f"error: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 
 
+def compare_cmd(args, s, path, variant, preset):
+    """The training command of one --compare row (without seed and --out) and its step count: --tokens sets the
+    steps from the row's tokens per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
+    over = dict(batch_size=args.batch or None, block_size=int(args.seq) if args.seq else None)
+    cfg = make_cfg(s, variant, preset, **over)
+    n = math.ceil(args.tokens / (cfg.batch_size * cfg.grad_accum * cfg.block_size)) if args.tokens else args.max_iters
+    flags = ["--data", args.data, "--max-iters", n, "--warmup-iters", max(1, n // 10), "--eval-interval",
+             max(1, n // 6), "--log-interval", max(1, min(25, n // 10))]
+    for flag, value in (("--batch-size", args.batch), ("--block-size", args.seq), ("--attn-impl", args.impl),
+                        ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
+        flags += [flag, value] if value and value != "auto" else []
+    flags += [] if args.compile else ["--no-compile"]
+    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
+
+
+def prior_run(out, cmd, steps, fresh):
+    """What --compare does with an --out: 'new' (nothing there, or --fresh), 'done' (finished with these flags: its
+    results are reused) or 'resume' (cut short with these flags)."""
+    if fresh or not os.path.exists(os.path.join(out, "ckpt.pt")):
+        return "new"
+    strip = lambda argv: [a for a in argv if a not in ("--resume", "--overwrite")]
+    try:
+        before = json.load(open(os.path.join(out, "run.json")))["argv"]
+    except (OSError, ValueError, KeyError):
+        before = []
+    if strip(before[1:]) != strip(cmd[2:]):
+        raise core.ConfigError(f"{out} holds a run made with other flags: --fresh starts the comparison over, or "
+                               "choose another --out")
+    return "done" if core.read_log(out)[-1]["step"] >= steps else "resume"
+
+
+def seed_summary(runs):
+    """Per script/variant over seeds: mean val loss, mean difference to the baseline and its spread (max - min)."""
+    groups = {}
+    for r in runs:
+        if r.get("val_loss") is not None and r["variant"] != r["baseline"]:
+            g = groups.setdefault(label(r), dict(val=[], d_val=[]))
+            g["val"].append(r["val_loss"])
+            if r.get("d_val") is not None:
+                g["d_val"].append(r["d_val"])
+    return {k: dict(val_loss=statistics.mean(g["val"]), d_val=g["d_val"],
+                    mean=statistics.mean(g["d_val"]) if g["d_val"] else None,
+                    spread=max(g["d_val"]) - min(g["d_val"]) if len(g["d_val"]) > 1 else None)
+            for k, g in groups.items()}
+
+
 def plot_compare(runs, png, title):
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
     colors = script_colors(runs)
+    seeds = len({r.get("seed") for r in runs}) > 1
     for r in runs:
         if r.get("curve"):
             tokens, times, loss = zip(*r["curve"])
-            style = dict(color=colors[r["script"]], marker="o", ms=3, label=label(r),
+            style = dict(color=colors[r["script"]], marker="o", ms=3, label=label(r) + (f" seed {r['seed']}" if seeds
+                                                                                      else ""),
                          ls="-" if r["variant"] != r["baseline"] else "--")
             axes[0].plot(tokens, loss, **style)
             axes[1].plot(times, loss, **style)
@@ -827,6 +884,12 @@ def build_parser():
     a("--data", default="", help="--compare / --ddp: dataset directory (default data/docs); --eval-tasks: the "
                                  "model's dataset, for its tokenizer (default: the one in the checkpoint)")
     a("--max-iters", type=int, default=300, help="--compare / --ddp: optimizer steps per run")
+    a("--tokens", type=float, default=0, help="--compare: training tokens per run (sets the steps from each row's "
+                                              "tokens per step; e.g. 1e8)")
+    a("--seeds", default="", help="--compare: comma list of seeds, every variant trained once per seed (default: "
+                                  "--seed)")
+    a("--fresh", action="store_true", help="--compare: start every run over (default: reuse finished runs made with "
+                                           "the same flags and resume cut ones)")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
     a("--seed", type=int, default=1337, help="--compare: seed of every run")
     a("--eval-tasks", default="", help="downstream eval of --init-from: comma list of lm-eval tasks / .yaml / .jsonl "
