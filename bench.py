@@ -734,7 +734,7 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
     if not name:
         raise core.ConfigError(f"cannot tell which script wrote {path}: pass --script NAME")
     s = script(name)
-    src, state, info = core.read_model(s, path)
+    src, state, info, _ = core.read_model(s, path)
     model = core.load_state(s.build_model(core.config_from_dict(s.config, src)), state, path)
     device = core.resolve_device(argparse.Namespace(device=device))
     return Scorer(model.to(device), *tokenizer_of(data or (info or {}).get("path") or src.get("data")),

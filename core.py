@@ -776,8 +776,9 @@ def written_by(ckpt, path):
 
 
 def read_model(paper, path, given=None):
-    """A checkpoint for `paper` -> (its config dict, state_dict, its dataset or None). Ours must come from this
-    script; another format goes through paper.convert; anything else is one line naming what this script reads."""
+    """A checkpoint for `paper` -> (its config dict, state_dict, its dataset or None, the file's object). Ours must
+    come from this script; another format goes through paper.convert; anything else is one line naming what this
+    script reads."""
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == "attnlab":
         script, variant = written_by(ckpt, path), ckpt["config"].get("variant", "")
@@ -785,12 +786,12 @@ def read_model(paper, path, given=None):
             raise ConfigError(f"{path} was written by {script}.py: use python {script}.py")
         if variant not in (paper.config.VARIANTS or {"": 0}):
             raise ConfigError(f"{path} holds a {variant or 'core'!r} model, not one of {paper.name}.py's")
-        return ckpt["config"], strip_prefix(ckpt["model"]), ckpt.get("data")
+        return ckpt["config"], strip_prefix(ckpt["model"]), ckpt.get("data"), ckpt
     got = paper.convert(ckpt, path, given or {}) if paper.convert and isinstance(ckpt, dict) else None
     if got is None:
         raise ConfigError(f"{path}: not a checkpoint {paper.name}.py reads (it reads attnlab checkpoints of "
                           f"{paper.name}.py{', ' + paper.formats if paper.formats else ''})")
-    return asdict(got[0]), got[1], None
+    return asdict(got[0]), got[1], None, ckpt
 
 
 def load_state(model, state, path):
@@ -804,7 +805,7 @@ def load_state(model, state, path):
 
 def load_model(paper, path, device="cpu", given=None):
     """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it."""
-    src, state, _ = read_model(paper, path, given)
+    src, state, _, _ = read_model(paper, path, given)
     return load_state(paper.build_model(config_from_dict(paper.config, src)), state, path).to(device).eval()
 
 
@@ -1160,7 +1161,7 @@ def build_parser(paper):
 
 def configure(paper, args, chosen):
     """defaults <- preset <- the checkpoint's config (--resume: the run's; --init-from, --eval, --sample: its model)
-    <- flags given now. -> (cfg, model or None, the checkpoint's config or None). A flag that contradicts the
+    <- flags given now. -> (cfg, model or None, the run's checkpoint when resuming). A flag that contradicts the
     checkpoint's model, or a dataset of another tokenizer, is refused here, before any work."""
     given = {k: v for k, v in vars(args).items() if k in field_names(paper.config)}
     preset = args.preset
@@ -1176,10 +1177,10 @@ def configure(paper, args, chosen):
         cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=min(cfg.warmup_iters, steps // 10),
                                   eval_interval=min(cfg.eval_interval, steps // 5))
     cfg.out = cfg.out or paper.default_out(cfg)
-    src = info = model = None
+    info = model = ckpt = None
     if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):
         path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume or not cfg.init_from else cfg.init_from
-        src, state, info = read_model(paper, path, given)
+        src, state, info, ckpt = read_model(paper, path, given)
         mine = config_from_dict(paper.config, src)  # as saved, normalised
         wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
             paper.config, run=False)})
@@ -1191,7 +1192,7 @@ def configure(paper, args, chosen):
         base = src if cfg.resume else {**paper.config.PRESETS.get(preset, {}), **{
             k: getattr(mine, k) for k in field_names(paper.config, run=False)}}
         cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})
-        recorded = (info or {}).get("path") or (src.get("data") if src.get("format") is None else "")
+        recorded = (info or {}).get("path") or src.get("data", "")  # older checkpoints: the config's data
         if cfg.resume and given.get("data") and recorded and os.path.abspath(given["data"]) != recorded:
             raise ConfigError(f"--data {given['data']} is not the run's dataset ({recorded}): --resume continues "
                               "the same run (--init-from starts a new one on other data)")
@@ -1215,7 +1216,7 @@ def configure(paper, args, chosen):
             raise ConfigError(f"{cfg.data} has {data.vocab_size} token ids, more than the model's vocabulary "
                               f"({cfg.vocab_size})")
     cfg.vocab_size = cfg.vocab_size or 50304  # a bench on random tokens: GPT-2's vocabulary, padded
-    return cfg, model, (src if cfg.resume else None)
+    return cfg, model, (ckpt if cfg.resume else None)
 
 
 def main(paper, argv=None):
@@ -1226,9 +1227,9 @@ def main(paper, argv=None):
         return e.code
     chosen = [a for a in (*STANDARD_ACTIONS, *paper.actions) if getattr(args, a.replace("-", "_"))] or ["train"]
     try:
-        cfg, model, _ = configure(paper, args, chosen)
+        cfg, model, ckpt = configure(paper, args, chosen)
         for a in chosen:
-            run_action(paper, a, cfg, args, model)
+            run_action(paper, a, cfg, args, model, ckpt)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1238,10 +1239,9 @@ def main(paper, argv=None):
     return 0
 
 
-def run_action(paper, a, cfg, args, model):
+def run_action(paper, a, cfg, args, model, ckpt=None):
     device = resolve_device(cfg)
     if a == "train":
-        ckpt = load_checkpoint(os.path.join(cfg.out, "ckpt.pt")) if cfg.resume else None
         train(paper, cfg, model, ckpt, args.overwrite)
     elif a == "eval":
         data = TokenData(cfg.data)

@@ -2404,7 +2404,7 @@ def test_sparse_byte_extended_layout_holds_each_key_once(T):
     clusters = sb.head_clusters(8)
     src, region = sb.kv_layout(clusters, T)
     assert len(src) % sb.BLOCK == 0
-    m = create_mask(sb.sparse_mask_mod(clusters, src, region), 1, 8, T, len(src))[0]  # (H, T, S)
+    m = create_mask(sb.sparse_mask_mod(clusters, src, region), 1, 8, T, len(src), device="cpu")[0]  # (H, T, S)
     folded = torch.zeros(8, T, T, dtype=torch.long).index_add_(2, src, m.long())
     assert folded.max() <= 1
     assert torch.equal(folded.bool(), sb.pattern_mask(clusters, T))
@@ -2416,7 +2416,7 @@ def test_sparse_byte_block_mask_is_block_sparse():
     src, region = sb.kv_layout(clusters, T)
     mod = sb.sparse_mask_mod(clusters, src, region)
     bm = create_block_mask(mod, None, 8, T, len(src), device="cpu")
-    dense = create_mask(mod, 1, 8, T, len(src))[0]
+    dense = create_mask(mod, 1, 8, T, len(src), device="cpu")[0]
     tiles = dense.view(8, T // 128, 128, len(src) // 128, 128).any(4).any(2)
     assert torch.equal(bm.to_dense()[0].bool(), tiles)
     causal = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device="cpu")
