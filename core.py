@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,11 @@ class ConfigError(ValueError):
     """A user mistake: reported as one line and a non-zero exit, never a traceback."""
 
 
-def opt(default, help, run=False):
-    """A config field; run=True: it describes the run (data, optimisation, paths), not the model's weights."""
-    return field(default=default, metadata={"help": help, "run": run})
+def opt(default, help, run=False, override=False):
+    """A config field. run=True: it describes the run (data, optimisation, paths), not the model's weights; the
+    other fields come from a checkpoint when one is loaded, and a flag that contradicts them is refused, unless
+    override=True: how the weights are used, which a flag may change (e.g. the mask of sparse_byte's thesis files)."""
+    return field(default=default, metadata={"help": help, "run": run, "override": override})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,9 +152,10 @@ class Config:
         return 4 * self.n_embd if self.family == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
-def field_names(cfg_cls, run=None):
-    """Config field names; run=True / False: only the run / only the model fields."""
-    return {f.name for f in dataclasses.fields(cfg_cls) if run is None or f.metadata.get("run", False) == run}
+def field_names(cfg_cls, run=None, override=None):
+    """Config field names; run / override True or False: only the fields with that metadata."""
+    return {f.name for f in dataclasses.fields(cfg_cls) if (run is None or f.metadata.get("run", False) == run)
+            and (override is None or f.metadata.get("override", False) == override)}
 
 
 @dataclass(frozen=True)
@@ -741,6 +745,22 @@ def save_checkpoint(path, obj):
         torch.save(obj, f)
 
 
+class StandIn:
+    """An unpickled object whose class this process lacks (a notebook's __main__.GPTConfig): its attributes only."""
+
+
+class LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (AttributeError, ImportError):
+            return type(name, (StandIn,), {"__module__": module})
+
+
+class lenient_pickle:  # torch.load's pickle_module: pickle, with LenientUnpickler
+    Unpickler, load = LenientUnpickler, staticmethod(pickle.load)
+
+
 def load_checkpoint(path):
     """The file's object, on the CPU. Missing, truncated, corrupt (checksum) or unreadable: one line."""
     if not os.path.isfile(path):
@@ -748,8 +768,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        try:  # older pickles (e.g. numpy scalars in a published config) need the full unpickler
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # older pickles (numpy scalars, a notebook's own config class) need the full unpickler
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient_pickle)
         except Exception as e:
             raise ConfigError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and "checksum" in ckpt:
@@ -795,18 +815,25 @@ def read_model(paper, path, given=None):
 
 
 def load_state(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # missing, unexpected or mis-shaped keys: one line
-        why = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
-        raise ConfigError(f"{path}: its weights do not fit the model: {why}") from None
+    """model.load_state_dict(state), strict; missing, unexpected or mis-shaped keys: one line naming the first few."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    why = [f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
+    why += [f"{k} is {got[k]}, not {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if why:
+        c = model.cfg
+        raise ConfigError(f"{path}: does not fit a {c.variant or 'core'} model with n_layer {c.n_layer}, n_head "
+                          f"{c.n_head}, n_embd {c.n_embd}: {', '.join(why[:3])}{', ...' if len(why) > 3 else ''}")
+    model.load_state_dict(state)
     return model
 
 
 def load_model(paper, path, device="cpu", given=None):
-    """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it."""
+    """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it. given: flags of
+    the command line (read by paper.convert; override fields among them apply)."""
     src, state, _, _ = read_model(paper, path, given)
-    return load_state(paper.build_model(config_from_dict(paper.config, src)), state, path).to(device).eval()
+    over = {k: v for k, v in (given or {}).items() if k in field_names(paper.config, override=True)}
+    return load_state(paper.build_model(config_from_dict(paper.config, src, **over)), state, path).to(device).eval()
 
 
 def run_info(cfg, device, paper=None, data=None):
@@ -1184,7 +1211,7 @@ def configure(paper, args, chosen):
         mine = config_from_dict(paper.config, src)  # as saved, normalised
         wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
             paper.config, run=False)})
-        for k in sorted(field_names(paper.config, run=False)):
+        for k in sorted(field_names(paper.config, run=False, override=False)):
             shorter = k == "block_size" and wanted.block_size < mine.block_size and not cfg.resume  # eval windows
             if getattr(wanted, k) != getattr(mine, k) and not shorter:
                 raise ConfigError(f"--{k.replace('_', '-')} {getattr(wanted, k)} contradicts {path} ({k} "

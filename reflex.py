@@ -42,7 +42,12 @@ Deviations from the original:
   - The core model has no residual dropout after c_proj (the original's resid_dropout); its experiments use dropout 0.
   - Training uses the core loop: its warm-up is (it+1)/(warmup+1) (nanoGPT: it/warmup), batches are a pure function
     of (seed, step) so every variant sees identical data, and MFU is against the detected GPU's peak (not the A100's).
-  - The repository publishes no weights; core.load_model reads our checkpoints.
+  - The repository publishes no weights; --init-from / --eval also read checkpoints of its training notebook
+    (from_original): nanoGPT's dict with '_orig_mod.' keys, fused c_attn or separate query/key/value Linears. The
+    split is read from the checkpoint's config if a fork saved one there, else --heads, else the run's name
+    (mini-gpt-5-2-1, 4_2_2, ..._all); config model_type 'original' loads as the baseline. An all-layer run made
+    with the code's guard as committed (second layer plain) is not this model (see above).
+
 
 Usage:
     python reflex.py --train --preset tiny --device cpu --heads 5-2-1 --out runs/rx_521
@@ -50,6 +55,7 @@ Usage:
     python reflex.py --train --preset e512-t256 --data data/docs --variant baseline --out runs/rx_base
     python bench.py --papers reflex                # tokens/s of 5-2-1, 4-2-2, all vs baseline (124m-8h on a GPU)
     python reflex.py --charts --out runs/rx_base --runs runs/rx_521 runs/rx_all  # loss + speed figures
+    python reflex.py --eval --init-from mini-gpt-5-2-1/ckpt.pt --data data/owt  # the original notebook's checkpoint
 """
 import os
 import re
@@ -172,6 +178,73 @@ def build_model(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of the original code
+#
+# model_experiments.ipynb saves nanoGPT's dict {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss',
+# 'config'}: 'model' is the state_dict of the torch.compile'd model ('_orig_mod.' keys), 'config' the notebook's own
+# __main__.GPTConfig (sizes and model_type 'reflex' / 'original', not the split: model.py hard-codes it). The split
+# lives in the run's name: out_dir 'mini-gpt-5-2-1', wandb name '5-2-1-reflex-1024-False-768-0.0' (cell 5).
+
+SPLIT_IN_NAME = re.compile(r"(?<![\d.])(\d+)[-_](\d+)[-_](\d+)(?![\d.])|(?<![a-z])(all)(?![a-z])", re.IGNORECASE)
+ORIGINAL_NAMES = ((".ln_1.", ".norm_1."), (".ln_2.", ".norm_2."), ("transformer.ln_f.", "transformer.norm_f."))
+
+
+def split_in_name(path, n_head):
+    """The split a run's file or directory name spells (mini-gpt-5-2-1, 4_2_2, ..._all), or None. A triple that does
+    not sum to n_head (a date) is not a split."""
+    for name in (os.path.splitext(os.path.basename(path))[0], os.path.basename(os.path.dirname(os.path.abspath(path)))):
+        for m in SPLIT_IN_NAME.finditer(name):
+            if m.group(4):
+                return "all"
+            if sum(map(int, m.group(1, 2, 3))) == n_head:
+                return "-".join(m.group(1, 2, 3))
+    return None
+
+
+def from_original(ckpt, path, given=None):
+    """A checkpoint of the original code -> (ReflexConfig, our state_dict), None for another format. The split
+    comes from the checkpoint's
+    config or model_args ('heads', if a fork added it), else from heads (the user's --heads), else from the run's
+    name; config model_type 'original' is our baseline. Both attention layouts of model.py's history load: one fused
+    c_attn (HEAD) or separate query/key/value Linears (commit 05cfd6c), whose rows c_attn stacks as [W_q; W_k; W_v]."""
+    if not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
+        return None
+    heads = (given or {}).get("heads")
+    conf = ckpt.get("config") or {}
+    conf, args = conf if isinstance(conf, dict) else vars(conf), ckpt["model_args"]  # vars: the notebook's GPTConfig
+    sizes = {k: args.get(k, conf.get(k)) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    if None in sizes.values():
+        raise core.ConfigError(f"{path}: model_args lacks {', '.join(k for k, v in sizes.items() if v is None)}")
+    declared = args.get("heads", conf.get("heads"))
+    if declared and heads and declared != heads:
+        raise core.ConfigError(f"{path}: the checkpoint's config says --heads {declared}, not {heads}")
+    variant = "baseline" if conf.get("model_type") == "original" else "reflex"
+    split = declared or heads
+    if split is None and variant == "reflex":
+        # --heads outranks the name: the notebook writes '5-2-1' into out_dir and the run name whatever model.py runs
+        split = split_in_name(path, sizes["n_head"])
+        if split is None:
+            raise core.ConfigError(f"{path}: the head split is neither in the checkpoint nor in the run's name "
+                                   "(e.g. mini-gpt-5-2-1): pass --heads s-a-b or --heads all")
+        core.warn_once(f"{path}: head split {split} read from the run's name (--heads overrides it)")
+    cfg = ReflexConfig(variant=variant, heads=split or ReflexConfig.heads, dropout=args.get("dropout", 0.0),
+                       bias=bool(args.get("bias", conf.get("bias"))), **sizes)
+    state = {}
+    for k, v in core.strip_prefix(ckpt["model"]).items():
+        if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
+            continue
+        for old, new in ORIGINAL_NAMES:
+            k = k.replace(old, new)
+        state[k] = v
+    for k in [k for k in state if ".attn.query." in k]:
+        qkv = [k.replace(".query.", f".{n}.") for n in ("query", "key", "value")]
+        if all(n in state for n in qkv):
+            state[k.replace(".query.", ".c_attn.")] = torch.cat([state.pop(n) for n in qkv])
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
+    return cfg, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plots: the original's charts (train/val loss of every run on one figure, MFU per run), from log.jsonl
 
 def speed_of(log):
@@ -215,6 +288,8 @@ def charts(cfg, args):
 
 PAPER = core.Paper(
     "reflex", ReflexConfig, build_model, baseline="baseline", doc=__doc__, size_preset="124m-8h",
+    convert=from_original, formats="the original notebook's nanoGPT checkpoints (the split from --heads or the "
+                                   "run's name)",
     bench_rows={f"reflex {h}": dict(variant="reflex", heads=h) for h in ("4-2-2", "all")},
     actions={"charts": ("<out>/loss.png (train/val loss of --out and --runs) and <out>/speed.png (tokens/s, MFU per "
                         "run)", charts)})

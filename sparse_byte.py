@@ -31,16 +31,28 @@ kernel with arithmetic masks instead: per query block it visits the band's tiles
 per-element lookup: 3.4-4.5x faster than flex in fwd+bwd on an H100 (without Triton, auto falls back to flex). The
 eager path (the spec) masks the full T x T scores.
 
-Deviations. Both variants share core's GPT-2 body (pre-norm LayerNorm, learned positions, GELU MLP of 2048, tied head),
-so they differ only in attention; the thesis's dense model also has a SiLU MLP of 4096, a learned position MLP,
-residual gains, stochastic depth, token and growing dropouts, and its sparse model has sinusoidal positions and no
-final norm. Batches are random windows (core), not the thesis's fixed order, and there is no early stopping;
---num-epochs E sets max_iters = E * (train bytes // (batch_size * block_size)) // grad_accum (the thesis's step count).
-min_lr 1e-9: the thesis passes min_lr=1e-5 as a ratio of lr 1e-4. The flex and triton paths have no
-attention-probability dropout. The thesis splits enwik8 90/10 and reports loss; we use the standard 90M/5M/5M split
-and bits per byte on val and test, following Child et al. 2019. k-means replaces the thesis plot's Ward clustering,
-as asked. Head counts without a table use the intent of the thesis's fallback (one head per cluster in order 0, 1, 2,
-3, then round-robin); its code crashes there.
+Mask. The thesis's default SDPA path builds its mask as "True = mask out" and passes it to
+F.scaled_dot_product_attention, which reads True as "attend" (sparse_attention.py:293, 320; its manual path, taken only
+with need_weights, masks correctly): every head of its sparse model attends to all later positions (the byte it predicts
+among them) and to exactly the earlier keys its pattern excludes; the band heads never see their own position or their
+band. We implement the intended causal patterns; --inverted-mask computes the as-run inverse (sdpa and eager paths,
+record mode included), and the thesis's sparse checkpoints load with it, so they evaluate as they were trained and
+evaluated (--no-inverted-mask: the same weights under the intended mask).
+
+Deviations. By default (--body ours) both variants share core's GPT-2 body (pre-norm LayerNorm, learned positions, GELU
+MLP of 2048, tied head), so they differ only in attention. --body thesis (presets thesis-dense, thesis-sparse; the
+thesis's checkpoints load into it) builds the thesis's own two models around the same attention modules: the sparse one
+with sinusoidal positions, embeddings x sqrt(512), a ReLU MLP, no final norm and an output bias; the dense one with a
+learned position scale and MLP, a SiLU MLP of 4096, residual gains, growing dropouts, stochastic depth and its init and
+weight-decay groups (section "Checkpoints of the original code"). There, token dropout and stochastic depth draw from
+torch's generator (seeded per step), not Python's; training is bf16 autocast, not fp16 with a GradScaler; there is no
+gradient checkpointing (it saves memory, not math). Batches are random windows (core), not the thesis's fixed order, and
+there is no early stopping; --num-epochs E sets max_iters = E * (train bytes // (batch_size * block_size)) // grad_accum
+(the thesis's step count). min_lr 1e-9: the thesis passes min_lr=1e-5 as a ratio of lr 1e-4. The flex and triton paths
+have no attention-probability dropout. The thesis splits enwik8 90/10 and reports loss; we use the standard 90M/5M/5M
+split and bits per byte on val and test, following Child et al. 2019. k-means replaces the thesis plot's Ward
+clustering, as asked. Head counts without a table use the intent of the thesis's fallback (one head per cluster in order
+0, 1, 2, 3, then round-robin); its code crashes there.
 
     python prepare.py enwik8
     python sparse_byte.py --train --preset thesis --variant sparse --data data/enwik8 --num-epochs 20 --out runs/sparse
@@ -48,16 +60,20 @@ as asked. Head counts without a table use the intent of the thesis's fallback (o
     python sparse_byte.py --metrics --out runs/sparse --data data/enwik8           # runs/sparse/head_metrics.csv
     python sparse_byte.py --cluster --runs runs/dense runs/sparse --out runs/heads  # silhouettes, scatter
     python sparse_byte.py --kernel-bench --preset thesis --out runs/bench          # GPU: sparse vs dense attention
+    python sparse_byte.py --eval --init-from models/sparse_seed_42.pt --data data/enwik8  # a thesis file, as run
+    python sparse_byte.py --train --preset thesis-sparse --data data/enwik8 --out runs/thesis_sparse  # its own body
 """
 import csv
 import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
@@ -74,11 +90,24 @@ class SparseByteConfig(core.Config):
     num_epochs: float = core.opt(0.0, "thesis --num_epochs: sets max_iters = epochs * (train tokens // (batch_size "
                                       "* block_size)) // (grad_accum * processes) (0: keep --max-iters)", True)
     mask_subset: str = core.opt("0123", "sparse: thesis clusters kept (0 local-16, 3 local-32, 1 strided, 2 global)")
+    body: str = core.opt("ours", "ours (core GPT-2 body) or thesis (the thesis's own: dense EnhancedCharTransformer, "
+                                 "sparse SparseByteTransformer; always with biases)")
+    inverted_mask: bool = core.opt(False, "sparse: the thesis's as-run SDPA mask, the inverse of the pattern: the "
+                                          "future and the past keys the pattern excludes (thesis checkpoints load "
+                                          "with it)", override=True)
+    token_dropout: float = core.opt(0.0, "thesis body: a dropped byte becomes byte 0 (dense) or a zero embedding "
+                                         "(sparse)", True)
+    drop_path: float = core.opt(0.0, "thesis dense body: stochastic depth, layer i skipped with p = drop_path * i / L",
+                                True)
 
     PRESETS = {**core.Config.PRESETS,
                "thesis": dict(vocab_size=256, n_layer=12, n_head=8, n_embd=512, mlp_hidden=2048, bias=True,
                               block_size=1024, dropout=0.05, batch_size=32, grad_accum=4, lr=1e-4, min_lr=1e-9,
                               warmup_iters=1000, weight_decay=0.1, beta2=0.999, grad_clip=1.0)}
+    PRESETS.update({  # the thesis's own models and their train scripts' dropouts (train_*_transformer.py)
+        "thesis-dense": dict(PRESETS["thesis"], body="thesis", variant="dense", mlp_hidden=4096, dropout=0.1,
+                             token_dropout=0.05, drop_path=0.1),
+        "thesis-sparse": dict(PRESETS["thesis"], body="thesis", variant="sparse", token_dropout=0.02)})
     VARIANTS = {"sparse": "the thesis's four static per-head patterns (local, wider local, strided, global)",
                 "dense": "full causal attention in every head (the thesis's baseline)"}
     ATTN_IMPLS = core.Config.ATTN_IMPLS + ("triton",)
@@ -86,10 +115,21 @@ class SparseByteConfig(core.Config):
     def __post_init__(self):
         if self.seq_length:  # the thesis's knobs are consumed: the saved config holds block_size / max_iters
             self.block_size, self.seq_length = self.seq_length, 0
+        self.bias = self.bias or self.body == "thesis"  # every Linear and LayerNorm of the thesis's models has one
         super().__post_init__()
-        if self.variant == "sparse" and self.attn_impl not in ("auto", "eager", "flex", "triton"):
+        if self.inverted_mask and self.variant != "sparse":
+            raise core.ConfigError("--inverted-mask is the sparse variant's as-run mask")
+        if self.variant == "sparse" and self.attn_impl not in (("auto", "eager", "sdpa") if self.inverted_mask else
+                                                               ("auto", "eager", "flex", "triton")):
             raise core.ConfigError("the sparse variant runs --attn-impl auto, flex (block-sparse), triton (fused "
-                                   f"kernel) or eager (masked reference), not {self.attn_impl!r}")
+                                   "kernel) or eager (masked reference); with --inverted-mask auto, sdpa (dense, "
+                                   f"masked) or eager, not {self.attn_impl!r}")
+        if self.body not in ("ours", "thesis") or self.body == "thesis" and self.family != "gpt2":
+            raise core.ConfigError(f"--body must be ours or thesis (which takes no --family), not {self.body!r}")
+        if not (0 <= self.token_dropout < 1 and 0 <= self.drop_path < 1):
+            raise core.ConfigError("--token-dropout and --drop-path must be in [0, 1)")
+        if self.drop_path and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise core.ConfigError("--drop-path skips whole layers, which DDP refuses (unused parameters): one process")
         if self.variant == "dense" and self.attn_impl == "triton":
             raise core.ConfigError("--attn-impl triton is the sparse variant's kernel (dense: auto, sdpa, flex, ...)")
         if not self.mask_subset or set(self.mask_subset) - set("0123"):
@@ -488,14 +528,21 @@ class SparseAttention(core.Attention):
             raise core.ConfigError("the sparse variant has no document masking (the thesis reads one byte stream)")
         return super().attend(q, k, v, ctx)
 
-    def attend_eager(self, q, k, v, ctx):
-        T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
-        att = att.masked_fill(~pattern_mask(self.clusters, T, q.device), float("-inf")).softmax(dim=-1)
-        if ctx.record is not None:
-            ctx.record(self.layer, att)
-        att = F.dropout(att, self.dropout, self.training)
-        return att.type_as(v) @ v
+    def impl(self, device):
+        return "sdpa" if self.cfg.inverted_mask and self.cfg.attn_impl == "auto" else super().impl(device)
+
+    def eager_mask(self, T, S, ctx, device):
+        """(H, T, T), True = attend. --inverted-mask: its inverse, what the thesis's default path computes
+        (sparse_attention.py:293 makes "True = mask out", which F.scaled_dot_product_attention reads as "attend")."""
+        if ("mask", T) not in ctx.cache:  # one per forward, shared by the layers
+            mask = pattern_mask(self.clusters, T, device)
+            ctx.cache["mask", T] = ~mask if self.cfg.inverted_mask else mask
+        return ctx.cache["mask", T]
+
+    def attend_sdpa(self, q, k, v, ctx):
+        """--inverted-mask: dense SDPA with the boolean mask, the thesis's own call (sparse_attention.py:320)."""
+        mask = self.eager_mask(q.size(-2), k.size(-2), ctx, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
     def attend_flex(self, q, k, v, ctx):
         key = ("sparse", tuple(self.clusters), q.size(-2))
@@ -549,12 +596,188 @@ ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
 
 
 def build_model(cfg):
-    if cfg.variant == "sparse" and cfg.dropout and cfg.attn_impl != "eager":
+    fused = cfg.attn_impl in ("auto", "flex", "triton") and not cfg.inverted_mask
+    if cfg.variant == "sparse" and cfg.dropout and fused:
         core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
                        "model has)")
-    return SparseGPT(cfg, ATTENTION[cfg.variant])
+    return (ThesisGPT if cfg.body == "thesis" else SparseGPT)(cfg, ATTENTION[cfg.variant])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of the original code: the thesis's own bodies (--body thesis) and its checkpoint files
+#
+# Both bodies keep our attention modules (c_attn = [W_q; W_k; W_v]: record mode, pattern masks, fast paths) and the
+# core GPT's forward; around them, sparse: sparse_byte_transformer.py, sparse_attention.py:391-419; dense:
+# stable_char_transformer.py:120-437 (see the docstring's Deviations).
+
+
+class ThesisPositions(nn.Module):
+    """ImprovedPositionalEncoding of either model: pe[t, 2i] = sin(t w_i), pe[t, 2i + 1] = cos(t w_i)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.n_embd
+        t = torch.arange(cfg.block_size, dtype=torch.float, device="cpu")[:, None]
+        w = torch.exp(torch.arange(0, C, 2, device="cpu").float() * (-math.log(10000.0) / C))
+        pe = torch.zeros(cfg.block_size, C, device="cpu")  # on the CPU with the thesis's ops: its very table
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(t * w), torch.cos(t * w)
+        self.register_buffer("pe", pe, persistent=False)
+        if cfg.variant == "dense":
+            self.alpha, self.norm = nn.Parameter(torch.ones(1)), nn.LayerNorm(C)
+            self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(C, C),
+                                     nn.Dropout(cfg.dropout))
+            self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        pe = self.pe[:x.size(1)]  # (T, C)
+        if not hasattr(self, "alpha"):
+            return x + pe
+        x = x + self.alpha * pe
+        return x + self.drop(self.mlp(self.norm(x)))
+
+
+class ThesisBlock(nn.Module):
+    """One pre-norm layer of the thesis: x + drop(g1 attn(norm_1 x)), then x + drop(g2 mlp(norm_2 x))."""
+
+    def __init__(self, cfg, attn, layer):
+        super().__init__()
+        C, p, self.layer, dense = cfg.n_embd, cfg.dropout, layer, cfg.variant == "dense"
+        eps = 1e-6 if dense else 1e-5
+        self.norm_1, self.attn, self.norm_2 = nn.LayerNorm(C, eps=eps), attn, nn.LayerNorm(C, eps=eps)
+        p_out = min(p * (1 + 0.1 * layer), 0.5) if dense else p
+        mlp = [nn.Linear(C, cfg.hidden), nn.SiLU() if dense else nn.ReLU(), nn.Dropout(p), nn.Linear(cfg.hidden, C)]
+        self.mlp = nn.Sequential(*mlp, nn.Dropout(p_out)) if dense else nn.Sequential(*mlp)
+        self.drop = nn.Dropout(p_out)
+        if dense:
+            self.gain_1, self.gain_2 = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+            attn.dropout = min(p * (1 + 0.05 * layer), 0.4)
+
+    def forward(self, x, ctx):
+        if ctx.cache.get("skip", {}).get(self.layer):  # stochastic depth (ThesisGPT.context)
+            return x
+        g1, g2 = (self.gain_1, self.gain_2) if hasattr(self, "gain_1") else (1.0, 1.0)
+        x = x + self.drop(g1 * self.attn(self.norm_1(x), ctx))
+        return x + self.drop(g2 * self.mlp(self.norm_2(x)))
+
+
+class ThesisGPT(SparseGPT):
+    """The thesis's own models around our attention modules (--body thesis)."""
+
+    def __init__(self, cfg, make_attn):
+        super().__init__(cfg, make_attn)
+        t, C = self.transformer, cfg.n_embd
+        del t["wpe"]
+        t.pos = ThesisPositions(cfg)
+        t.h = nn.ModuleList(ThesisBlock(cfg, block.attn, i) for i, block in enumerate(t.h))
+        t.norm_f = nn.LayerNorm(C, eps=1e-6) if cfg.variant == "dense" else nn.Identity()
+        self.lm_head = nn.Linear(C, cfg.vocab_size)  # with a bias; its weight tied to the embedding
+        self.lm_head.weight = t.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """PyTorch's defaults, which the sparse model keeps (its tied weight: the embedding's N(0, 1)); the dense model
+        sets embedding N(0, 0.02), output bias 0, MLPs truncated N(0, 0.02) in +-0.04 and the position MLP N(0, 0.02)
+        with zero biases, and nn.MultiheadAttention's xavier-uniform in_proj with zero biases."""
+        if "pos" not in self.transformer:  # core.GPT.__init__'s call, before the thesis's modules exist
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                m.reset_parameters()
+        t, dense = self.transformer, self.cfg.variant == "dense"
+        nn.init.normal_(t.wte.weight, 0.0, std if dense else 1.0)
+        if not dense:
+            return
+        for block in t.h:
+            nn.init.xavier_uniform_(block.attn.c_attn.weight)
+            for lin in (block.mlp[0], block.mlp[3]):
+                nn.init.trunc_normal_(lin.weight, 0.0, std, -2 * std, 2 * std)
+        for lin in (t.pos.mlp[0], t.pos.mlp[3]):
+            nn.init.normal_(lin.weight, 0.0, std)
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):  # all of them start at 0 (the norms' by default)
+                nn.init.zeros_(p)
+
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        if self.training and self.cfg.drop_path:  # layer i > 0 skipped with p = drop_path * i / L, drawn per forward
+            L = self.cfg.n_layer
+            p = torch.arange(L) * self.cfg.drop_path / L
+            ctx.cache["skip"] = dict(enumerate((torch.rand(L) < p).tolist()))
+        return ctx
+
+    def embed(self, idx, ctx):
+        p, dense = self.cfg.token_dropout if self.training else 0.0, self.cfg.variant == "dense"
+        if p and dense:  # a dropped byte becomes byte 0
+            idx = idx.masked_fill(torch.rand(idx.shape, device=idx.device) < p, 0)
+        x = self.transformer.wte(idx) * math.sqrt(self.cfg.n_embd)  # (B, T, C)
+        if p and not dense:  # a dropped byte's embedding becomes 0
+            x = x.masked_fill((torch.rand(idx.shape, device=idx.device) < p)[..., None], 0.0)
+        return self.transformer.drop(self.transformer.pos(x))
+
+    def configure_optimizers(self, cfg, device_type):
+        """AdamW as the thesis groups it (stable_char_transformer.py:943): its no-decay names 'bias' and
+        'LayerNorm.weight' match only biases (the norms are named norm*), so norm weights and gains decay too."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in named if "bias" not in n], weight_decay=cfg.weight_decay),
+                  dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        for g in opt.param_groups:
+            g["base_lr"] = cfg.lr
+        return [opt]
+
+
+# The thesis's files: {'model_state_dict', 'config', 'train_losses', 'val_losses', 'seed'} (train_*_transformer.py);
+# extract_head_metrics.py also reads {'model': ...} and bare state_dicts. Key names -> ours, in order:
+THESIS_KEYS = (
+    (r"^(embedding|token_embedding)\.", "transformer.wte."), (r"^(output|output_projection)\.", "lm_head."),
+    (r"^pos_encoder\.position_ff\.", "transformer.pos.mlp."), (r"^pos_encoder\.", "transformer.pos."),
+    (r"^(transformer_blocks|transformer_encoder)\.", "transformer.h."), (r"^norm\.", "transformer.norm_f."),
+    (r"\.self_attn\.in_proj_", ".attn.c_attn."), (r"\.self_attn\.out_proj\.", ".attn.c_proj."),
+    (r"\.self_attn\.", ".attn."), (r"\.norm([12])\.", r".norm_\1."), (r"\.gamma([12])$", r".gain_\1"),
+    (r"\.feed_forward\.", ".mlp."), (r"\.linear1\.", ".mlp.0."), (r"\.linear2\.", ".mlp.3."))
+# the train scripts' values, for files without a config (extract_head_metrics.py builds the dense model with nhead 8)
+THESIS_DEFAULTS = {"dense": dict(dropout=0.1, token_dropout=0.05, stochastic_depth_prob=0.1),
+                   "sparse": dict(dropout=0.05, token_dropout=0.02, stochastic_depth_prob=0.0)}
+
+
+def from_thesis(ckpt, path, given=None):
+    """A thesis checkpoint -> (SparseByteConfig with body 'thesis', our state_dict), None for another format. The
+    dense model
+    (EnhancedCharTransformer: nn.MultiheadAttention's in_proj is already c_attn) or the sparse one
+    (SparseByteTransformer: q/k/v_proj stacked into c_attn), told apart by their keys. A sparse file loads with
+    --inverted-mask, the mask its weights were trained and evaluated with (its default SDPA path)."""
+    sd = ckpt.get("model_state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    first = {"dense": "transformer_blocks.0.self_attn.in_proj_weight",
+             "sparse": "transformer_encoder.0.self_attn.q_proj.weight"}
+    variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
+    if variant is None:
+        return None
+    conf = {"nhead": 8, "seq_length": 1024, **THESIS_DEFAULTS[variant], **(ckpt.get("config") or {})}
+    state = {}
+    for k, v in core.strip_prefix(sd).items():
+        for pattern, ours in THESIS_KEYS:
+            k = re.sub(pattern, ours, k)
+        state[k] = v
+    for k in [k for k in state if k.endswith((".attn.q_proj.weight", ".attn.q_proj.bias"))]:
+        qkv = [k.replace(".q_", f".{n}_") for n in "qkv"]
+        if all(n in state for n in qkv):
+            state[k.replace(".q_proj.", ".c_attn.")] = torch.cat([state.pop(n) for n in qkv])
+    pe = state.pop("transformer.pos.pe", None)  # recomputed (ThesisPositions); the sparse model's is (1, T, C)
+    if "transformer.wte.weight" not in state or "transformer.h.0.mlp.0.weight" not in state:
+        raise core.ConfigError(f"{path}: a thesis {variant} model without its embedding or first MLP")
+    if variant == "dense" and any(conf.get(k, conf["dropout"]) != conf["dropout"]
+                                  for k in ("attention_dropout", "activation_dropout")):
+        core.warn_once(f"{path}: attention and activation dropout differ from dropout; --body thesis uses dropout")
+    V, C = state["transformer.wte.weight"].shape
+    cfg = SparseByteConfig(
+        body="thesis", variant=variant, vocab_size=V, n_embd=C, n_head=conf["nhead"], bias=True,
+        n_layer=len({k.split(".")[2] for k in state if k.startswith("transformer.h.")}),
+        mlp_hidden=state["transformer.h.0.mlp.0.weight"].shape[0], dropout=conf["dropout"],
+        block_size=pe.shape[-2] if variant == "sparse" and pe is not None else conf["seq_length"],
+        token_dropout=conf["token_dropout"], drop_path=conf["stochastic_depth_prob"] if variant == "dense" else 0.0,
+        mask_subset=str(conf.get("mask_subset", "0123")), inverted_mask=variant == "sparse")
+    return cfg, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,7 +838,7 @@ def metrics_action(cfg, args):
     if args.metric_seqs < 1:
         raise core.ConfigError("--metric-seqs must be >= 1")
     path = cfg.init_from or os.path.join(cfg.out, "ckpt.pt")
-    model = core.load_model(PAPER, path)
+    model = core.load_model(PAPER, path, given=vars(args))  # --[no-]inverted-mask applies
     m, n = extract_metrics(model, core.TokenData(cfg.data), args.metric_seqs, cfg.batch_size, core.resolve_device(cfg))
     os.makedirs(cfg.out, exist_ok=True)
     out = os.path.join(cfg.out, "head_metrics.csv")
@@ -825,7 +1048,8 @@ def kernel_bench_action(cfg, args):
 # ----------------------------------------------------------------------------------------------------------------
 
 PAPER = core.Paper(
-    "sparse_byte", SparseByteConfig, build_model, baseline="dense", doc=__doc__,
+    "sparse_byte", SparseByteConfig, build_model, baseline="dense", doc=__doc__, convert=from_thesis,
+    formats="the thesis's model files ({'model_state_dict', 'config', ...}, {'model': ...} or a bare state_dict)",
     actions={"metrics": ("head metrics (entropy, sparsity, distance) of --init-from or <out>/ckpt.pt on the first "
                          "--metric-seqs val windows of --data -> <out>/head_metrics.csv", metrics_action),
              "cluster": ("k-means of the head metrics of --runs (run dirs or CSVs; default --out): silhouettes, "

@@ -3,7 +3,7 @@
 Sections: core, prepare, attn_bias, cogformer, exoformer, sparse_byte, reflex, bench. Every test name starts with its
 subject, so `pytest -k reflex` runs reflex's tests; GPU tests are marked @gpu (they skip without CUDA) and named
 test_<subject>_gpu_*, so `pytest -k gpu` runs them all. Helpers shared by several sections come first (one tiny config
-builder, `tiny`; one dataset writer, `write_dataset`); a helper of one paper carries its prefix (ab_, cog_, exo_, ...)."""
+builder, `tiny`; one dataset writer, `write_dataset`); a helper of one paper carries its prefix (ab_, cog_, ...)."""
 import copy
 import csv
 import dataclasses
@@ -507,7 +507,8 @@ def test_core_corrupt_truncated_or_foreign_checkpoint_is_one_line(core_run, tmp_
         damage, b""))
     if damage == "foreign":
         torch.save({"state": torch.zeros(3)}, path)
-    message = {"flip": f"{path}: ", "foreign": "not a checkpoint core.py reads"}.get(damage, "not a readable checkpoint")
+    message = {"flip": f"{path}: ", "foreign": "not a checkpoint core.py reads"}.get(damage,
+                                                                                    "not a readable checkpoint")
     for args in (["--eval", "--init-from", path], ["--sample", "--init-from", path]):
         fails_in_one_line(capsys, core_main(*args), message)
     if damage == "flip":
@@ -2699,6 +2700,254 @@ def test_sparse_byte_kernel_bench_refused_on_cpu(capsys):
     assert "CUDA" in capsys.readouterr().err
 
 
+# ---- sparse_byte: thesis bodies
+# Minimal re-statements of the thesis's two models: EnhancedCharTransformer (dense_transformer/
+# stable_char_transformer.py: nn.MultiheadAttention, position MLP, gains, final norm) and SparseByteTransformer
+# (sparse_byte_transformer.py with sparse_attention.py's layer and both of its attention paths), with random weights,
+# saved as train_*_transformer.py saves them.
+
+THESIS_HEADS = [0, 3, 3, 1, 1, 1, 2, 2]  # 8 heads: counts {0: 1, 3: 2, 1: 3, 2: 2} in that order
+
+
+def thesis_pe(max_len, C):
+    pe = torch.zeros(max_len, C)
+    position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, C, 2).float() * (-math.log(10000.0) / C))
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div_term), torch.cos(position * div_term)
+    return pe
+
+
+class ThesisSparseAttention(torch.nn.Module):
+    def __init__(self, C, H):
+        super().__init__()
+        self.H = H
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (torch.nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x, need_weights=False):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.H, C // self.H).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        allowed = torch.zeros(self.H, T, T, dtype=torch.bool)  # pattern & causal (row_sets: the thesis's key sets)
+        for h, c in enumerate(THESIS_HEADS):
+            for i, keys in enumerate(row_sets(c, T)):
+                allowed[h, i, sorted(keys)] = True
+        masked = ~allowed.unsqueeze(0)  # "True means MASK OUT"
+        if not need_weights:  # the default path: that mask handed to SDPA, which reads True as "attend"
+            y, probs = F.scaled_dot_product_attention(q, k, v, attn_mask=masked), None
+        else:  # the manual path
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.H)
+            probs = scores.masked_fill(masked, torch.finfo(scores.dtype).min).softmax(-1)
+            y = probs @ v
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C)), probs
+
+
+class ThesisSparseByteTransformer(torch.nn.Module):
+    def __init__(self, V, C, H, L, ff, T):
+        super().__init__()
+        nn = torch.nn
+        self.token_embedding, self.pos_encoder = nn.Embedding(V, C), nn.Module()
+        self.pos_encoder.register_buffer("pe", thesis_pe(T, C).unsqueeze(0))
+        self.transformer_encoder = nn.ModuleList()
+        for _ in range(L):
+            layer = nn.Module()
+            layer.self_attn = ThesisSparseAttention(C, H)
+            layer.linear1, layer.linear2 = nn.Linear(C, ff), nn.Linear(ff, C)
+            layer.norm1, layer.norm2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.transformer_encoder.append(layer)
+        self.output_projection = nn.Linear(C, V)
+        self.output_projection.weight = self.token_embedding.weight
+        randomize(self)
+
+    def forward(self, idx, need_weights=False):
+        x = self.token_embedding(idx) * math.sqrt(self.token_embedding.embedding_dim)
+        x, probs = x + self.pos_encoder.pe[:, :idx.size(1)], []
+        for layer in self.transformer_encoder:
+            y, p = layer.self_attn(layer.norm1(x), need_weights)
+            x = x + y
+            x = x + layer.linear2(F.relu(layer.linear1(layer.norm2(x))))
+            probs.append(p)
+        return self.output_projection(x), probs
+
+
+class ThesisDenseTransformer(torch.nn.Module):
+    def __init__(self, V, C, H, L, ff):
+        super().__init__()
+        nn = torch.nn
+        self.embedding, self.pos_encoder = nn.Embedding(V, C), nn.Module()
+        self.pos_encoder.register_buffer("pe", thesis_pe(5000, C))
+        self.pos_encoder.alpha, self.pos_encoder.norm = nn.Parameter(torch.ones(1)), nn.LayerNorm(C)
+        self.pos_encoder.position_ff = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Dropout(), nn.Linear(C, C),
+                                                     nn.Dropout())
+        self.transformer_blocks = nn.ModuleList()
+        for _ in range(L):
+            block = nn.Module()
+            block.self_attn = nn.MultiheadAttention(C, H, dropout=0.1, batch_first=True)
+            block.feed_forward = nn.Sequential(nn.Linear(C, 2 * ff), nn.SiLU(), nn.Dropout(), nn.Linear(2 * ff, C),
+                                               nn.Dropout())
+            block.norm1, block.norm2 = nn.LayerNorm(C, eps=1e-6), nn.LayerNorm(C, eps=1e-6)
+            block.gamma1, block.gamma2 = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+            self.transformer_blocks.append(block)
+        self.norm, self.output = nn.LayerNorm(C, eps=1e-6), nn.Linear(C, V)
+        self.output.weight = self.embedding.weight
+        randomize(self, 0.3)
+
+    def forward(self, idx):
+        T, pos = idx.size(1), self.pos_encoder
+        mask = ~(torch.triu(torch.ones(T, T)) == 1).transpose(0, 1)  # True = masked
+        x = self.embedding(idx) * math.sqrt(self.embedding.embedding_dim)
+        x = x + pos.alpha * pos.pe[:T].unsqueeze(0)
+        x, probs = x + pos.position_ff(pos.norm(x)), []
+        for b in self.transformer_blocks:
+            y, p = b.self_attn(*[b.norm1(x)] * 3, attn_mask=mask, need_weights=True, average_attn_weights=False)
+            x = x + b.gamma1 * y
+            x = x + b.gamma2 * b.feed_forward(b.norm2(x))
+            probs.append(p)
+        return self.output(self.norm(x)), probs
+
+
+def randomize(model, std=0.1):
+    with torch.no_grad():
+        for p in model.parameters():  # every parameter random, norms, gains and biases included (logits O(1-10))
+            p.normal_(0.0, std)
+
+
+def thesis_file(tmp_path, variant, L=2, C=64, ff=48, T=64):
+    """A model of the thesis with random weights, saved as its train script saves it -> (model, path)."""
+    torch.manual_seed(0)
+    conf = dict(vocab_size=256, d_model=C, nhead=8, num_layers=L, dim_feedforward=ff, seed=42, num_epochs=20)
+    if variant == "dense":
+        model = ThesisDenseTransformer(256, C, 8, L, ff).eval()
+        conf.update(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, token_dropout=0.05,
+                    use_checkpoint=True, stochastic_depth_prob=0.1)
+    else:
+        model = ThesisSparseByteTransformer(256, C, 8, L, ff, T).eval()
+        conf.update(dropout=0.05, attention_dropout=0.1, activation_dropout=0.05, token_dropout=0.02,
+                    use_checkpoint=True, stochastic_depth_prob=0.1, seq_length=T, mask_subset="0123")
+    path = tmp_path / "models" / f"{variant}_seed_42.pt"
+    os.makedirs(path.parent, exist_ok=True)
+    torch.save(dict(model_state_dict=model.state_dict(), train_losses=[2.0], val_losses=[2.1], config=conf, seed=42),
+               path)
+    return model, str(path)
+
+
+def test_sparse_byte_thesis_dense_file_reproduces_logits_and_probabilities(tmp_path):
+    ref, path = thesis_file(tmp_path, "dense")
+    idx = torch.randint(0, 256, (2, 64))
+    for ckpt in (None, "model", "bare"):  # the train script's dict; extract_head_metrics.py's other two forms
+        if ckpt:
+            sd = torch.load(path)["model_state_dict"]
+            torch.save(dict(model=sd) if ckpt == "model" else sd, tmp_path / f"{ckpt}.pt")
+        model = core.load_model(sb.PAPER, str(tmp_path / f"{ckpt}.pt") if ckpt else path)
+        cfg = model.cfg
+        assert (cfg.body, cfg.variant, cfg.n_layer, cfg.n_head, cfg.hidden, cfg.block_size) == ("thesis", "dense", 2,
+                                                                                                  8, 96, 1024)
+        assert (cfg.dropout, cfg.token_dropout, cfg.drop_path, cfg.inverted_mask) == (0.1, 0.05, 0.1, False)
+        seen = {}
+        with torch.no_grad():
+            logits, probs = ref(idx)
+            torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=1e-5)
+            model(idx, record=lambda layer, p: seen.setdefault(layer, p))  # what --metrics reads
+        for layer, p in enumerate(probs):
+            torch.testing.assert_close(seen[layer], p, atol=1e-6, rtol=1e-5)
+
+
+def test_sparse_byte_thesis_sparse_file_reproduces_both_attention_paths(tmp_path):
+    ref, path = thesis_file(tmp_path, "sparse")
+    idx = torch.randint(0, 256, (2, 64))
+    as_run = core.load_model(sb.PAPER, path)  # the mask its weights were trained with: the default SDPA path's
+    cfg = as_run.cfg
+    assert (cfg.body, cfg.variant, cfg.n_layer, cfg.hidden, cfg.block_size, cfg.inverted_mask) == ("thesis", "sparse",
+                                                                                                   2, 48, 64, True)
+    assert (cfg.dropout, cfg.token_dropout, cfg.drop_path, cfg.mask_subset) == (0.05, 0.02, 0.0, "0123")
+    intended = core.load_model(sb.PAPER, path, given={"inverted_mask": False})  # the manual path's (need_weights)
+    seen = {}
+    with torch.no_grad():
+        torch.testing.assert_close(as_run(idx), ref(idx)[0], atol=1e-5, rtol=1e-5)
+        logits, probs = ref(idx, need_weights=True)
+        torch.testing.assert_close(intended(idx, record=lambda layer, p: seen.setdefault(layer, p)), logits,
+                                   atol=1e-5, rtol=1e-5)
+        for layer, p in enumerate(probs):
+            torch.testing.assert_close(seen[layer], p, atol=1e-6, rtol=1e-5)
+        later = idx.clone()
+        later[:, 40] = (later[:, 40] + 1) % 256
+        assert not torch.allclose(as_run(later)[:, :40], as_run(idx)[:, :40])  # as run, it reads the future
+        torch.testing.assert_close(intended(later)[:, :40], intended(idx)[:, :40])
+
+
+def test_sparse_byte_thesis_files_of_other_kinds_are_one_line(tmp_path):
+    _, path = thesis_file(tmp_path, "sparse")
+    ckpt = torch.load(path)
+    del ckpt["model_state_dict"]["transformer_encoder.1.self_attn.k_proj.weight"]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(core.ConfigError, match="missing transformer.h.1.attn.c_attn.weight, unexpected transformer.h.1"
+                                               ".attn.q_proj.weight"):
+        core.load_model(sb.PAPER, str(tmp_path / "broken.pt"))
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(core.ConfigError, match="not a checkpoint sparse_byte.py reads .*the thesis's model files"):
+        core.load_model(sb.PAPER, str(tmp_path / "other.pt"))
+    with pytest.raises(core.ConfigError, match="--inverted-mask is the sparse variant's"):
+        core.load_model(sb.PAPER, thesis_file(tmp_path, "dense")[1], given={"inverted_mask": True})
+
+
+def test_sparse_byte_thesis_init_and_weight_decay_groups():
+    cfg = sb.SparseByteConfig(**{**sb.SparseByteConfig.PRESETS["thesis-dense"], "n_layer": 2, "n_embd": 64,
+                                 "mlp_hidden": 512})
+    model = sb.build_model(cfg)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all((p == 0).all() for n, p in model.named_parameters() if n.endswith(".bias"))
+    assert model.transformer.h[1].mlp[0].weight.abs().max() <= 0.04
+    assert (model.transformer.h[1].attn.dropout, model.transformer.h[1].drop.p) == pytest.approx((0.105, 0.11))
+    decayed, plain = (g["params"] for g in model.configure_optimizers(cfg, "cpu")[0].param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in plain} == {n for n in names.values() if n.endswith(".bias")}
+    assert {"transformer.h.0.gain_1", "transformer.h.0.norm_1.weight", "transformer.pos.alpha"} <= \
+        {names[id(p)] for p in decayed}
+    sparse = sb.build_model(dataclasses.replace(cfg, variant="sparse", drop_path=0.0))
+    assert sparse.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.1)  # nn.Embedding's default
+    assert isinstance(sparse.transformer.norm_f, torch.nn.Identity) and sparse.lm_head.bias.abs().max() > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "--variant", "dense", "--inverted-mask"], "sparse variant's as-run mask"),
+    (["--train", "--variant", "sparse", "--inverted-mask", "--attn-impl", "triton"], "with --inverted-mask auto, sdpa"),
+    (["--train", "--body", "theirs"], "--body must be ours or thesis"),
+    (["--train", "--body", "thesis", "--family", "llama"], "--body must be ours or thesis"),
+    (["--train", "--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+])
+def test_sparse_byte_thesis_flag_mistakes_give_one_line(argv, message, capsys):
+    assert sb.main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_sparse_byte_thesis_cli_eval_metrics_and_training(tmp_path, capsys):
+    data = str(tmp_path / "d")
+    write_dataset(data, text_splits(tutorial_bytes(), 3000, 1000))
+    _, path = thesis_file(tmp_path, "sparse")
+    assert sb.main(["--eval", "--init-from", path, "--data", data]) == 0
+    assert "test" in capsys.readouterr().out
+    for mask in ("--inverted-mask", "--no-inverted-mask"):
+        out = str(tmp_path / mask)
+        assert sb.main(["--metrics", "--init-from", path, "--data", data, "--out", out, "--metric-seqs", "2",
+                        mask]) == 0
+        sparsity = [float(r["sparsity"]) for r in csv.DictReader(open(os.path.join(out, "head_metrics.csv")))]
+        assert len(sparsity) == 16
+        assert (sparsity[0] > 1 - 9 / 64) == (mask == "--no-inverted-mask")  # the focused-local head: <= 9 keys a row
+    common = ["--preset", "tiny", "--device", "cpu", "--data", data, "--n-head", "8", "--max-iters", "3",
+              "--eval-interval", "3", "--eval-iters", "1", "--batch-size", "2", "--dropout", "0.1", "--token-dropout",
+              "0.1"]
+    for variant, extra in (("dense", ["--drop-path", "0.5"]), ("sparse", []), ("sparse", ["--inverted-mask"])):
+        out = str(tmp_path / f"train-{variant}{extra}")
+        assert sb.main(["--train", "--body", "thesis", "--variant", variant, "--out", out, *common, *extra]) == 0
+        assert math.isfinite(core.read_log(out)[-1]["val_loss"])
+        model = core.load_model(sb.PAPER, os.path.join(out, "ckpt.pt"))
+        assert isinstance(model, sb.ThesisGPT) and model.cfg.inverted_mask == bool(extra and variant == "sparse")
+    out = str(tmp_path / "continued")  # train the thesis's own model on, then evaluate our checkpoint of it
+    assert sb.main(["--train", "--init-from", path, "--data", data, "--device", "cpu", "--max-iters", "2",
+                    "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2", "--out", out]) == 0
+    assert core.load_model(sb.PAPER, os.path.join(out, "ckpt.pt")).cfg.inverted_mask
+    assert sb.main(["--eval", "--out", out, "--data", data]) == 0
+
+
 # ---- sparse_byte: GPU
 
 @gpu
@@ -2955,6 +3204,168 @@ def test_reflex_gpu_fused_matches_reference_bf16(heads):
     for n in ge:
         err = (gf[n].float() - ge[n]).norm() / ge[n].norm().clamp_min(1e-12)
         assert err < 0.05, (n, err.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reflex: original checkpoints
+# A minimal re-statement of the original model.py (nanoGPT with LayerNorm eps 1e-6, GELU MLP, tied head; separate
+# query/key/value Linears as in commit 05cfd6c, or one c_attn as at HEAD; a `prevs` list of (k, v); one causal SDPA
+# call per head group), and its checkpoints written as model_experiments.ipynb writes them.
+
+class OrigReflexAttention(torch.nn.Module):
+    def __init__(self, C, H, bias, scheme, fused):
+        super().__init__()
+        self.H, self.scheme, self.fused = H, scheme, fused
+        Linear = torch.nn.Linear
+        if fused:
+            self.c_attn = Linear(C, 3 * C, bias=bias)
+        else:
+            self.query, self.key, self.value = Linear(C, C, bias=bias), Linear(C, C, bias=bias), Linear(C, C, bias=bias)
+        self.c_proj = Linear(C, C, bias=bias)
+
+    def forward(self, x, prevs):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2) if self.fused else (self.query(x), self.key(x), self.value(x))
+        q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in (q, k, v))
+
+        def sdpa(h0, h1, kv):
+            return F.scaled_dot_product_attention(q[:, h0:h1], kv[0][:, h0:h1], kv[1][:, h0:h1], is_causal=True)
+        if self.scheme == "all" and len(prevs) > 0:  # the commented-out code, with the guard len(prevs) == 0
+            sa = self.H - len(prevs)
+            y = torch.cat([sdpa(0, sa, (k, v))] + [sdpa(sa + i, sa + i + 1, p) for i, p in enumerate(prevs)], dim=1)
+        elif self.scheme not in ("all", "original") and len(prevs) > 1:
+            s, a, _ = self.scheme
+            y = torch.cat([sdpa(0, s, (k, v)), sdpa(s, s + a, prevs[1]), sdpa(s + a, self.H, prevs[0])], dim=1)
+        else:
+            y = sdpa(0, self.H, (k, v))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), (k, v)
+
+
+class OrigReflexGPT(torch.nn.Module):
+    def __init__(self, V, T, L, H, C, bias, scheme, fused):
+        super().__init__()
+        nn = torch.nn
+        self.scheme = scheme
+        blocks = nn.ModuleList()
+        for _ in range(L):
+            block = nn.Module()
+            block.ln_1, block.ln_2 = nn.LayerNorm(C, eps=1e-6, bias=bias), nn.LayerNorm(C, eps=1e-6, bias=bias)
+            block.attn, block.mlp = OrigReflexAttention(C, H, bias, scheme, fused), nn.Module()
+            block.mlp.c_fc, block.mlp.c_proj = nn.Linear(C, 4 * C, bias=bias), nn.Linear(4 * C, C, bias=bias)
+            blocks.append(block)
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, C), wpe=nn.Embedding(T, C), h=blocks,
+                                              ln_f=nn.LayerNorm(C, eps=1e-6, bias=bias)))
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+        with torch.no_grad():
+            for p in self.parameters():  # random weights, norms and biases included
+                p.normal_(0.0, 0.3)
+
+    def forward(self, idx):
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.size(1)))
+        prevs = []
+        for i, block in enumerate(tr.h):
+            y, prev = block.attn(block.ln_1(x), prevs)
+            x = x + y
+            x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+            if self.scheme != "original":
+                if self.scheme != "all" and i >= 2:
+                    prevs.pop(0)
+                prevs.append(prev)
+        return self.lm_head(tr.ln_f(x))  # every position (the targets path of model.py)
+
+
+def save_original(model, path, monkeypatch, model_type="reflex", **args):
+    """ckpt.pt as the notebook saves it: '_orig_mod.' keys, the optimizer, and its own __main__.GPTConfig."""
+    fields = dict(batch_size=32, **args, model_type=model_type)
+    GPTConfig = dataclasses.make_dataclass("GPTConfig", [(k, type(v), v) for k, v in fields.items()])
+    GPTConfig.__module__ = "__main__"
+    monkeypatch.setattr(sys.modules["__main__"], "GPTConfig", GPTConfig, raising=False)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model={"_orig_mod." + k: v for k, v in model.state_dict().items()}, model_args=args,
+                    optimizer=torch.optim.AdamW(model.parameters()).state_dict(), iter_num=250,
+                    best_val_loss=torch.tensor(3.5), config=GPTConfig()), path)
+    monkeypatch.delattr(sys.modules["__main__"], "GPTConfig")  # the loading process has no such class
+    return str(path)
+
+
+def original_run(tmp_path, monkeypatch, run, scheme, fused=False, bias=False, model_type="reflex", L=4, **extra):
+    torch.manual_seed(0)
+    args = dict(n_layer=L, n_head=8, n_embd=64, block_size=32, bias=bias, vocab_size=256, dropout=0.0, **extra)
+    ref = OrigReflexGPT(256, 32, L, 8, 64, bias, scheme, fused).eval()
+    return ref, save_original(ref, tmp_path / run / "ckpt.pt", monkeypatch, model_type, **args)
+
+
+def load_original(path, heads=None):
+    """core.load_model of reflex, with --heads given (or not) on the command line."""
+    return core.load_model(reflex.PAPER, path, given={"heads": heads} if heads else {})
+
+
+@pytest.mark.parametrize("run,scheme,fused,bias,model_type,heads", [
+    ("mini-gpt-5-2-1", (5, 2, 1), True, False, "reflex", None),    # HEAD's model.py, the notebook's out_dir
+    ("reflex_4_2_2", (4, 2, 2), False, True, "reflex", None),      # query/key/value Linears, biases
+    ("mini-gpt-all", "all", False, False, "reflex", None),         # all-layer
+    ("mini-gpt-5-2-1", "original", True, False, "original", None),  # the baseline (model_type 'original')
+    ("mini-gpt-5-2-1", (3, 3, 2), False, False, "reflex", "3-3-2"),  # the name is stale: --heads decides
+    ("run-2024-11-18", (0, 5, 3), False, False, "reflex", "0-5-3"),  # no split in the name (a date is none)
+])
+def test_reflex_original_checkpoint_reproduces_logits(tmp_path, monkeypatch, run, scheme, fused, bias, model_type,
+                                                      heads):
+    ref, path = original_run(tmp_path, monkeypatch, run, scheme, fused, bias, model_type)
+    model = load_original(path, heads)
+    assert model.cfg.variant == ("baseline" if model_type == "original" else "reflex")
+    if model_type != "original":
+        assert model.cfg.heads == (scheme if scheme == "all" else "-".join(map(str, scheme)))
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_reflex_original_split_from_config_and_user_mistakes(tmp_path, monkeypatch, capsys):
+    ref, path = original_run(tmp_path, monkeypatch, "fork", (4, 2, 2), heads="4-2-2")  # a fork saving its split
+    assert load_original(path).cfg.heads == "4-2-2"
+    with pytest.raises(core.ConfigError, match="config says --heads 4-2-2, not 5-2-1"):
+        load_original(path, "5-2-1")
+    _, path = original_run(tmp_path, monkeypatch, "run-2024-11-18", (5, 2, 1))
+    with pytest.raises(core.ConfigError, match="pass --heads s-a-b or --heads all"):
+        load_original(path)
+    with pytest.raises(core.ConfigError, match="sums to 7, but n_head is 8"):
+        load_original(path, "4-2-1")
+    _, path = original_run(tmp_path, monkeypatch, "big-all", "all", L=9)
+    with pytest.raises(core.ConfigError, match="needs n_layer <= n_head"):
+        load_original(path)
+    ckpt = core.load_checkpoint(path)
+    ckpt["config"] = vars(ckpt["config"])  # a stand-in for the notebook's class: its attributes
+    ckpt["model"]["_orig_mod.transformer.h.1.mlp.c_fc.weight"] = torch.zeros(3, 64)
+    torch.save(ckpt, tmp_path / "mini-gpt-5-2-1.pt")
+    with pytest.raises(core.ConfigError, match=r"h.1.mlp.c_fc.weight is \(3, 64\), not \(256, 64\)"):
+        load_original(str(tmp_path / "mini-gpt-5-2-1.pt"))
+    del ckpt["model"]["_orig_mod.transformer.h.0.attn.key.weight"]
+    torch.save(ckpt, tmp_path / "mini-gpt-5-2-1.pt")
+    with pytest.raises(core.ConfigError, match="missing transformer.h.0.attn.c_attn.weight, unexpected transformer"
+                                               ".h.0.attn.query.weight, unexpected transformer.h.0.attn.value.weight"):
+        load_original(str(tmp_path / "mini-gpt-5-2-1.pt"))
+    torch.save({"state": {}}, tmp_path / "other.pt")
+    with pytest.raises(core.ConfigError, match="not a checkpoint reflex.py reads .*original notebook's"):
+        load_original(str(tmp_path / "other.pt"))
+
+
+def test_reflex_original_checkpoint_cli_round_trip(tmp_path, monkeypatch, tutorial, capsys):
+    _, path = original_run(tmp_path, monkeypatch, "mini-gpt-run", (4, 2, 2))
+    common = ["--data", tutorial, "--device", "cpu", "--eval-tokens", "512", "--batch-size", "4"]
+    rc, out, err = run_cli("reflex.py", "--eval", "--init-from", path, "--heads", "4-2-2", *common)
+    assert rc == 0 and "val" in out, err
+    rc, out, err = cli(capsys, "--eval", "--init-from", path, *common)  # no split anywhere
+    assert rc == 2
+    assert_one_line_error(err, "pass --heads s-a-b or --heads all")
+    ours = tmp_path / "ours"
+    rc, _, err = cli(capsys, "--train", "--init-from", path, "--heads", "4-2-2", "--max-iters", "2", "--eval-interval",
+                     "2", "--out", ours, *common)
+    assert rc == 0, err
+    model = load_original(str(ours / "ckpt.pt"))
+    assert (model.cfg.heads, model.cfg.n_embd, model.cfg.norm_eps) == ("4-2-2", 64, 1e-6)
+    assert cli(capsys, "--eval", "--out", ours, *common)[0] == 0
 
 
 # ================================================================================================================
@@ -3316,7 +3727,8 @@ def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     assert rc == 0, err
     res = json.load(open(tmp_path / "compare.json"))
     assert [(bench.label(r), r["seed"], r["tokens"]) for r in res["runs"]] == [
-        ("reflex/baseline", 1, 2048), ("reflex/baseline", 2, 2048), ("reflex/reflex", 1, 2048), ("reflex/reflex", 2, 2048)]
+        ("reflex/baseline", 1, 2048), ("reflex/baseline", 2, 2048),
+        ("reflex/reflex", 1, 2048), ("reflex/reflex", 2, 2048)]
     d = [r["d_val"] for r in res["runs"] if r["variant"] == "reflex"]
     assert res["summary"]["reflex/reflex"]["spread"] == pytest.approx(max(d) - min(d))
     assert "spread of the difference" in out
