@@ -145,7 +145,7 @@ class SparseByteConfig(core.Config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention: the thesis's static patterns
+# The paper's math: the thesis's static patterns (the spec), the attention, the models
 
 LOCAL, STRIDED, GLOBAL, WIDE = 0, 1, 2, 3  # the thesis's cluster ids
 HEAD_COUNTS = {8: {0: 1, 3: 2, 1: 3, 2: 2}, 6: {0: 1, 3: 1, 1: 2, 2: 2}, 4: {0: 1, 3: 1, 1: 1, 2: 1},
@@ -153,8 +153,6 @@ HEAD_COUNTS = {8: {0: 1, 3: 2, 1: 3, 2: 2}, 6: {0: 1, 3: 1, 1: 2, 2: 2}, 4: {0: 
 REACH = {LOCAL: 8, WIDE: 16, STRIDED: 32, GLOBAL: -1}  # causal half of the local window (window // 2); -1: none
 STRIDE = {STRIDED: 8, GLOBAL: 16}
 ANCHORS = (0.0, 0.1, 0.2, 0.3, 0.382, 0.5, 0.618, 0.7, 0.8, 0.9, 1.0)
-BLOCK = 128            # FlexAttention's default block; every key region is padded to it
-MAIN, PAD = -1, -2     # region ids of the extended keys (column regions use their cluster id)
 
 
 def head_clusters(n_head, subset="0123"):
@@ -202,6 +200,265 @@ def allowed_counts(c, T):
     return band + torch.searchsorted(torch.tensor(columns(c, T)), i - r)  # columns j < i - r
 
 
+class SparseAttention(core.Attention):
+    """The thesis's static per-head patterns: block-sparse FlexAttention, the fused Triton kernel, eager masked
+    reference."""
+    FAST, FAST_CPU = "triton", "eager"  # CPU FlexAttention has no backward
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.clusters = head_clusters(cfg.n_head, cfg.mask_subset)
+
+    def attend(self, q, k, v, ctx):
+        if ctx.doc is not None:
+            raise core.ConfigError("the sparse variant has no document masking (the thesis reads one byte stream)")
+        return super().attend(q, k, v, ctx)
+
+    def impl(self, device):
+        return "sdpa" if self.cfg.inverted_mask and self.cfg.attn_impl == "auto" else super().impl(device)
+
+    def eager_mask(self, T, S, ctx, device):
+        """(H, T, T), True = attend. --inverted-mask: its inverse, what the thesis's default path computes
+        (sparse_attention.py:293 makes "True = mask out", which F.scaled_dot_product_attention reads as "attend")."""
+        if ("mask", T) not in ctx.cache:  # one per forward, shared by the layers
+            mask = pattern_mask(self.clusters, T, device)
+            ctx.cache["mask", T] = ~mask if self.cfg.inverted_mask else mask
+        return ctx.cache["mask", T]
+
+    def attend_sdpa(self, q, k, v, ctx):
+        """--inverted-mask: dense SDPA with the boolean mask, the thesis's own call (sparse_attention.py:320)."""
+        mask = self.eager_mask(q.size(-2), k.size(-2), ctx, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+
+    def attend_flex(self, q, k, v, ctx):
+        key = ("sparse", tuple(self.clusters), q.size(-2))
+        if key not in ctx.cache:  # SparseGPT.context fills it before the layers; direct calls land here
+            ctx.cache[key] = sparse_block_mask(*key[1:], q.device)
+        src, mask = ctx.cache[key]
+        k, v = extend(k, src), extend(v, src)  # (B, H, S, D)
+        try:
+            return core.flex_attention(q, k, v, block_mask=mask)
+        except NotImplementedError as e:  # torch's own check: no FlexAttention backward on CPU
+            raise core.ConfigError(f"{e} Train on CPU with --attn-impl eager (or auto).") from None
+
+    def attend_triton(self, q, k, v, ctx):
+        if not core.triton_ok(q):
+            core.warn_once("the sparse Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex")
+            return self.attend_flex(q, k, v, ctx)
+        key = ("sparse-triton", tuple(self.clusters), q.size(-2))
+        if key not in ctx.cache:
+            ctx.cache[key] = triton_pattern(self.clusters, q.size(-2), q.device)
+        return sparse_attention_triton(q, k, v, *ctx.cache[key])
+
+
+class SparseGPT(core.GPT):
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        flex = self.cfg.variant == "sparse" and self.transformer.h[0].attn.impl(idx.device) == "flex"
+        if flex and record is None:
+            clusters = tuple(head_clusters(self.cfg.n_head, self.cfg.mask_subset))
+            ctx.cache["sparse", clusters, idx.size(1)] = sparse_block_mask(clusters, idx.size(1), idx.device)
+        return ctx
+
+
+ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
+
+
+def build_model(cfg):
+    fused = cfg.attn_impl in ("auto", "flex", "triton") and not cfg.inverted_mask
+    if cfg.variant == "sparse" and cfg.dropout and fused:
+        core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
+                       "model has)")
+    return (ThesisGPT if cfg.body == "thesis" else SparseGPT)(cfg, ATTENTION[cfg.variant])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The thesis's own bodies (--body thesis)
+#
+# Both keep our attention modules (c_attn = [W_q; W_k; W_v]: record mode, pattern masks, fast paths) and the core
+# GPT's forward; around them, sparse: sparse_byte_transformer.py, sparse_attention.py:391-419; dense:
+# stable_char_transformer.py:120-437 (see the docstring's Deviations).
+
+
+class ThesisPositions(nn.Module):
+    """ImprovedPositionalEncoding of either model: pe[t, 2i] = sin(t w_i), pe[t, 2i + 1] = cos(t w_i)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.n_embd
+        t = torch.arange(cfg.block_size, dtype=torch.float, device="cpu")[:, None]
+        w = torch.exp(torch.arange(0, C, 2, device="cpu").float() * (-math.log(10000.0) / C))
+        pe = torch.zeros(cfg.block_size, C, device="cpu")  # on the CPU with the thesis's ops: its very table
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(t * w), torch.cos(t * w)
+        self.register_buffer("pe", pe, persistent=False)
+        if cfg.variant == "dense":
+            self.alpha, self.norm = nn.Parameter(torch.ones(1)), nn.LayerNorm(C)
+            self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(C, C),
+                                     nn.Dropout(cfg.dropout))
+            self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        pe = self.pe[:x.size(1)]  # (T, C)
+        if not hasattr(self, "alpha"):
+            return x + pe
+        x = x + self.alpha * pe
+        return x + self.drop(self.mlp(self.norm(x)))
+
+
+class ThesisBlock(nn.Module):
+    """One pre-norm layer of the thesis: x + drop(g1 attn(norm_1 x)), then x + drop(g2 mlp(norm_2 x))."""
+
+    def __init__(self, cfg, attn, layer):
+        super().__init__()
+        C, p, self.layer, dense = cfg.n_embd, cfg.dropout, layer, cfg.variant == "dense"
+        eps = 1e-6 if dense else 1e-5
+        self.norm_1, self.attn, self.norm_2 = nn.LayerNorm(C, eps=eps), attn, nn.LayerNorm(C, eps=eps)
+        p_out = min(p * (1 + 0.1 * layer), 0.5) if dense else p
+        mlp = [nn.Linear(C, cfg.hidden), nn.SiLU() if dense else nn.ReLU(), nn.Dropout(p), nn.Linear(cfg.hidden, C)]
+        self.mlp = nn.Sequential(*mlp, nn.Dropout(p_out)) if dense else nn.Sequential(*mlp)
+        self.drop = nn.Dropout(p_out)
+        if dense:
+            self.gain_1, self.gain_2 = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+            attn.dropout = min(p * (1 + 0.05 * layer), 0.4)
+
+    def forward(self, x, ctx):
+        if ctx.cache.get("skip", {}).get(self.layer):  # stochastic depth (ThesisGPT.context)
+            return x
+        g1, g2 = (self.gain_1, self.gain_2) if hasattr(self, "gain_1") else (1.0, 1.0)
+        x = x + self.drop(g1 * self.attn(self.norm_1(x), ctx))
+        return x + self.drop(g2 * self.mlp(self.norm_2(x)))
+
+
+class ThesisGPT(SparseGPT):
+    """The thesis's own models around our attention modules (--body thesis)."""
+
+    def __init__(self, cfg, make_attn):
+        super().__init__(cfg, make_attn)
+        t, C = self.transformer, cfg.n_embd
+        del t["wpe"]
+        t.pos = ThesisPositions(cfg)
+        t.h = nn.ModuleList(ThesisBlock(cfg, block.attn, i) for i, block in enumerate(t.h))
+        t.norm_f = nn.LayerNorm(C, eps=1e-6) if cfg.variant == "dense" else nn.Identity()
+        self.lm_head = nn.Linear(C, cfg.vocab_size)  # with a bias; its weight tied to the embedding
+        self.lm_head.weight = t.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """PyTorch's defaults, which the sparse model keeps (its tied weight: the embedding's N(0, 1)); the dense model
+        sets embedding N(0, 0.02), output bias 0, MLPs truncated N(0, 0.02) in +-0.04 and the position MLP N(0, 0.02)
+        with zero biases, and nn.MultiheadAttention's xavier-uniform in_proj with zero biases."""
+        if "pos" not in self.transformer:  # core.GPT.__init__'s call, before the thesis's modules exist
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                m.reset_parameters()
+        t, dense = self.transformer, self.cfg.variant == "dense"
+        nn.init.normal_(t.wte.weight, 0.0, std if dense else 1.0)
+        if not dense:
+            return
+        for block in t.h:
+            nn.init.xavier_uniform_(block.attn.c_attn.weight)
+            for lin in (block.mlp[0], block.mlp[3]):
+                nn.init.trunc_normal_(lin.weight, 0.0, std, -2 * std, 2 * std)
+        for lin in (t.pos.mlp[0], t.pos.mlp[3]):
+            nn.init.normal_(lin.weight, 0.0, std)
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):  # all of them start at 0 (the norms' by default)
+                nn.init.zeros_(p)
+
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        if self.training and self.cfg.drop_path:  # layer i > 0 skipped with p = drop_path * i / L, drawn per forward
+            L = self.cfg.n_layer
+            p = torch.arange(L) * self.cfg.drop_path / L
+            ctx.cache["skip"] = dict(enumerate((torch.rand(L) < p).tolist()))
+        return ctx
+
+    def embed(self, idx, ctx):
+        p, dense = self.cfg.token_dropout if self.training else 0.0, self.cfg.variant == "dense"
+        if p and dense:  # a dropped byte becomes byte 0
+            idx = idx.masked_fill(torch.rand(idx.shape, device=idx.device) < p, 0)
+        x = self.transformer.wte(idx) * math.sqrt(self.cfg.n_embd)  # (B, T, C)
+        if p and not dense:  # a dropped byte's embedding becomes 0
+            x = x.masked_fill((torch.rand(idx.shape, device=idx.device) < p)[..., None], 0.0)
+        return self.transformer.drop(self.transformer.pos(x))
+
+    def configure_optimizers(self, cfg, device_type):
+        """AdamW as the thesis groups it (stable_char_transformer.py:943): its no-decay names 'bias' and
+        'LayerNorm.weight' match only biases (the norms are named norm*), so norm weights and gains decay too."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in named if "bias" not in n], weight_decay=cfg.weight_decay),
+                  dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+        for g in opt.param_groups:
+            g["base_lr"] = cfg.lr
+        return [opt]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The thesis's checkpoint files
+
+# The thesis's files: {'model_state_dict', 'config', 'train_losses', 'val_losses', 'seed'} (train_*_transformer.py);
+# extract_head_metrics.py also reads {'model': ...} and bare state_dicts. Key names -> ours, in order:
+THESIS_KEYS = (
+    (r"^(embedding|token_embedding)\.", "transformer.wte."), (r"^(output|output_projection)\.", "lm_head."),
+    (r"^pos_encoder\.position_ff\.", "transformer.pos.mlp."), (r"^pos_encoder\.", "transformer.pos."),
+    (r"^(transformer_blocks|transformer_encoder)\.", "transformer.h."), (r"^norm\.", "transformer.norm_f."),
+    (r"\.self_attn\.in_proj_", ".attn.c_attn."), (r"\.self_attn\.out_proj\.", ".attn.c_proj."),
+    (r"\.self_attn\.", ".attn."), (r"\.norm([12])\.", r".norm_\1."), (r"\.gamma([12])$", r".gain_\1"),
+    (r"\.feed_forward\.", ".mlp."), (r"\.linear1\.", ".mlp.0."), (r"\.linear2\.", ".mlp.3."))
+# the train scripts' values, for files without a config (extract_head_metrics.py builds the dense model with nhead 8)
+THESIS_DEFAULTS = {"dense": dict(dropout=0.1, token_dropout=0.05, stochastic_depth_prob=0.1),
+                   "sparse": dict(dropout=0.05, token_dropout=0.02, stochastic_depth_prob=0.0)}
+
+
+def from_thesis(ckpt, path, given=None):
+    """A thesis checkpoint -> (SparseByteConfig with body 'thesis', our state_dict), None for another format. The
+    dense model
+    (EnhancedCharTransformer: nn.MultiheadAttention's in_proj is already c_attn) or the sparse one
+    (SparseByteTransformer: q/k/v_proj stacked into c_attn), told apart by their keys. A sparse file loads with
+    --inverted-mask, the mask its weights were trained and evaluated with (its default SDPA path)."""
+    sd = ckpt.get("model_state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    first = {"dense": "transformer_blocks.0.self_attn.in_proj_weight",
+             "sparse": "transformer_encoder.0.self_attn.q_proj.weight"}
+    variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
+    if variant is None:
+        return None
+    conf = {"nhead": 8, "seq_length": 1024, **THESIS_DEFAULTS[variant], **(ckpt.get("config") or {})}
+    state = {}
+    for k, v in core.strip_prefix(sd).items():
+        for pattern, ours in THESIS_KEYS:
+            k = re.sub(pattern, ours, k)
+        state[k] = v
+    for k in [k for k in state if k.endswith((".attn.q_proj.weight", ".attn.q_proj.bias"))]:
+        qkv = [k.replace(".q_", f".{n}_") for n in "qkv"]
+        if all(n in state for n in qkv):
+            state[k.replace(".q_proj.", ".c_attn.")] = torch.cat([state.pop(n) for n in qkv])
+    pe = state.pop("transformer.pos.pe", None)  # recomputed (ThesisPositions); the sparse model's is (1, T, C)
+    if "transformer.wte.weight" not in state or "transformer.h.0.mlp.0.weight" not in state:
+        raise core.ConfigError(f"{path}: a thesis {variant} model without its embedding or first MLP")
+    if variant == "dense" and any(conf.get(k, conf["dropout"]) != conf["dropout"]
+                                  for k in ("attention_dropout", "activation_dropout")):
+        core.warn_once(f"{path}: attention and activation dropout differ from dropout; --body thesis uses dropout")
+    V, C = state["transformer.wte.weight"].shape
+    cfg = SparseByteConfig(
+        body="thesis", variant=variant, vocab_size=V, n_embd=C, n_head=conf["nhead"], bias=True,
+        n_layer=len({k.split(".")[2] for k in state if k.startswith("transformer.h.")}),
+        mlp_hidden=state["transformer.h.0.mlp.0.weight"].shape[0], dropout=conf["dropout"],
+        block_size=pe.shape[-2] if variant == "sparse" and pe is not None else conf["seq_length"],
+        token_dropout=conf["token_dropout"], drop_path=conf["stochastic_depth_prob"] if variant == "dense" else 0.0,
+        mask_subset=str(conf.get("mask_subset", "0123")), inverted_mask=variant == "sparse")
+    return cfg, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FlexAttention fast path: the pattern's keys as one extended key sequence, block-sparse
+
+BLOCK = 128            # FlexAttention's default block; every key region is padded to it
+MAIN, PAD = -1, -2     # region ids of the extended keys (column regions use their cluster id)
+
+
 def kv_layout(clusters, T, device=None):
     """The extended keys: src (S,) = source position of each key, region (S,) = MAIN, a column cluster or PAD."""
     src, region = [], []
@@ -236,8 +493,25 @@ def computed_blocks(block_mask):
     return int(n + (block_mask.full_kv_num_blocks.sum() if block_mask.full_kv_num_blocks is not None else 0))
 
 
+@torch.compiler.disable
+@functools.cache
+def sparse_block_mask(clusters, T, device):
+    """(src, BlockMask) of one head assignment at length T. The pattern is static: built once per process,
+    outside the model's compiled graph (traced inside it, it was rebuilt every step). On GPU the builder is compiled
+    with dynamic shapes: it never materialises the (H, T, S) grid (eager: 9 GiB at T=8192), and a static compile
+    (create_block_mask's _compile) spent minutes in ptxas at T=8192 on the H100."""
+    src, region = kv_layout(clusters, T, device)
+    return src, block_mask_builder(device)(sparse_mask_mod(clusters, src, region), None, len(clusters), T, len(src),
+                                           device=device)
+
+
+def block_mask_builder(device):
+    """create_block_mask, compiled with dynamic shapes on GPU (see sparse_block_mask)."""
+    return torch.compile(create_block_mask, dynamic=True) if device.type == "cuda" else create_block_mask
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Attention: the fused Triton kernel (FlashAttention-2 over the pattern's tiles only)
+# The fused Triton kernel (FlashAttention-2 over the pattern's tiles only)
 #
 # Per query block [m0, m1) and head, three key ranges, masked arithmetically (d = i - j):
 #   band     keys m0 - reach .. m1 - 1, entries 0 <= d <= reach
@@ -512,272 +786,6 @@ sparse_attn_fwd.register_autograd(_backward, setup_context=_setup)
 def sparse_attention_triton(q, k, v, pat, ncols):
     """The thesis's patterns with the fused kernel; pat, ncols from triton_pattern. Saves only O and the LSE."""
     return sparse_attn_fwd(q, k, v, pat, ncols)[0]
-
-
-class SparseAttention(core.Attention):
-    """The thesis's static per-head patterns: block-sparse FlexAttention, the fused Triton kernel, eager masked
-    reference."""
-    FAST, FAST_CPU = "triton", "eager"  # CPU FlexAttention has no backward
-
-    def __init__(self, cfg, layer):
-        super().__init__(cfg, layer)
-        self.clusters = head_clusters(cfg.n_head, cfg.mask_subset)
-
-    def attend(self, q, k, v, ctx):
-        if ctx.doc is not None:
-            raise core.ConfigError("the sparse variant has no document masking (the thesis reads one byte stream)")
-        return super().attend(q, k, v, ctx)
-
-    def impl(self, device):
-        return "sdpa" if self.cfg.inverted_mask and self.cfg.attn_impl == "auto" else super().impl(device)
-
-    def eager_mask(self, T, S, ctx, device):
-        """(H, T, T), True = attend. --inverted-mask: its inverse, what the thesis's default path computes
-        (sparse_attention.py:293 makes "True = mask out", which F.scaled_dot_product_attention reads as "attend")."""
-        if ("mask", T) not in ctx.cache:  # one per forward, shared by the layers
-            mask = pattern_mask(self.clusters, T, device)
-            ctx.cache["mask", T] = ~mask if self.cfg.inverted_mask else mask
-        return ctx.cache["mask", T]
-
-    def attend_sdpa(self, q, k, v, ctx):
-        """--inverted-mask: dense SDPA with the boolean mask, the thesis's own call (sparse_attention.py:320)."""
-        mask = self.eager_mask(q.size(-2), k.size(-2), ctx, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-
-    def attend_flex(self, q, k, v, ctx):
-        key = ("sparse", tuple(self.clusters), q.size(-2))
-        if key not in ctx.cache:  # SparseGPT.context fills it before the layers; direct calls land here
-            ctx.cache[key] = sparse_block_mask(*key[1:], q.device)
-        src, mask = ctx.cache[key]
-        k, v = extend(k, src), extend(v, src)  # (B, H, S, D)
-        try:
-            return core.flex_attention(q, k, v, block_mask=mask)
-        except NotImplementedError as e:  # torch's own check: no FlexAttention backward on CPU
-            raise core.ConfigError(f"{e} Train on CPU with --attn-impl eager (or auto).") from None
-
-    def attend_triton(self, q, k, v, ctx):
-        if not core.triton_ok(q):
-            core.warn_once("the sparse Triton kernel cannot run here (no triton/GPU, or head dim not 16..128): flex")
-            return self.attend_flex(q, k, v, ctx)
-        key = ("sparse-triton", tuple(self.clusters), q.size(-2))
-        if key not in ctx.cache:
-            ctx.cache[key] = triton_pattern(self.clusters, q.size(-2), q.device)
-        return sparse_attention_triton(q, k, v, *ctx.cache[key])
-
-
-@torch.compiler.disable
-@functools.cache
-def sparse_block_mask(clusters, T, device):
-    """(src, BlockMask) of one head assignment at length T. The pattern is static: built once per process,
-    outside the model's compiled graph (traced inside it, it was rebuilt every step). On GPU the builder is compiled
-    with dynamic shapes: it never materialises the (H, T, S) grid (eager: 9 GiB at T=8192), and a static compile
-    (create_block_mask's _compile) spent minutes in ptxas at T=8192 on the H100."""
-    src, region = kv_layout(clusters, T, device)
-    return src, block_mask_builder(device)(sparse_mask_mod(clusters, src, region), None, len(clusters), T, len(src),
-                                           device=device)
-
-
-def block_mask_builder(device):
-    """create_block_mask, compiled with dynamic shapes on GPU (see sparse_block_mask)."""
-    return torch.compile(create_block_mask, dynamic=True) if device.type == "cuda" else create_block_mask
-
-
-class SparseGPT(core.GPT):
-    def context(self, idx, doc=None, record=None):
-        ctx = super().context(idx, doc, record)
-        flex = self.cfg.variant == "sparse" and self.transformer.h[0].attn.impl(idx.device) == "flex"
-        if flex and record is None:
-            clusters = tuple(head_clusters(self.cfg.n_head, self.cfg.mask_subset))
-            ctx.cache["sparse", clusters, idx.size(1)] = sparse_block_mask(clusters, idx.size(1), idx.device)
-        return ctx
-
-
-ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
-
-
-def build_model(cfg):
-    fused = cfg.attn_impl in ("auto", "flex", "triton") and not cfg.inverted_mask
-    if cfg.variant == "sparse" and cfg.dropout and fused:
-        core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
-                       "model has)")
-    return (ThesisGPT if cfg.body == "thesis" else SparseGPT)(cfg, ATTENTION[cfg.variant])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints of the original code: the thesis's own bodies (--body thesis) and its checkpoint files
-#
-# Both bodies keep our attention modules (c_attn = [W_q; W_k; W_v]: record mode, pattern masks, fast paths) and the
-# core GPT's forward; around them, sparse: sparse_byte_transformer.py, sparse_attention.py:391-419; dense:
-# stable_char_transformer.py:120-437 (see the docstring's Deviations).
-
-
-class ThesisPositions(nn.Module):
-    """ImprovedPositionalEncoding of either model: pe[t, 2i] = sin(t w_i), pe[t, 2i + 1] = cos(t w_i)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        C = cfg.n_embd
-        t = torch.arange(cfg.block_size, dtype=torch.float, device="cpu")[:, None]
-        w = torch.exp(torch.arange(0, C, 2, device="cpu").float() * (-math.log(10000.0) / C))
-        pe = torch.zeros(cfg.block_size, C, device="cpu")  # on the CPU with the thesis's ops: its very table
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(t * w), torch.cos(t * w)
-        self.register_buffer("pe", pe, persistent=False)
-        if cfg.variant == "dense":
-            self.alpha, self.norm = nn.Parameter(torch.ones(1)), nn.LayerNorm(C)
-            self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(C, C),
-                                     nn.Dropout(cfg.dropout))
-            self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x):
-        pe = self.pe[:x.size(1)]  # (T, C)
-        if not hasattr(self, "alpha"):
-            return x + pe
-        x = x + self.alpha * pe
-        return x + self.drop(self.mlp(self.norm(x)))
-
-
-class ThesisBlock(nn.Module):
-    """One pre-norm layer of the thesis: x + drop(g1 attn(norm_1 x)), then x + drop(g2 mlp(norm_2 x))."""
-
-    def __init__(self, cfg, attn, layer):
-        super().__init__()
-        C, p, self.layer, dense = cfg.n_embd, cfg.dropout, layer, cfg.variant == "dense"
-        eps = 1e-6 if dense else 1e-5
-        self.norm_1, self.attn, self.norm_2 = nn.LayerNorm(C, eps=eps), attn, nn.LayerNorm(C, eps=eps)
-        p_out = min(p * (1 + 0.1 * layer), 0.5) if dense else p
-        mlp = [nn.Linear(C, cfg.hidden), nn.SiLU() if dense else nn.ReLU(), nn.Dropout(p), nn.Linear(cfg.hidden, C)]
-        self.mlp = nn.Sequential(*mlp, nn.Dropout(p_out)) if dense else nn.Sequential(*mlp)
-        self.drop = nn.Dropout(p_out)
-        if dense:
-            self.gain_1, self.gain_2 = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
-            attn.dropout = min(p * (1 + 0.05 * layer), 0.4)
-
-    def forward(self, x, ctx):
-        if ctx.cache.get("skip", {}).get(self.layer):  # stochastic depth (ThesisGPT.context)
-            return x
-        g1, g2 = (self.gain_1, self.gain_2) if hasattr(self, "gain_1") else (1.0, 1.0)
-        x = x + self.drop(g1 * self.attn(self.norm_1(x), ctx))
-        return x + self.drop(g2 * self.mlp(self.norm_2(x)))
-
-
-class ThesisGPT(SparseGPT):
-    """The thesis's own models around our attention modules (--body thesis)."""
-
-    def __init__(self, cfg, make_attn):
-        super().__init__(cfg, make_attn)
-        t, C = self.transformer, cfg.n_embd
-        del t["wpe"]
-        t.pos = ThesisPositions(cfg)
-        t.h = nn.ModuleList(ThesisBlock(cfg, block.attn, i) for i, block in enumerate(t.h))
-        t.norm_f = nn.LayerNorm(C, eps=1e-6) if cfg.variant == "dense" else nn.Identity()
-        self.lm_head = nn.Linear(C, cfg.vocab_size)  # with a bias; its weight tied to the embedding
-        self.lm_head.weight = t.wte.weight
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self, std=0.02):
-        """PyTorch's defaults, which the sparse model keeps (its tied weight: the embedding's N(0, 1)); the dense model
-        sets embedding N(0, 0.02), output bias 0, MLPs truncated N(0, 0.02) in +-0.04 and the position MLP N(0, 0.02)
-        with zero biases, and nn.MultiheadAttention's xavier-uniform in_proj with zero biases."""
-        if "pos" not in self.transformer:  # core.GPT.__init__'s call, before the thesis's modules exist
-            return
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
-                m.reset_parameters()
-        t, dense = self.transformer, self.cfg.variant == "dense"
-        nn.init.normal_(t.wte.weight, 0.0, std if dense else 1.0)
-        if not dense:
-            return
-        for block in t.h:
-            nn.init.xavier_uniform_(block.attn.c_attn.weight)
-            for lin in (block.mlp[0], block.mlp[3]):
-                nn.init.trunc_normal_(lin.weight, 0.0, std, -2 * std, 2 * std)
-        for lin in (t.pos.mlp[0], t.pos.mlp[3]):
-            nn.init.normal_(lin.weight, 0.0, std)
-        for name, p in self.named_parameters():
-            if name.endswith(".bias"):  # all of them start at 0 (the norms' by default)
-                nn.init.zeros_(p)
-
-    def context(self, idx, doc=None, record=None):
-        ctx = super().context(idx, doc, record)
-        if self.training and self.cfg.drop_path:  # layer i > 0 skipped with p = drop_path * i / L, drawn per forward
-            L = self.cfg.n_layer
-            p = torch.arange(L) * self.cfg.drop_path / L
-            ctx.cache["skip"] = dict(enumerate((torch.rand(L) < p).tolist()))
-        return ctx
-
-    def embed(self, idx, ctx):
-        p, dense = self.cfg.token_dropout if self.training else 0.0, self.cfg.variant == "dense"
-        if p and dense:  # a dropped byte becomes byte 0
-            idx = idx.masked_fill(torch.rand(idx.shape, device=idx.device) < p, 0)
-        x = self.transformer.wte(idx) * math.sqrt(self.cfg.n_embd)  # (B, T, C)
-        if p and not dense:  # a dropped byte's embedding becomes 0
-            x = x.masked_fill((torch.rand(idx.shape, device=idx.device) < p)[..., None], 0.0)
-        return self.transformer.drop(self.transformer.pos(x))
-
-    def configure_optimizers(self, cfg, device_type):
-        """AdamW as the thesis groups it (stable_char_transformer.py:943): its no-decay names 'bias' and
-        'LayerNorm.weight' match only biases (the norms are named norm*), so norm weights and gains decay too."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [dict(params=[p for n, p in named if "bias" not in n], weight_decay=cfg.weight_decay),
-                  dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
-        for g in opt.param_groups:
-            g["base_lr"] = cfg.lr
-        return [opt]
-
-
-# The thesis's files: {'model_state_dict', 'config', 'train_losses', 'val_losses', 'seed'} (train_*_transformer.py);
-# extract_head_metrics.py also reads {'model': ...} and bare state_dicts. Key names -> ours, in order:
-THESIS_KEYS = (
-    (r"^(embedding|token_embedding)\.", "transformer.wte."), (r"^(output|output_projection)\.", "lm_head."),
-    (r"^pos_encoder\.position_ff\.", "transformer.pos.mlp."), (r"^pos_encoder\.", "transformer.pos."),
-    (r"^(transformer_blocks|transformer_encoder)\.", "transformer.h."), (r"^norm\.", "transformer.norm_f."),
-    (r"\.self_attn\.in_proj_", ".attn.c_attn."), (r"\.self_attn\.out_proj\.", ".attn.c_proj."),
-    (r"\.self_attn\.", ".attn."), (r"\.norm([12])\.", r".norm_\1."), (r"\.gamma([12])$", r".gain_\1"),
-    (r"\.feed_forward\.", ".mlp."), (r"\.linear1\.", ".mlp.0."), (r"\.linear2\.", ".mlp.3."))
-# the train scripts' values, for files without a config (extract_head_metrics.py builds the dense model with nhead 8)
-THESIS_DEFAULTS = {"dense": dict(dropout=0.1, token_dropout=0.05, stochastic_depth_prob=0.1),
-                   "sparse": dict(dropout=0.05, token_dropout=0.02, stochastic_depth_prob=0.0)}
-
-
-def from_thesis(ckpt, path, given=None):
-    """A thesis checkpoint -> (SparseByteConfig with body 'thesis', our state_dict), None for another format. The
-    dense model
-    (EnhancedCharTransformer: nn.MultiheadAttention's in_proj is already c_attn) or the sparse one
-    (SparseByteTransformer: q/k/v_proj stacked into c_attn), told apart by their keys. A sparse file loads with
-    --inverted-mask, the mask its weights were trained and evaluated with (its default SDPA path)."""
-    sd = ckpt.get("model_state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
-    first = {"dense": "transformer_blocks.0.self_attn.in_proj_weight",
-             "sparse": "transformer_encoder.0.self_attn.q_proj.weight"}
-    variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
-    if variant is None:
-        return None
-    conf = {"nhead": 8, "seq_length": 1024, **THESIS_DEFAULTS[variant], **(ckpt.get("config") or {})}
-    state = {}
-    for k, v in core.strip_prefix(sd).items():
-        for pattern, ours in THESIS_KEYS:
-            k = re.sub(pattern, ours, k)
-        state[k] = v
-    for k in [k for k in state if k.endswith((".attn.q_proj.weight", ".attn.q_proj.bias"))]:
-        qkv = [k.replace(".q_", f".{n}_") for n in "qkv"]
-        if all(n in state for n in qkv):
-            state[k.replace(".q_proj.", ".c_attn.")] = torch.cat([state.pop(n) for n in qkv])
-    pe = state.pop("transformer.pos.pe", None)  # recomputed (ThesisPositions); the sparse model's is (1, T, C)
-    if "transformer.wte.weight" not in state or "transformer.h.0.mlp.0.weight" not in state:
-        raise core.ConfigError(f"{path}: a thesis {variant} model without its embedding or first MLP")
-    if variant == "dense" and any(conf.get(k, conf["dropout"]) != conf["dropout"]
-                                  for k in ("attention_dropout", "activation_dropout")):
-        core.warn_once(f"{path}: attention and activation dropout differ from dropout; --body thesis uses dropout")
-    V, C = state["transformer.wte.weight"].shape
-    cfg = SparseByteConfig(
-        body="thesis", variant=variant, vocab_size=V, n_embd=C, n_head=conf["nhead"], bias=True,
-        n_layer=len({k.split(".")[2] for k in state if k.startswith("transformer.h.")}),
-        mlp_hidden=state["transformer.h.0.mlp.0.weight"].shape[0], dropout=conf["dropout"],
-        block_size=pe.shape[-2] if variant == "sparse" and pe is not None else conf["seq_length"],
-        token_dropout=conf["token_dropout"], drop_path=conf["stochastic_depth_prob"] if variant == "dense" else 0.0,
-        mask_subset=str(conf.get("mask_subset", "0123")), inverted_mask=variant == "sparse")
-    return cfg, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
