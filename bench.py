@@ -302,8 +302,11 @@ def label(r):
 
 
 def impl_cell(r):
-    """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'."""
-    return r["impl"] + (f" ({'+'.join(r['parity']['impls'])})" if r.get("parity") else "")
+    """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'; a model with document masks says how many
+    timed batches ran FlexAttention for them."""
+    docs = r.get("paths", {})
+    docs = f", flex in {100 * docs.get('documents', 0) / sum(docs.values()):.0f}% (documents)" if docs else ""
+    return r["impl"] + (f" ({'+'.join(r['parity']['impls'])}{docs})" if r.get("parity") else "")
 
 
 def check_cell(r):

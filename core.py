@@ -12,6 +12,7 @@ A script plugs in by exporting one `Paper` record (see `Paper`); core imports no
     torchrun --nproc_per_node=2 core.py --train --preset 124m --data data/docs
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -440,6 +441,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+@torch.compiler.disable  # a data-dependent choice, made outside the compiled graph
+def documents(doc, paths):
+    """Document ids (B, T), or None when every row holds one document: then the plain causal kernel (SDPA) runs,
+    not FlexAttention with a document mask. paths counts the batches of each kind (progress line, bench.py)."""
+    several = bool((doc[:, 1:] != doc[:, :1]).any())
+    paths["documents" if several else "one document"] += 1
+    return doc if several else None
+
+
 class GPT(nn.Module):
     """GPT-2 or Llama family decoder. make_attn(cfg, layer) picks each layer's attention module."""
 
@@ -458,6 +468,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         if cfg.family == "gpt2":
             self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.paths = collections.Counter()  # batches with and without several documents (see documents)
         self.init_weights()
 
     def init_weights(self, std=0.02):
@@ -472,7 +483,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
 
     def context(self, idx, doc=None, record=None):
-        ctx = Ctx(doc=doc, record=record)
+        ctx = Ctx(doc=None if doc is None else documents(doc, self.paths), record=record)
         B, T = idx.shape
         if doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
             flex_block_mask(ctx, doc_causal_mask_mod(ctx), B, None, T, T, device=idx.device)
@@ -1000,6 +1011,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
             val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
             line = (f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
                     f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
+            if model.paths:  # what the attention ran: FlexAttention for batches with several documents
+                rec["doc_batches"] = round(model.paths["documents"] / sum(model.paths.values()), 3)
+                line += f" | documents in {100 * rec['doc_batches']:.0f}% of batches (flex)"
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if wandb_run:
@@ -1081,7 +1095,7 @@ def bench(cfg, build_model, steps=20, warmup=5):
     peak = peak_flops(device)
     return dict(ms=dt * 1e3, tok_s=tok_s, mfu=model.flops_per_token() * tok_s / peak if peak else None,
                 mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                params_m=model.num_params(False) / 1e6)
+                params_m=model.num_params(False) / 1e6, paths=dict(model.paths))
 
 
 def bench_line(r):

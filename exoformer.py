@@ -277,7 +277,7 @@ class ExoGPT(core.GPT):
                 nn.init.trunc_normal_(m.weight, 0.0, std, -3 * std, 3 * std)
 
     def context(self, idx, doc=None, record=None):
-        if doc is None and 0 <= self.cfg.doc_sep < self.cfg.vocab_size:
+        if doc is None and 0 <= self.cfg.doc_sep < self.cfg.vocab_size:  # core runs SDPA when a batch has one
             doc = (idx == self.cfg.doc_sep).cumsum(1)  # (B, T): the separator opens the next document
         return super().context(idx, doc, record)
 

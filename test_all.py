@@ -220,6 +220,26 @@ def test_core_document_block_mask_built_once_per_forward(monkeypatch):
     assert len(calls) == 1 and model.cfg.n_layer > 1
 
 
+def test_core_one_document_per_row_runs_the_plain_kernel(monkeypatch):
+    """Document ids with one document in every row: no mask is built and SDPA runs (same logits); several documents:
+    the FlexAttention document mask. The model counts the batches of each kind."""
+    calls, build = [], core.build_block_mask
+    monkeypatch.setattr(core, "build_block_mask", lambda *a: calls.append(a) or build(*a))
+    torch.manual_seed(0)
+    model = core.GPT(tiny(family="llama", attn_impl="sdpa")).eval()
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        one, plain = model(idx, doc=torch.full((2, 32), 3)), model(idx)
+        several = model(idx, doc=torch.tensor([[0] * 16 + [1] * 16] * 2))
+    assert torch.equal(one, plain) and not torch.allclose(several, plain, atol=1e-3) and len(calls) == 1
+    assert model.paths == {"one document": 1, "documents": 1}
+    exo_model = exo.ExoGPT(exo_tiny("baseline"))
+    with torch.no_grad():
+        exo_model(tokens(sep_at=(0,)))  # a separator at position 0 only: one document
+        exo_model(tokens(sep_at=(0, 7)))
+    assert exo_model.paths == {"one document": 1, "documents": 1}
+
+
 @gpu
 def test_core_gpu_context_builds_the_document_mask_before_the_layers():
     model = core.GPT(tiny(family="llama")).cuda()
@@ -2122,7 +2142,9 @@ def test_exoformer_checkpoint_round_trip_and_init_from(tmp_path, capsys):
                      "--max-iters", "5", "--eval-interval", "5", *TINY_CLI]) == 0
     assert core.load_model(exo.PAPER, os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
     assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data]) == 0
-    assert "val" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val" in out and "% of batches (flex)" in out  # the progress line says what the attention ran
+    assert 0 < core.read_log(out2)[-1]["doc_batches"] <= 1
 
 
 # A tiny independent reference of the official forward (official key names, the (B, H, T, D) layout of model*.py)
