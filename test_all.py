@@ -276,6 +276,16 @@ def test_core_rope_matches_complex_rotation():
     assert torch.allclose(core.apply_rope(x, cos, sin), torch.cat((z.real, z.imag), -1), atol=1e-6)
 
 
+def test_core_rope_tables_are_made_once_and_equal_the_formula():
+    """The llama body keeps RoPE's tables as (non-checkpointed) buffers, sliced to T: the same numbers as computing
+    them in the forward, which the compiled step then recomputed in every layer."""
+    model = core.GPT(tiny(family="llama"))
+    cos, sin = model.context(torch.zeros(1, 40, dtype=torch.long)).rope
+    want = core.rope_tables(40, model.cfg.head_dim, model.cfg.rope_theta, "cpu")
+    assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]) and cos.shape == (40, model.cfg.head_dim // 2)
+    assert not any("rope" in k for k in model.state_dict())
+
+
 def test_core_lr_schedule():
     cfg = tiny(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert core.lr_mult(0, cfg) == pytest.approx(1 / 11)
