@@ -221,7 +221,8 @@ def rope_tables(T, D, theta, device):
 
 
 def apply_rope(x, cos, sin):
-    """Half-split (rotate_half) RoPE on (B, H, T, D); pairs are (i, i + D/2)."""
+    """Half-split (rotate_half) RoPE; pairs are (i, i + D/2). x (B, H, T, D) with cos, sin (T, D/2), or (B, T, H, D)
+    with (T, 1, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -299,11 +300,15 @@ class Attention(nn.Module):
         return self.split_qkv(self.c_attn(x), ctx)
 
     def split_qkv(self, qkv, ctx):
-        """c_attn's output (B, T, 3C) -> q, k, v (B, H, T, D) each, RoPE on q and k (llama family)."""
-        q, k, v = (split_heads(t, self.n_head) for t in qkv.chunk(3, dim=-1))
+        """c_attn's output (B, T, 3C) -> q, k, v (B, H, T, D) each, RoPE on q and k (llama family). RoPE runs in
+        c_attn's (B, T, H, D) layout, before the transpose: the backward then writes c_attn's gradient in its own
+        layout (rotated in (B, H, T, D), the step's slowest inductor kernel assembled it transposed)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, H, D) each
         if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        return q, k, v
+            cos, sin = (t[:, None] for t in ctx.rope)  # (T, 1, D/2): broadcast over heads
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
     def impl(self, device):
         impl = self.cfg.attn_impl
