@@ -215,9 +215,8 @@ class ExoAttention(core.Attention):
         q, k = self.q_norm(proj[:, :, 0]), self.k_norm(proj[:, :, 1])
         if self.makes_anchor:
             ctx.cache["anchor"] = self.layer0_anchor(proj, q, k)
-        cos, sin = (t[:, None] for t in ctx.rope)  # (T, 1, D/2): RoPE in the (B, T, H, D) layout (core.split_qkv)
-        q, k = core.apply_rope(q, cos, sin), core.apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, proj[:, :, 2]))  # (B, H, T, D)
+        q, k = core.apply_rope(q, *ctx.rope), core.apply_rope(k, *ctx.rope)
         y = self.attend(q, k, v, ctx).transpose(1, 2)  # (B, T, H, D)
         if self.gated:
             gate = torch.sigmoid(proj[:, :, 3])
