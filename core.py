@@ -976,7 +976,8 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     fast = compiled
     if ddp:
-        fast = nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if device.type == "cuda" else None)
+        fast = nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False)  # RoPE tables: the same everywhere
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
