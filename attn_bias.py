@@ -152,7 +152,16 @@ class BiasAttention(core.Attention):
         return BiasKeyAttention.apply(q, k, v, self.k_bias, self.v_bias, kernel)
 
 
-class SinkGPT(core.GPT):
+class MassiveGPT(core.GPT):
+    """The GPT-2 model that logs, at every evaluation, its massive-activation statistics on one val window (the top-1
+    and median |h| of each block's output, the attention to key 0): --trends plots them against tokens."""
+
+    def track(self, x, y):
+        s = layer_stats(self, [(x, y)])
+        return dict(top1=s["layerwise"]["top1"], median=s["layerwise"]["median"], key0=s["attention"]["key0"])
+
+
+class SinkGPT(MassiveGPT):
     """One learned sink token before the sequence (sec. 5.2's sink baseline); every token sees it, it never reaches
     the logits."""
 
@@ -174,8 +183,8 @@ def build_model(cfg):
     if cfg.variant == "sink":
         return SinkGPT(cfg)
     if cfg.variant == "default":
-        return core.GPT(cfg)
-    model = core.GPT(cfg, BiasAttention)
+        return MassiveGPT(cfg)
+    model = MassiveGPT(cfg, BiasAttention)
     device = core.resolve_device(cfg)
     impl = model.transformer.h[0].attn.impl(device)
     if device.type == "cuda" and (impl == "cudnn" or impl == "flash" and core.flash_attn_func is None):
@@ -355,43 +364,54 @@ def sig(x, digits=4):
 
 
 @torch.no_grad()
-def analyze_model(path, data, tok, seed, device):
-    """Top-1/2/3, mean and median |h| of every block's output over val windows (the sink position included, as
-    in analyze.py), the attention each layer pays to key 0 (first token / sink / k') and to the first real token,
-    and |h| of one block over positions × channels for PROMPT."""
-    model = core.load_model(PAPER, path, device).float()
-    cfg, L = model.cfg, model.cfg.n_layer
-    outs, attn = [None] * L, torch.zeros(L, 2)
-    hooks = [b.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o)) for l, b in
-             enumerate(model.transformer.h)]
-    first = 0 if cfg.variant == "default" else 1  # key index of the first real token
+@torch.no_grad()
+def layer_stats(model, windows):
+    """Over (x, y) windows, in eval mode: top-1/2/3, mean and median |h| of every block's output (the sink position
+    included, as in analyze.py), the attention each layer pays to key 0 (first token / sink / k') and to the first real
+    token, and the mean loss."""
+    L, was = model.cfg.n_layer, model.training
+    outs, attn, stats, loss = [None] * L, torch.zeros(L, 2), torch.zeros(5, L), 0.0
+    first = 0 if model.cfg.variant == "default" else 1  # key index of the first real token
 
     def record(layer, probs):  # (B, H, T, S); query 0 (the sink, or the trivial first row) left out
-        attn[layer] += torch.stack((probs[:, :, 1:, 0].mean(), probs[:, :, 1:, first].mean())).cpu() / N_WINDOWS
+        attn[layer] += torch.stack((probs[:, :, 1:, 0].mean(), probs[:, :, 1:, first].mean())).cpu() / len(windows)
+    hooks = [b.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o)) for l, b in
+             enumerate(model.transformer.h)]
+    model.eval()
+    try:
+        for x, y in windows:
+            loss += model(x, y, record=record).item() / len(windows)
+            for l, h in enumerate(outs):
+                a = h.float().abs().flatten()
+                stats[:3, l] += a.topk(3).values.cpu() / len(windows)
+                stats[3:, l] += torch.stack((a.mean(), a.median())).cpu() / len(windows)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return dict(loss=loss, layerwise={k: sig(stats[j].tolist()) for j, k in enumerate(("top1", "top2", "top3", "mean",
+                                                                                      "median"))},
+                attention=dict(key0=sig(attn[:, 0].tolist()), first_token=sig(attn[:, 1].tolist())))
 
-    stats, loss = torch.zeros(5, L), 0.0
-    for i in range(N_WINDOWS):
-        x, y = data.batch("val", 1, cfg.block_size, seed, 0, i, device)
-        loss += model(x, y, record=record).item() / N_WINDOWS
-        for l, h in enumerate(outs):
-            a = h.float().abs().flatten()
-            stats[:3, l] += a.topk(3).values.cpu() / N_WINDOWS
-            stats[3:, l] += torch.stack((a.mean(), a.median())).cpu() / N_WINDOWS
-    ids = tok.encode(PROMPT)
-    layer = min(5, L - 1)
-    model(torch.tensor([ids], device=device))
-    grid = outs[layer][0].abs().cpu()  # (positions, C)
-    for h in hooks:
-        h.remove()
+
+def analyze_model(path, data, tok, seed, device):
+    """layer_stats over N_WINDOWS val windows, and |h| of one block over positions × channels for PROMPT."""
+    model = core.load_model(PAPER, path, device).float()
+    cfg, L = model.cfg, model.cfg.n_layer
+    s = layer_stats(model, [data.batch("val", 1, cfg.block_size, seed, 0, i, device) for i in range(N_WINDOWS)])
+    ids, layer, out = tok.encode(PROMPT), min(5, L - 1), []
+    hook = model.transformer.h[layer].register_forward_hook(lambda m, a, o: out.append(o))
+    with torch.no_grad():
+        model(torch.tensor([ids], device=device))
+    hook.remove()
+    grid = out[0][0].abs().cpu()  # (positions, C)
     run = os.path.dirname(path)
     log = core.read_log(run) if os.path.exists(os.path.join(run, "log.jsonl")) else []
     ms = sorted(r["ms"] for r in log[1:] if r.get("ms"))  # the first record includes compilation
     vals = [r["val_loss"] for r in log if r.get("val_loss") is not None]
-    return dict(source=path, variant=cfg.variant, n_layer=L, window_loss=sig(loss), windows=N_WINDOWS,
+    return dict(source=path, variant=cfg.variant, n_layer=L, window_loss=sig(s["loss"]), windows=N_WINDOWS,
                 val_loss_log=vals[-1] if vals else None, step_ms=ms[len(ms) // 2] if ms else None,
-                layerwise={k: sig(stats[j].tolist()) for j, k in enumerate(("top1", "top2", "top3", "mean", "median"))},
-                attention=dict(key0=sig(attn[:, 0].tolist()), first_token=sig(attn[:, 1].tolist())),
-                prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
+                layerwise=s["layerwise"], attention=s["attention"], prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
                             abs=[sig(r) for r in grid.tolist()]))
 
 
@@ -475,11 +495,40 @@ def analyze(cfg, args):
         print(p)
 
 
+def trends(cfg, args):
+    """The logged statistics of --out and --runs against training tokens: the largest top-1 / median |h| ratio over
+    the layers, and the mean attention to key 0 (<out>/trends.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for path in [cfg.out, *args.runs]:
+        recs = [r for r in core.read_log(path) if r.get("top1")]
+        if not recs:
+            raise core.ConfigError(f"{path}: its log has no activation statistics (a run of this version's --train)")
+        tokens = [r["tokens"] for r in recs]
+        ratio = [max(a / m for a, m in zip(r["top1"], r["median"])) for r in recs]
+        key0 = [sum(r["key0"]) / len(r["key0"]) for r in recs]
+        label = core.run_label(path)[0]
+        axes[0].plot(tokens, ratio, marker="o", ms=3, label=label)
+        axes[1].plot(tokens, key0, marker="o", ms=3, label=label)
+        print(f"{label}: {tokens[-1]:,} tokens, top-1 / median {ratio[-1]:.1f}x, attention to key 0 {key0[-1]:.3f}")
+    for ax, name in zip(axes, ("largest top-1 / median |h| over the layers", "mean attention to key 0")):
+        ax.set(xlabel="training tokens", ylabel=name)
+        ax.set_yscale("log" if ax is axes[0] else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    os.makedirs(cfg.out, exist_ok=True)
+    print(save(fig, cfg.out, "trends.png"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 ACTIONS = {"analyze": ("massive activations of --runs (run dirs or checkpoints, else --init-from or <out>): "
                        "layerwise top-1/2/3, one block over a prompt, attention to key 0 (PNG + JSON in --out)",
-                       analyze)}
+                       analyze),
+           "trends": ("massive-activation statistics logged while training (--out and --runs) against tokens: "
+                      "<out>/trends.png", trends)}
 
 
 PAPER = core.Paper("attn_bias", AttnBiasConfig, build_model, baseline="default", doc=__doc__, actions=ACTIONS,

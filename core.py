@@ -524,6 +524,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final(x, ctx))
         return logits if targets is None else self.loss_fn(logits, targets)
 
+    def track(self, x, y):
+        """What a paper logs at every evaluation, measured on one fixed val window (x, y): {} here."""
+        return {}
+
     def num_params(self, compute_only=True):
         """Parameters; compute_only drops lookup-only tables (wpe, and wte when the head is untied)."""
         n = sum(p.numel() for p in self.parameters())
@@ -1019,6 +1023,8 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                    mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
         if evaluate_now:
             rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
+            with autocast(device, cfg):
+                rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
         if master:
             mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
             val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""

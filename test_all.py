@@ -1090,6 +1090,23 @@ def test_attn_bias_variants_train_and_loss_falls(ab_runs):
         assert ("reg_token" in ckpt["model"]) == (v == "sink")
 
 
+def test_attn_bias_training_logs_massive_activation_trends(ab_runs, tutorial, tmp_path, capsys):
+    """Every evaluation logs the layerwise top-1 / median |h| and the attention to key 0 of one val window (the same
+    numbers as --analyze's layer_stats on that window); --trends plots them against tokens."""
+    for v, path in ab_runs.items():
+        recs = [r for r in core.read_log(path) if "val_loss" in r]
+        assert [r["step"] for r in recs] == [30, 60] and all(len(r["top1"]) == len(r["median"]) == 2 for r in recs)
+        assert all(a > m > 0 for a, m in zip(recs[-1]["top1"], recs[-1]["median"]))
+        assert all(0 < k < 1 for k in recs[-1]["key0"])
+        model = core.load_model(ab.PAPER, os.path.join(path, "ckpt.pt"))
+        again = ab.layer_stats(model, [core.TokenData(tutorial).batch("val", 1, 64, model.cfg.seed, 0, 0)])
+        assert again["layerwise"]["top1"] == pytest.approx(recs[-1]["top1"], rel=1e-3), v
+    assert ab.main(["--trends", "--out", ab_runs["default"], "--runs", ab_runs["sink"], ab_runs["attn_bias"]]) == 0
+    assert "top-1 / median" in capsys.readouterr().out
+    assert os.path.getsize(os.path.join(ab_runs["default"], "trends.png")) > 10_000
+    assert ab.main(["--trends", "--out", str(tmp_path)]) == 2  # no log: one line
+
+
 def test_attn_bias_gpt2_small_parameter_counts():
     """Spec §1.3: 124,373,760 parameters, +768 (reg_token), +18,432 (k_bias, v_bias x 12 layers)."""
     counts = {}
