@@ -411,7 +411,8 @@ def analyze_model(path, data, tok, seed, device):
     vals = [r["val_loss"] for r in log if r.get("val_loss") is not None]
     return dict(source=path, variant=cfg.variant, n_layer=L, window_loss=sig(s["loss"]), windows=N_WINDOWS,
                 val_loss_log=vals[-1] if vals else None, step_ms=ms[len(ms) // 2] if ms else None,
-                layerwise=s["layerwise"], attention=s["attention"], prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
+                layerwise=s["layerwise"], attention=s["attention"],
+                prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
                             abs=[sig(r) for r in grid.tolist()]))
 
 

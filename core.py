@@ -1311,7 +1311,8 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
         for split in [s for s in ("val", "test") if s in data.splits]:
             r = evaluate(model, data, cfg, device, split)
             bpb = f"{r['bpb']:.4f}" if "bpb" in r else "n/a"
-            print(f"{split:<6} {r['tokens']:>12,} {r['loss']:>8.4f} {r['ppl']:>9.2f} {r['bits_per_token']:>9.4f} {bpb:>7}")
+            print(f"{split:<6} {r['tokens']:>12,} {r['loss']:>8.4f} {r['ppl']:>9.2f} {r['bits_per_token']:>9.4f} "
+                  f"{bpb:>7}")
     elif a == "plot":
         print(plot_runs([cfg.out, *args.runs], os.path.join(cfg.out, "loss.png"), title=f"{paper.name}: loss"))
     elif a == "sample":
