@@ -3277,7 +3277,9 @@ class OrigReflexAttention(torch.nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2) if self.fused else (self.query(x), self.key(x), self.value(x))
         q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in (q, k, v))
 
-        def sdpa(h0, h1, kv):
+        def sdpa(h0, h1, kv):  # an empty head group: no call (torch 2.11's CPU SDPA dies on zero heads)
+            if h1 == h0:
+                return q[:, h0:h1]
             return F.scaled_dot_product_attention(q[:, h0:h1], kv[0][:, h0:h1], kv[1][:, h0:h1], is_causal=True)
         if self.scheme == "all" and len(prevs) > 0:  # the commented-out code, with the guard len(prevs) == 0
             sa = self.H - len(prevs)
