@@ -197,7 +197,6 @@ def build_model(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # The paper's published checkpoints
 
-PUBLISHED_NAMES = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", "transformer.ln_f.": "transformer.norm_f."}
 
 
 def from_published(ckpt, path, given=None):
@@ -206,14 +205,7 @@ def from_published(ckpt, path, given=None):
     config['model_type'] (the released attn_bias file says gpt2_default)."""
     if "model" not in ckpt or "model_args" not in ckpt:
         return None
-    state = {}
-    for k, v in core.strip_prefix(ckpt["model"]).items():
-        if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
-            continue
-        for old, new in PUBLISHED_NAMES.items():
-            k = k.replace(old, new)
-        state[k] = v
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
+    state = core.from_nanogpt(ckpt["model"])
     variant = ("attn_bias" if any(k.endswith(".attn.k_bias") for k in state) else
                "sink" if "reg_token" in state else "default")
     declared = (ckpt.get("config") or {}).get("model_type")

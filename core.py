@@ -541,11 +541,15 @@ class GPT(nn.Module):
         c = self.cfg
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def decays(self, name, p):
+        """AdamW's decay groups: matrices and embeddings (dim >= 2) decay, gains and biases do not."""
+        return p.dim() >= 2
+
     def configure_optimizers(self, cfg, device_type):
-        """AdamW; matrices and embeddings (dim >= 2) decay, gains and biases do not. Groups carry base_lr."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        """AdamW with the decay groups of `decays`. Groups carry base_lr."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in named if self.decays(n, p)], weight_decay=cfg.weight_decay),
+                  dict(params=[p for n, p in named if not self.decays(n, p)], weight_decay=0.0)]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
         for g in opt.param_groups:
             g["base_lr"] = cfg.lr
@@ -809,6 +813,22 @@ def strip_prefix(state, prefix="_orig_mod."):
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+NANOGPT_NAMES = ((".ln_1.", ".norm_1."), (".ln_2.", ".norm_2."), ("transformer.ln_f.", "transformer.norm_f."))
+
+
+def from_nanogpt(sd):
+    """A nanoGPT state_dict (compiled '_orig_mod.' keys too) in our names: ln_* -> norm_*, its causal-mask buffers
+    (.attn.bias, torch < 2, not parameters) dropped, the tied head filled in (attn_bias's and reflex's originals)."""
+    state = {}
+    for k, v in strip_prefix(sd).items():
+        if not k.endswith(".attn.bias"):
+            for old, new in NANOGPT_NAMES:
+                k = k.replace(old, new)
+            state[k] = v
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    return state
+
+
 def config_from_dict(cfg_cls, d, **overrides):
     names = field_names(cfg_cls)
     return cfg_cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
@@ -1023,8 +1043,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                    mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
         if evaluate_now:
             rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
-            with autocast(device, cfg):
-                rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
+            if master:  # only the master logs
+                with autocast(device, cfg):
+                    rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
         if master:
             mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
             val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""

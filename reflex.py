@@ -186,7 +186,6 @@ def build_model(cfg):
 # lives in the run's name: out_dir 'mini-gpt-5-2-1', wandb name '5-2-1-reflex-1024-False-768-0.0' (cell 5).
 
 SPLIT_IN_NAME = re.compile(r"(?<![\d.])(\d+)[-_](\d+)[-_](\d+)(?![\d.])|(?<![a-z])(all)(?![a-z])", re.IGNORECASE)
-ORIGINAL_NAMES = ((".ln_1.", ".norm_1."), (".ln_2.", ".norm_2."), ("transformer.ln_f.", "transformer.norm_f."))
 
 
 def split_in_name(path, n_head):
@@ -229,18 +228,11 @@ def from_original(ckpt, path, given=None):
         core.warn_once(f"{path}: head split {split} read from the run's name (--heads overrides it)")
     cfg = ReflexConfig(variant=variant, heads=split or ReflexConfig.heads, dropout=args.get("dropout", 0.0),
                        bias=bool(args.get("bias", conf.get("bias"))), **sizes)
-    state = {}
-    for k, v in core.strip_prefix(ckpt["model"]).items():
-        if k.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer (torch < 2), not a parameter
-            continue
-        for old, new in ORIGINAL_NAMES:
-            k = k.replace(old, new)
-        state[k] = v
+    state = core.from_nanogpt(ckpt["model"])
     for k in [k for k in state if ".attn.query." in k]:
         qkv = [k.replace(".query.", f".{n}.") for n in ("query", "key", "value")]
         if all(n in state for n in qkv):
             state[k.replace(".query.", ".c_attn.")] = torch.cat([state.pop(n) for n in qkv])
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
     return cfg, state
 
 

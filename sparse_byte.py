@@ -384,16 +384,10 @@ class ThesisGPT(SparseGPT):
             x = x.masked_fill((torch.rand(idx.shape, device=idx.device) < p)[..., None], 0.0)
         return self.transformer.drop(self.transformer.pos(x))
 
-    def configure_optimizers(self, cfg, device_type):
+    def decays(self, name, p):
         """AdamW as the thesis groups it (stable_char_transformer.py:943): its no-decay names 'bias' and
         'LayerNorm.weight' match only biases (the norms are named norm*), so norm weights and gains decay too."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [dict(params=[p for n, p in named if "bias" not in n], weight_decay=cfg.weight_decay),
-                  dict(params=[p for n, p in named if "bias" in n], weight_decay=0.0)]
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
-        for g in opt.param_groups:
-            g["base_lr"] = cfg.lr
-        return [opt]
+        return "bias" not in name
 
 
 # ----------------------------------------------------------------------------------------------------------------
