@@ -443,12 +443,13 @@ def merge(path, field, rows, key):
 
 
 def run_env(rows):
-    """Device (of the rows, or the GPU recorded in a training run's run.json), torch, CUDA, git, argv, peak."""
+    """Device, torch, CUDA and git of the rows: a training run's own (its run.json: --compare may tabulate runs made
+    on another machine), else this process's; argv and the device's peak."""
     runs = (os.path.join(r["out"], "run.json") for r in rows if r.get("out"))
-    device = next((r["device"] for r in rows if r.get("device")), None) or next(
-        (json.load(open(p))["gpu"] for p in runs if os.path.exists(p)), None) or "cpu"
-    git = core.run_info(core.Config(), torch.device("cpu"))["git"]
-    return dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, git=git, argv=sys.argv,
+    recorded = next((json.load(open(p)) for p in runs if os.path.exists(p)), {})
+    here = core.run_info(core.Config(), torch.device("cpu"))
+    device = next((r["device"] for r in rows if r.get("device")), None) or recorded.get("gpu") or "cpu"
+    return dict(device=device, **{k: recorded.get(k) or here[k] for k in ("torch", "cuda", "git")}, argv=sys.argv,
                 peak_tflops=next((v / 1e12 for k, v in core.PEAK_BF16.items() if k in device), None))
 
 
@@ -503,8 +504,12 @@ def compare(args, gpu):
                 run_cmd = [*cmd, "--seed", str(seed), "--out", out]
                 state = prior_run(out, run_cmd, n, args.fresh)
                 print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
-                err = None if state == "done" else train_run(
-                    run_cmd + {"resume": ["--resume"], "new": ["--overwrite"]}[state], out)
+                if args.report:  # tabulate what is there, train nothing
+                    err = None if state == "done" else f"cut at step {last_step(out)} of {n}" if state in (
+                        "cut", "resume") else "not run"
+                else:
+                    err = None if state == "done" else train_run(run_cmd + ["--resume" if state == "resume" else
+                                                                           "--overwrite"], out)
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
                            error=err)
                 runs.append({**run, **({} if err else summarize(core.read_log(out)))})
@@ -520,7 +525,7 @@ def compare(args, gpu):
     head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens/s", "MFU", "memory",
             "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
-              fmt(r.get("val_loss"), ".4f") if not r["error"] else "failed", fmt(r.get("d_val"), "+.4f"),
+              fmt(r.get("val_loss"), ".4f") if not r["error"] else failed(r["error"]), fmt(r.get("d_val"), "+.4f"),
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
@@ -538,8 +543,14 @@ def compare(args, gpu):
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {info['device']}")
     for r in runs:
         if r["error"]:
-            print(f"error: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
-    return 1 if any(r["error"] for r in runs) else 0
+            kind = "error" if failed(r["error"]) == "failed" else "note"
+            print(f"{kind}: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
+    return 1 if any(r["error"] and failed(r["error"]) == "failed" for r in runs) else 0
+
+
+def failed(error):
+    """A row's status word: 'failed' (its training exited with an error), else --report's 'cut ...' / 'not run'."""
+    return "failed" if error.startswith("exit") else error
 
 
 def compare_cmd(args, s, path, variant, preset):
@@ -558,9 +569,11 @@ def compare_cmd(args, s, path, variant, preset):
 
 
 def prior_run(out, cmd, steps, fresh):
-    """What --compare does with an --out: 'new' (nothing there, or --fresh), 'done' (finished with these flags: its
-    results are reused) or 'resume' (cut short with these flags)."""
-    if fresh or not os.path.exists(os.path.join(out, "ckpt.pt")):
+    """What --compare does with an --out: 'new' (nothing there, or --fresh), 'done' (its log reached the last step
+    with these flags: its results are reused, also without its checkpoint, e.g. logs copied back from a GPU machine),
+    'resume' (cut short with these flags, checkpoint kept) or 'cut' (cut short, no checkpoint: trained again)."""
+    log = os.path.join(out, "log.jsonl")
+    if fresh or not (os.path.exists(os.path.join(out, "ckpt.pt")) or os.path.exists(log)):
         return "new"
     strip = lambda argv: [a for a in argv if a not in ("--resume", "--overwrite")]
     try:
@@ -570,7 +583,15 @@ def prior_run(out, cmd, steps, fresh):
     if strip(before[1:]) != strip(cmd[2:]):
         raise core.ConfigError(f"{out} holds a run made with other flags: --fresh starts the comparison over, or "
                                "choose another --out")
-    return "done" if core.read_log(out)[-1]["step"] >= steps else "resume"
+    if last_step(out) >= steps:
+        return "done"
+    return "resume" if os.path.exists(os.path.join(out, "ckpt.pt")) else "cut"
+
+
+def last_step(out):
+    with contextlib.suppress(core.ConfigError, IndexError):
+        return core.read_log(out)[-1]["step"]
+    return 0
 
 
 def seed_summary(runs):
@@ -893,6 +914,8 @@ def build_parser():
                                   "--seed)")
     a("--fresh", action="store_true", help="--compare: start every run over (default: reuse finished runs made with "
                                            "the same flags and resume cut ones)")
+    a("--report", action="store_true", help="--compare: train nothing; tabulate and plot the runs already in --out "
+                                            "(cut or missing ones are named)")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
     a("--seed", type=int, default=1337, help="--compare: seed of every run")
     a("--eval-tasks", default="", help="downstream eval of --init-from: comma list of lm-eval tasks / .yaml / .jsonl "

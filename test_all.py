@@ -3803,6 +3803,26 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "done"
     assert bench.prior_run(str(out), cmd, 8, fresh=True) == "new"
     assert bench.prior_run(str(tmp_path / "none"), cmd, 8, fresh=False) == "new"
+    (out / "ckpt.pt").unlink()  # logs copied back from a GPU machine, without the checkpoint
+    assert bench.prior_run(str(out), cmd, 8, fresh=False) == "done"
+    (out / "log.jsonl").write_text(json.dumps(dict(step=4)) + "\n")
+    assert bench.prior_run(str(out), cmd, 8, fresh=False) == "cut"  # nothing to resume from: trained again
+
+
+def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_path, bytes_data):
+    args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+            "--max-iters", 4, "--out", tmp_path]
+    assert bench_run_cli(*args)[0] == 0
+    base, var = tmp_path / "reflex-baseline", tmp_path / "reflex-reflex"
+    (base / "ckpt.pt").unlink()
+    (var / "ckpt.pt").unlink()
+    (var / "log.jsonl").write_text(open(var / "log.jsonl").readline())  # cut after its first record
+    before = {p: p.read_text() for p in (base / "log.jsonl", var / "log.jsonl")}
+    rc, out, err = bench_run_cli(*args, "--report")
+    assert rc == 0, err
+    assert "| reflex/baseline | 1337 | 2,048 |" in out and "| cut at step 1 of 4 |" in out
+    assert "note: reflex/reflex: cut at step 1 of 4" in err
+    assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
 
 
 def test_bench_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
