@@ -500,7 +500,7 @@ def compare(args, gpu):
             cmd, n = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
             for seed in seeds:
                 out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
-                out += f"-seed{seed}" if len(seeds) > 1 else ""
+                out += f"-seed{seed}" if args.seeds else ""  # --seeds: every run dir names its seed
                 run_cmd = [*cmd, "--seed", str(seed), "--out", out]
                 state = prior_run(out, run_cmd, n, args.fresh)
                 print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
@@ -511,7 +511,7 @@ def compare(args, gpu):
                     err = None if state == "done" else train_run(run_cmd + ["--resume" if state == "resume" else
                                                                            "--overwrite"], out)
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
-                           error=err)
+                           data=args.data, error=err)
                 runs.append({**run, **({} if err else summarize(core.read_log(out)))})
                 if not err:
                     runs[-1]["epochs"] = runs[-1]["tokens"] / data.tokens("train")
@@ -529,7 +529,9 @@ def compare(args, gpu):
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
-    print(f"data {args.data}, {info['device']}, torch {info['torch']}, git {info['git']}\n")
+    sets = {r["script"]: r.get("data") for r in runs}
+    data_line = args.data if len(set(sets.values())) == 1 else "; ".join(f"{k} {v}" for k, v in sets.items())
+    print(f"data {data_line}, {info['device']}, torch {info['torch']}, git {info['git']}\n")
     print(md_table(head, table))
     summary = seed_summary(runs)
     if any(len(v["d_val"]) > 1 for v in summary.values()):
@@ -540,7 +542,7 @@ def compare(args, gpu):
     with core.atomic(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(dict(info, data=args.data, train_tokens=data.tokens("train"), runs=runs, summary=summary), f,
                   indent=1)
-    plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, data {args.data}, {info['device']}")
+    plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, {info['device']}")
     for r in runs:
         if r["error"]:
             kind = "error" if failed(r["error"]) == "failed" else "note"
@@ -575,7 +577,10 @@ def prior_run(out, cmd, steps, fresh):
     log = os.path.join(out, "log.jsonl")
     if fresh or not (os.path.exists(os.path.join(out, "ckpt.pt")) or os.path.exists(log)):
         return "new"
-    strip = lambda argv: [a for a in argv if a not in ("--resume", "--overwrite")]
+    def strip(argv):  # the flags that make the run; --out is only where it lies (a run folder may be moved)
+        argv = [a for a in argv if a not in ("--resume", "--overwrite")]
+        i = argv.index("--out") if "--out" in argv else len(argv)
+        return argv[:i] + argv[i + 2:]
     try:
         before = json.load(open(os.path.join(out, "run.json")))["argv"]
     except (OSError, ValueError, KeyError):
@@ -610,27 +615,32 @@ def seed_summary(runs):
 
 
 def plot_compare(runs, png, title):
+    """One column per script (each its own data and loss unit): val loss against training tokens (top) and training
+    time (bottom); baselines dashed, one line per seed."""
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))
-    colors = script_colors(runs)
+    names = list(dict.fromkeys(r["script"] for r in runs))
+    fig, axes = pyplot.subplots(2, len(names), figsize=(4.5 * len(names) + 1, 7), squeeze=False)
     seeds = len({r.get("seed") for r in runs}) > 1
-    for r in runs:
-        if r.get("curve"):
-            tokens, times, loss = zip(*r["curve"])
-            style = dict(color=colors[r["script"]], marker="o", ms=3, label=label(r) + (f" seed {r['seed']}" if seeds
-                                                                                      else ""),
-                         ls="-" if r["variant"] != r["baseline"] else "--")
-            axes[0].plot(tokens, loss, **style)
-            axes[1].plot(times, loss, **style)
-    for ax, x in zip(axes, ("training tokens", "training time (s, compilation and evaluation excluded)")):
-        ax.set_xlabel(x)
-        ax.set_ylabel("val loss")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for col, name in enumerate(names):
+        mine = [r for r in runs if r["script"] == name]
+        colors = {v: pyplot.cm.tab10(i % 10) for i, v in enumerate(dict.fromkeys(r["variant"] for r in mine))}
+        for r in mine:
+            if r.get("curve"):
+                tokens, times, loss = zip(*r["curve"])
+                style = dict(color=colors[r["variant"]], marker="o", ms=3, ls="--" if r["variant"] == r["baseline"]
+                             else "-", label=(r["variant"] or name) + (f" seed {r['seed']}" if seeds else ""))
+                axes[0, col].plot(tokens, loss, **style)
+                axes[1, col].plot(times, loss, **style)
+        axes[0, col].set_title(f"{name} ({os.path.basename(os.path.normpath(mine[0].get('data') or ''))})",
+                               fontsize=9)
+        for row, x in enumerate(("training tokens", "training time (s, compilation and evaluation excluded)")):
+            axes[row, col].set(xlabel=x, ylabel="val loss")
+            axes[row, col].grid(alpha=0.3)
+        axes[0, col].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     pyplot.close(fig)
 
 

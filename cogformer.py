@@ -223,7 +223,8 @@ if triton is not None:
                 kT = tl.load(k_ptr + offs_n[None, :] * skt + offs_d[:, None])
                 v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :])
             s = tl.dot(q, kT, input_precision=PREC)  # (M, N) q·k in fp32; its sign is σ
-            a = (tl.abs(s) * qk_scale).to(tl.float32)  # |s| in log2 units (the cast: compile passes fp64 scalars); mask on |s|
+            # |s| in log2 units (the cast: compile passes fp64 scalars); the mask goes on |s|
+            a = (tl.abs(s) * qk_scale).to(tl.float32)
             if MASKED:
                 a = tl.where(offs_m[:, None] >= offs_n[None, :], a, float("-inf"))
             if HAS_DOC:

@@ -598,7 +598,8 @@ def get_tokenizer(name, path=None):
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"GPT-2 vocabulary file not found: {path}")
-        enc = tiktoken.Encoding(name="gpt2", pat_str=R50K_PATTERN, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
+        ranks = tiktoken.load.load_tiktoken_bpe(path)
+        enc = tiktoken.Encoding(name="gpt2", pat_str=R50K_PATTERN, mergeable_ranks=ranks,
                                 special_tokens={"<|endoftext|>": 50256})
     else:
         try:

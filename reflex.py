@@ -1,6 +1,7 @@
 """Reflex attention: heads that attend to the keys and values of earlier layers.
 
-Source: no paper and no arXiv id; the method is defined by its repository, https://github.com/KornilovaK/reflex_attention
+Source: no paper and no arXiv id; the method is defined by its repository,
+https://github.com/KornilovaK/reflex_attention
 (README.md, model.py; nanoGPT on OpenWebText). Its README motivates it with the over-squashing of long contexts into
 one hidden state (arXiv:2406.04267): a deep layer that only self-attends has lost part of what earlier layers saw.
 

@@ -430,7 +430,8 @@ def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
     assert rc == 0, err
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "core.py"), "--train", *args, "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, cwd=HERE, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     one, two = core.read_log(str(tmp_path / "one")), core.read_log(str(tmp_path / "two"))
     assert len(one) == len(two) == 4
@@ -3807,6 +3808,7 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "done"
     (out / "log.jsonl").write_text(json.dumps(dict(step=4)) + "\n")
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "cut"  # nothing to resume from: trained again
+    assert bench.prior_run(str(out), [*cmd[:-1], "moved/run"], 8, fresh=False) == "cut"  # --out: where, not how
 
 
 def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_path, bytes_data):
