@@ -504,16 +504,15 @@ def compare(args, gpu):
                 run_cmd = [*cmd, "--seed", str(seed), "--out", out]
                 state = prior_run(out, run_cmd, n, args.fresh)
                 print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
-                if args.report:  # tabulate what is there, train nothing
-                    err = None if state == "done" else f"cut at step {last_step(out)} of {n}" if state in (
-                        "cut", "resume") else "not run"
-                else:
-                    err = None if state == "done" else train_run(run_cmd + ["--resume" if state == "resume" else
-                                                                           "--overwrite"], out)
+                err = missing = None
+                if args.report and state != "done":  # tabulate what is there, train nothing
+                    missing = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
+                elif state != "done":
+                    err = train_run(run_cmd + ["--resume" if state == "resume" else "--overwrite"], out)
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
-                           data=args.data, error=err)
-                runs.append({**run, **({} if err else summarize(core.read_log(out)))})
-                if not err:
+                           data=args.data, tokenizer=data.tokenizer, error=err, missing=missing)
+                runs.append({**run, **({} if err or missing else summarize(core.read_log(out)))})
+                if not (err or missing):
                     runs[-1]["epochs"] = runs[-1]["tokens"] / data.tokens("train")
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
@@ -525,7 +524,8 @@ def compare(args, gpu):
     head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens/s", "MFU", "memory",
             "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
-              fmt(r.get("val_loss"), ".4f") if not r["error"] else failed(r["error"]), fmt(r.get("d_val"), "+.4f"),
+              "failed" if r["error"] else r.get("missing") or fmt(r.get("val_loss"), ".4f"),
+              fmt(r.get("d_val"), "+.4f"),
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
@@ -544,15 +544,10 @@ def compare(args, gpu):
                   indent=1)
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, {info['device']}")
     for r in runs:
-        if r["error"]:
-            kind = "error" if failed(r["error"]) == "failed" else "note"
-            print(f"{kind}: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
-    return 1 if any(r["error"] and failed(r["error"]) == "failed" for r in runs) else 0
-
-
-def failed(error):
-    """A row's status word: 'failed' (its training exited with an error), else --report's 'cut ...' / 'not run'."""
-    return "failed" if error.startswith("exit") else error
+        if r["error"] or r.get("missing"):
+            print(f"{'error' if r['error'] else 'note'}: {label(r)}: {r['error'] or r['missing']} (log: {r['out']}/"
+                  "stdout.txt)", file=sys.stderr)
+    return 1 if any(r["error"] for r in runs) else 0
 
 
 def compare_cmd(args, s, path, variant, preset):
@@ -634,7 +629,8 @@ def plot_compare(runs, png, title):
         axes[0, col].set_title(f"{name} ({os.path.basename(os.path.normpath(mine[0].get('data') or ''))})",
                                fontsize=9)
         for row, x in enumerate(("training tokens", "training time (s, compilation and evaluation excluded)")):
-            axes[row, col].set(xlabel=x, ylabel="val loss")
+            unit = "byte" if mine[0].get("tokenizer") == "bytes" else "token"
+            axes[row, col].set(xlabel=x, ylabel=f"val loss (nats per {unit})")
             axes[row, col].grid(alpha=0.3)
         axes[0, col].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
