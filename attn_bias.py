@@ -495,7 +495,7 @@ def trends(cfg, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for path in [cfg.out, *args.runs]:
+    for path in core.run_dirs(cfg, args):
         recs = [r for r in core.read_log(path) if r.get("top1")]
         if not recs:
             raise core.ConfigError(f"{path}: its log has no activation statistics (a run of this version's --train)")

@@ -491,6 +491,8 @@ def compare(args, gpu):
     one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
     resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh)."""
     data = core.TokenData(args.data)  # one line when it is missing
+    if args.evals < 1:
+        raise core.ConfigError("--evals must be at least 1")
     seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
     presets, runs = parse_presets(args.preset), []
     for name in papers(args.papers):
@@ -521,12 +523,16 @@ def compare(args, gpu):
         base = next((b for b in runs if (b["script"], b["variant"], b.get("seed")) == (r["script"], r["baseline"],
                                                                                    r.get("seed"))), None)
         r["d_val"] = r["val_loss"] - base["val_loss"] if r.get("val_loss") and base and base.get("val_loss") else None
-    head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens/s", "MFU", "memory",
-            "train time"]
+        r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss
+        if base and r["variant"] != r["baseline"] and base.get("val_loss") and r.get("curve"):
+            reach = tokens_to(r["curve"], base["val_loss"])
+            r["to_base"] = "not reached" if reach is None else reach / base["tokens"]
+    head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens to baseline's loss",
+            "tokens/s", "MFU", "memory", "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
               "failed" if r["error"] else r.get("missing") or fmt(r.get("val_loss"), ".4f"),
-              fmt(r.get("d_val"), "+.4f"),
-              fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
+              fmt(r.get("d_val"), "+.4f"), fmt(r.get("to_base"), ".2f", "x") if r.get("to_base") != "not reached"
+              else "not reached", fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
     sets = {r["script"]: r.get("data") for r in runs}
@@ -540,8 +546,7 @@ def compare(args, gpu):
                               [[k, len(v["d_val"]), f"{v['val_loss']:.4f}", fmt(v["mean"], "+.4f"),
                                 fmt(v["spread"], ".4f")] for k, v in summary.items()]))
     with core.atomic(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(dict(info, data=args.data, train_tokens=data.tokens("train"), runs=runs, summary=summary), f,
-                  indent=1)
+        json.dump(dict(info, runs=runs, summary=summary), f, indent=1)
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, {info['device']}")
     for r in runs:
         if r["error"] or r.get("missing"):
@@ -557,12 +562,25 @@ def compare_cmd(args, s, path, variant, preset):
     cfg = make_cfg(s, variant, preset, **over)
     n = math.ceil(args.tokens / (cfg.batch_size * cfg.grad_accum * cfg.block_size)) if args.tokens else args.max_iters
     flags = ["--data", args.data, "--max-iters", n, "--warmup-iters", max(1, n // 10), "--eval-interval",
-             max(1, n // 6), "--log-interval", max(1, min(25, n // 10))]
+             max(1, n // args.evals), "--log-interval", max(1, min(25, n // 10))]
     for flag, value in (("--batch-size", args.batch), ("--block-size", args.seq), ("--attn-impl", args.impl),
                         ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
         flags += [flag, value] if value and value != "auto" else []
     flags += [] if args.compile else ["--no-compile"]
     return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
+
+
+def tokens_to(curve, target):
+    """Training tokens at which a val curve [(tokens, time, loss), ...] first reaches target, linear between its
+    evaluations (the first evaluation's tokens, an upper bound, when it is already there); None if it never does."""
+    prev = None
+    for tokens, _, loss in curve:
+        if loss <= target:
+            if prev is None:
+                return tokens
+            return prev[0] + (tokens - prev[0]) * (prev[1] - target) / (prev[1] - loss)
+        prev = tokens, loss
+    return None
 
 
 def prior_run(out, cmd, steps, fresh):
@@ -923,6 +941,8 @@ def build_parser():
     a("--report", action="store_true", help="--compare: train nothing; tabulate and plot the runs already in --out "
                                             "(cut or missing ones are named)")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
+    a("--evals", type=int, default=6, help="--compare: evaluations (each a checkpoint and a point of the curve) per "
+                                           "run")
     a("--seed", type=int, default=1337, help="--compare: seed of every run")
     a("--eval-tasks", default="", help="downstream eval of --init-from: comma list of lm-eval tasks / .yaml / .jsonl "
                                        "files")

@@ -1152,6 +1152,11 @@ def read_log(path):
     return [json.loads(l) for l in open(path) if l.strip()]
 
 
+def run_dirs(cfg, args):
+    """--out, then --runs: the runs an action compares, each once."""
+    return list(dict.fromkeys(os.path.normpath(p) for p in [cfg.out, *args.runs]))
+
+
 def run_label(path):
     """'dir (script/variant)' and the run's tokenizer, from its run.json (older runs: the directory name only)."""
     with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
@@ -1336,7 +1341,7 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
             print(f"{split:<6} {r['tokens']:>12,} {r['loss']:>8.4f} {r['ppl']:>9.2f} {r['bits_per_token']:>9.4f} "
                   f"{bpb:>7}")
     elif a == "plot":
-        print(plot_runs([cfg.out, *args.runs], os.path.join(cfg.out, "loss.png"), title=f"{paper.name}: loss"))
+        print(plot_runs(run_dirs(cfg, args), os.path.join(cfg.out, "loss.png"), title=f"{paper.name}: loss"))
     elif a == "sample":
         tok = get_tokenizer(TokenData(cfg.data).tokenizer)
         idx = torch.tensor([tok.encode(args.prompt)], device=device)

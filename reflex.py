@@ -251,7 +251,7 @@ def charts(cfg, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {os.path.basename(os.path.normpath(p)): p for p in [cfg.out, *args.runs]}
+    runs = {os.path.basename(p): p for p in core.run_dirs(cfg, args)}
     print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
     speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import types
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -612,6 +613,12 @@ def test_core_divergence_without_a_checkpoint_says_so(tutorial, tmp_path):
     with pytest.raises(core.ConfigError, match="diverged.*no checkpoint written"):
         core.train(core.PAPER, cfg, Exploding(cfg))
     assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_core_run_dirs_name_each_run_once():
+    """--out and --runs of a comparing action (--plot, attn_bias --trends, reflex --charts): --out first, none twice."""
+    given = types.SimpleNamespace(out="runs/a", runs=["runs/b", "runs/a/", "./runs/b"])
+    assert core.run_dirs(given, given) == ["runs/a", "runs/b"]
 
 
 def test_core_plots_refuse_runs_of_different_tokenizers(core_run, tmp_path, capsys):
@@ -3605,11 +3612,14 @@ def test_bench_variant_roles_of_every_paper():
             assert bench.make_cfg(s, v, bench.preset_for(n, {}, gpu=True)).n_embd >= 768
 
 
-def test_bench_cli_errors():
+def test_bench_cli_errors(capsys):
     assert bench.main(["--papers", "nope", "--device", "cpu"]) == 2
     assert bench.main(["--compare", "--data", "/nonexistent/dir"]) == 2
     assert bench.main(["--eval-tasks", "mc.jsonl"]) == 2
     assert bench.main(["--papers", "core", "--seq", "1k", "--device", "cpu"]) == 2
+    capsys.readouterr()
+    assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--evals", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: --evals must be at least 1\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3757,19 +3767,30 @@ def test_bench_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
 
 def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
     rc, out, err = bench_run_cli("bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
-                           "--data", bytes_data, "--max-iters", 4, "--out", tmp_path)
+                           "--data", bytes_data, "--max-iters", 4, "--evals", 2, "--out", tmp_path)
     assert rc == 0, err
     runs = json.load(open(tmp_path / "compare.json"))["runs"]
     assert [bench.label(r) for r in runs] == ["reflex/baseline", "reflex/reflex"]
     assert runs[0]["tokens"] == runs[1]["tokens"] == 4 * 8 * 64
     for r in runs:
-        assert not r["error"] and math.isfinite(r["val_loss"]) and r["tok_s"] > 0 and r["curve"]
+        assert not r["error"] and math.isfinite(r["val_loss"]) and r["tok_s"] > 0
+        assert [t for t, _, _ in r["curve"]] == [2 * 8 * 64, 4 * 8 * 64]  # --evals 2: evaluations at steps 2 and 4
         assert "mem_gb" in core.read_log(r["out"])[-1]
+    reach = bench.tokens_to(runs[1]["curve"], runs[0]["val_loss"])
+    assert runs[1]["to_base"] == ("not reached" if reach is None else reach / runs[0]["tokens"])
+    assert runs[0]["to_base"] is None
     strip = lambda cmd: [a for a in cmd if a not in ("baseline", "reflex") and not a.startswith(str(tmp_path))]
     assert strip(runs[0]["cmd"]) == strip(runs[1]["cmd"])  # identical flags but the variant and out dir
     assert runs[1]["d_val"] == pytest.approx(runs[1]["val_loss"] - runs[0]["val_loss"])
     assert "| reflex/reflex | 1337 | 2,048 | 0.01 |" in out  # epochs of the 200k-byte train split
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_tokens_to_a_loss_interpolates_between_evaluations():
+    curve = [(10, 1.0, 3.0), (20, 2.0, 2.0), (30, 3.0, 1.5)]
+    assert bench.tokens_to(curve, 2.5) == 15 and bench.tokens_to(curve, 1.75) == 25
+    assert bench.tokens_to(curve, 3.5) == 10  # already there at the first evaluation
+    assert bench.tokens_to(curve, 1.0) is None
 
 
 def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
