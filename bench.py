@@ -321,7 +321,8 @@ def check_cell(r):
 
 
 def fmt(x, spec="", unit=""):
-    return "-" if x is None else f"{x:{spec}}{unit}"
+    """A table cell: '-' for None, a word as it is, a number with its format and unit."""
+    return "-" if x is None else x if isinstance(x, str) else f"{x:{spec}}{unit}"
 
 
 def md_table(head, rows):
@@ -530,9 +531,9 @@ def compare(args, gpu):
     head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens to baseline's loss",
             "tokens/s", "MFU", "memory", "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
-              "failed" if r["error"] else r.get("missing") or fmt(r.get("val_loss"), ".4f"),
-              fmt(r.get("d_val"), "+.4f"), fmt(r.get("to_base"), ".2f", "x") if r.get("to_base") != "not reached"
-              else "not reached", fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
+              "failed" if r["error"] else fmt(r.get("missing") or r.get("val_loss"), ".4f"),
+              fmt(r.get("d_val"), "+.4f"), fmt(r.get("to_base"), ".2f", "x"),
+              fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)
     sets = {r["script"]: r.get("data") for r in runs}
