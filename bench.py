@@ -491,7 +491,8 @@ def compare(args, gpu):
     """Train each paper's baseline and main variant (or --variants) with identical flags, once per seed; one table,
     one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
     resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh)."""
-    data = core.TokenData(args.data)  # one line when it is missing
+    # one line when it is missing; --report needs it only for runs that do not record their data's size
+    data = None if args.report and not os.path.isdir(args.data) else core.TokenData(args.data)
     if args.evals < 1:
         raise core.ConfigError("--evals must be at least 1")
     seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
@@ -512,11 +513,14 @@ def compare(args, gpu):
                     missing = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
                 elif state != "done":
                     err = train_run(run_cmd + ["--resume" if state == "resume" else "--overwrite"], out)
+                recorded = run_data(out)
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
-                           data=args.data, tokenizer=data.tokenizer, error=err, missing=missing)
+                           data=args.data, tokenizer=recorded.get("tokenizer") or (data and data.tokenizer), error=err,
+                           missing=missing)
                 runs.append({**run, **({} if err or missing else summarize(core.read_log(out)))})
-                if not (err or missing):
-                    runs[-1]["epochs"] = runs[-1]["tokens"] / data.tokens("train")
+                train = recorded.get("train_tokens") or (data and data.tokens("train"))
+                if not (err or missing) and train:
+                    runs[-1]["epochs"] = runs[-1]["tokens"] / train
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
                      lambda r: (r["script"], r["variant"], r.get("seed")))
@@ -569,6 +573,13 @@ def compare_cmd(args, s, path, variant, preset):
         flags += [flag, value] if value and value != "auto" else []
     flags += [] if args.compile else ["--no-compile"]
     return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
+
+
+def run_data(out):
+    """The dataset a run recorded in its run.json (path, tokenizer, vocabulary, train tokens), or {}."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return json.load(open(os.path.join(out, "run.json"))).get("data") or {}
+    return {}
 
 
 def tokens_to(curve, target):

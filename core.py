@@ -655,8 +655,10 @@ class TokenData:
         self.path = path
 
     def info(self):
-        """What a checkpoint records of its dataset: loading it elsewhere refuses another tokenizer."""
-        return dict(path=os.path.abspath(self.path), tokenizer=self.tokenizer, vocab_size=self.vocab_size)
+        """What a checkpoint and run.json record of the dataset: loading it elsewhere refuses another tokenizer; the
+        train split's size gives a run's epochs where the data is not at hand (bench.py --compare --report)."""
+        return dict(path=os.path.abspath(self.path), tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                    train_tokens=self.tokens("train"))
 
     def tokens(self, split):
         return sum(len(s) for s in self.splits[split])

@@ -15,6 +15,7 @@ import json
 import lzma
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -474,7 +475,8 @@ def core_main(*args):
 def test_core_checkpoint_names_its_script_and_other_scripts_refuse_it(core_run, tmp_path, capsys, tutorial):
     ckpt = core.load_checkpoint(os.path.join(core_run, "ckpt.pt"))
     assert (ckpt["script"], ckpt["variant"], ckpt["step"]) == ("core", "", 4)
-    assert ckpt["data"] == dict(path=os.path.abspath(tutorial), tokenizer="bytes", vocab_size=256)
+    assert ckpt["data"] == dict(path=os.path.abspath(tutorial), tokenizer="bytes", vocab_size=256,
+                                train_tokens=core.TokenData(tutorial).tokens("train"))
     before = digests(core_run)
     for main in (cg.main, reflex.main):
         fails_in_one_line(capsys, main(["--eval", "--init-from", os.path.join(core_run, "ckpt.pt")]),
@@ -3833,9 +3835,11 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
 
 
 def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_path, bytes_data):
-    args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+    data = shutil.copytree(bytes_data, tmp_path / "data")
+    args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", data,
             "--max-iters", 4, "--out", tmp_path]
     assert bench_run_cli(*args)[0] == 0
+    shutil.rmtree(data)  # the logs copied back from a GPU machine, without the data: run.json records its size
     base, var = tmp_path / "reflex-baseline", tmp_path / "reflex-reflex"
     (base / "ckpt.pt").unlink()
     (var / "ckpt.pt").unlink()
@@ -3843,7 +3847,7 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     before = {p: p.read_text() for p in (base / "log.jsonl", var / "log.jsonl")}
     rc, out, err = bench_run_cli(*args, "--report")
     assert rc == 0, err
-    assert "| reflex/baseline | 1337 | 2,048 |" in out and "| cut at step 1 of 4 |" in out
+    assert "| reflex/baseline | 1337 | 2,048 | 0.01 |" in out and "| cut at step 1 of 4 |" in out
     assert "note: reflex/reflex: cut at step 1 of 4" in err
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
 
