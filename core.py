@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import glob
 import hashlib
 import itertools
@@ -1075,6 +1076,10 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         loss_sum.zero_()
         t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
     if ddp:  # leave together: a rank tearing down while rank 0 still writes its checkpoint hung gloo
+        # DDP's reducer first, while the world still holds the process group: freed (under the GIL) as the group's
+        # last owner, it ran the group's destructor, which joined a gloo thread waiting for the GIL (a rare hang)
+        del fast
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return model
