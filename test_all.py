@@ -3788,6 +3788,17 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
+    """Runs tabulated elsewhere (--report) keep the device, torch and git they ran with; speed rows are this
+    process's."""
+    recorded = dict(gpu="NVIDIA H200", torch="2.11.0+cu130", cuda="13.0", git="abc1234")
+    (tmp_path / "run.json").write_text(json.dumps(recorded))
+    env = bench.run_env([dict(out=str(tmp_path))])
+    assert (env["device"], env["torch"], env["cuda"], env["git"]) == ("NVIDIA H200", "2.11.0+cu130", "13.0", "abc1234")
+    assert env["peak_tflops"] == 989
+    assert bench.run_env([dict(device="cpu")])["torch"] == torch.__version__
+
+
 def test_bench_tokens_to_a_loss_interpolates_between_evaluations():
     curve = [(10, 1.0, 3.0), (20, 2.0, 2.0), (30, 3.0, 1.5)]
     assert bench.tokens_to(curve, 2.5) == 15 and bench.tokens_to(curve, 1.75) == 25
