@@ -553,10 +553,12 @@ def compare(args, gpu):
     with core.atomic(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(dict(info, runs=runs, summary=summary), f, indent=1)
     plot_compare(runs, os.path.join(args.out, "compare.png"), f"val loss, {info['device']}")
-    for r in runs:
-        if r["error"] or r.get("missing"):
-            print(f"{'error' if r['error'] else 'note'}: {label(r)}: {r['error'] or r['missing']} (log: {r['out']}/"
-                  "stdout.txt)", file=sys.stderr)
+    for r in runs:  # a run cut or not run (--report) has no log here to name
+        if r["error"]:
+            print(f"error: {label(r)}: {r['error']} (log: {r['out']}/stdout.txt)", file=sys.stderr)
+        elif r.get("missing"):
+            seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
+            print(f"note: {label(r)}{seed}: {r['missing']}", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 
 

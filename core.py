@@ -448,14 +448,21 @@ class Block(nn.Module):
 
 
 @torch.compiler.disable  # a data-dependent choice, made outside the compiled graph
-def documents(doc, paths):
-    """Document ids (B, T), or None when every row holds one document: then the plain causal kernel (SDPA) runs,
-    not FlexAttention with a document mask. Only where the check is free, on the CPU: on a GPU it waits for the
-    device every forward (H200: exoformer's 124m step 43 -> 55 ms), so there document ids always take the document
-    path. paths counts the batches of each kind (progress line, bench.py)."""
-    several = doc.is_cuda or bool((doc[:, 1:] != doc[:, :1]).any())
+def documents(doc, device, paths):
+    """Document ids (B, T) on `device`, or None when every row holds one document: then the plain causal kernel
+    (SDPA) runs, not FlexAttention with a document mask. The check is free where the ids are on the host: the train
+    loop, estimate_loss and bench derive them from the batch's CPU copy (host_batch). Ids already on a GPU always take
+    the document path: checking there waits for the device every forward (H200: exoformer's 124m step 43 -> 55 ms).
+    paths counts the batches of each kind (progress line, bench.py)."""
+    several = doc.device.type != "cpu" or bool((doc[:, 1:] != doc[:, :1]).any())
     paths["documents" if several else "one document"] += 1
-    return doc if several else None
+    return doc.to(device, non_blocking=True) if several else None
+
+
+def host_batch(model, x, y, device):
+    """A batch made on the CPU -> (x, y) on `device` and the model's document ids of x, still on the host (see
+    documents)."""
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), model.doc_ids(x)
 
 
 class GPT(nn.Module):
@@ -495,10 +502,16 @@ class GPT(nn.Module):
             if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight", "mlp.w_down.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
 
+    def doc_ids(self, idx):
+        """(B, T) document ids of a batch (attention stays inside a document), or None: one document per row. The
+        core reads none from the tokens; exoformer's --doc-sep does."""
+        return None
+
     def context(self, idx, doc=None, record=None):
-        ctx = Ctx(doc=None if doc is None else documents(doc, self.paths), record=record)
+        doc = self.doc_ids(idx) if doc is None else doc
+        ctx = Ctx(doc=None if doc is None else documents(doc, idx.device, self.paths), record=record)
         B, T = idx.shape
-        if doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
+        if ctx.doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
             flex_block_mask(ctx, doc_causal_mask_mod(ctx), B, None, T, T, device=idx.device)
         if self.cfg.family == "llama":
             ctx.rope = self.rope_cos[:T], self.rope_sin[:T]
@@ -924,9 +937,9 @@ def estimate_loss(model, data, cfg, device, rank=0, world=1):
     model.eval()
     losses = torch.zeros((), device=device)
     for i in range(rank, cfg.eval_iters, world):
-        x, y = data.batch("val", cfg.batch_size, cfg.block_size, cfg.seed, 0, i, device)
+        x, y, doc = host_batch(model, *data.batch("val", cfg.batch_size, cfg.block_size, cfg.seed, 0, i), device)
         with autocast(device, cfg):
-            losses += model(x, y).float()
+            losses += model(x, y, doc=doc).float()
     if world > 1:
         torch.distributed.all_reduce(losses)
     model.train()
@@ -1004,8 +1017,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     fast = compiled
     if ddp:
-        fast = nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if device.type == "cuda" else None,
-                                                   broadcast_buffers=False)  # RoPE tables: the same everywhere
+        # no device_ids: the batch is already on the device, and DDP would move the host's document ids there too;
+        # no buffer broadcast: the RoPE tables are the same everywhere
+        fast = nn.parallel.DistributedDataParallel(compiled, broadcast_buffers=False)
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
@@ -1016,10 +1030,11 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                 g["lr"] = g["base_lr"] * mult
         torch.manual_seed(cfg.seed + it)  # dropout masks depend on the step only: resume is exact
         for micro in range(cfg.grad_accum):
-            x, y = data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, it, micro * world + rank, device)
+            x, y, doc = host_batch(model, *data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, it,
+                                                      micro * world + rank), device)
             sync = not ddp or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else fast.no_sync()), autocast(device, cfg):
-                loss = fast(x, y) / cfg.grad_accum
+                loss = fast(x, y, doc=doc) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
@@ -1119,13 +1134,14 @@ def bench(cfg, build_model, steps=20, warmup=5):
     check_memory(cfg, model, device)
     fast = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     optimizers = model.configure_optimizers(cfg, device.type)
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1))
+    x, y, doc = host_batch(model, x[:, :-1], x[:, 1:], device)  # document ids as in training (a separator or not)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         with autocast(device, cfg):
-            loss = fast(x[:, :-1], x[:, 1:])
+            loss = fast(x, y, doc=doc)
         loss.backward()
         for opt in optimizers:
             opt.step()

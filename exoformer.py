@@ -276,10 +276,10 @@ class ExoGPT(core.GPT):
             elif isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, 0.0, std, -3 * std, 3 * std)
 
-    def context(self, idx, doc=None, record=None):
-        if doc is None and 0 <= self.cfg.doc_sep < self.cfg.vocab_size:  # core runs SDPA when a batch has one
-            doc = (idx == self.cfg.doc_sep).cumsum(1)  # (B, T): the separator opens the next document
-        return super().context(idx, doc, record)
+    def doc_ids(self, idx):
+        if 0 <= self.cfg.doc_sep < self.cfg.vocab_size:  # the separator opens the next document
+            return (idx == self.cfg.doc_sep).cumsum(1)
+        return None
 
     def embed(self, idx, ctx):
         x = super().embed(idx, ctx)

@@ -4,6 +4,7 @@ Sections: core, prepare, attn_bias, cogformer, exoformer, sparse_byte, reflex, b
 subject, so `pytest -k reflex` runs reflex's tests; GPU tests are marked @gpu (they skip without CUDA) and named
 test_<subject>_gpu_*, so `pytest -k gpu` runs them all. Helpers shared by several sections come first (one tiny config
 builder, `tiny`; one dataset writer, `write_dataset`); a helper of one paper carries its prefix (ab_, cog_, ...)."""
+import collections
 import copy
 import csv
 import dataclasses
@@ -240,6 +241,24 @@ def test_core_one_document_per_row_runs_the_plain_kernel(monkeypatch):
         exo_model(tokens(sep_at=(0,)))  # a separator at position 0 only: one document
         exo_model(tokens(sep_at=(0, 7)))
     assert exo_model.paths == {"one document": 1, "documents": 1}
+
+
+def test_document_ids_are_checked_on_the_host_and_moved_to_the_device():
+    """The train loop's batches come with document ids made on the host (host_batch), where the one-document check
+    costs the GPU no sync; ids already on a device take the document path unchecked. ("meta" stands in for a GPU.)"""
+    meta, paths = torch.device("meta"), collections.Counter()
+    one, several = torch.full((2, 8), 3), torch.tensor([[0] * 4 + [1] * 4] * 2)
+    assert core.documents(one, meta, paths) is None
+    moved = core.documents(several, meta, paths)
+    assert moved.device == meta and moved.shape == (2, 8)
+    assert core.documents(one.to(meta), meta, paths).device == meta  # not checked there
+    assert paths == {"one document": 1, "documents": 2}
+    exo_model = exo.ExoGPT(exo_tiny("baseline"))
+    idx = tokens(sep_at=(5,))
+    x, y, doc = core.host_batch(exo_model, idx, idx, meta)
+    assert x.device == y.device == meta and doc.device.type == "cpu"
+    assert doc.tolist() == [[0] * 5 + [1] * (idx.size(1) - 5)] * idx.size(0)
+    assert core.host_batch(core.GPT(tiny()), idx, idx, meta)[2] is None  # the core reads no documents from tokens
 
 
 @gpu
@@ -3859,7 +3878,7 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     rc, out, err = bench_run_cli(*args, "--report")
     assert rc == 0, err
     assert "| reflex/baseline | 1337 | 2,048 | 0.01 |" in out and "| cut at step 1 of 4 |" in out
-    assert "note: reflex/reflex: cut at step 1 of 4" in err
+    assert "note: reflex/reflex, seed 1337: cut at step 1 of 4" in err and "stdout.txt" not in err  # no log of it here
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
 
 
