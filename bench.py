@@ -487,6 +487,22 @@ def summarize(log):
                 mem_gb=max(mem) if mem else None, train_s=times[-1], curve=val)
 
 
+def whole_val(paper, out, data):
+    """The run's final loss on the whole val split (core.evaluate of its checkpoint), kept in <out>/eval.json: the
+    log's val loss is the mean of eval_iters batches drawn with the run's seed. None where neither that file nor the
+    checkpoint and the data are here (logs copied back; --report computes nothing)."""
+    path, ckpt = os.path.join(out, "eval.json"), os.path.join(out, "ckpt.pt")
+    if not os.path.exists(path):
+        if not (data and os.path.exists(ckpt)):
+            return None
+        model = core.load_model(paper, ckpt)
+        device = core.resolve_device(model.cfg)
+        res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device)
+        with core.atomic(path, "w") as f:
+            json.dump(res, f)
+    return json.load(open(path))["loss"]
+
+
 def compare(args, gpu):
     """Train each paper's baseline and main variant (or --variants) with identical flags, once per seed; one table,
     one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
@@ -507,6 +523,9 @@ def compare(args, gpu):
                 out += f"-seed{seed}" if args.seeds else ""  # --seeds: every run dir names its seed
                 run_cmd = [*cmd, "--seed", str(seed), "--out", out]
                 state = prior_run(out, run_cmd, n, args.fresh)
+                if state != "done" and not args.report:  # its whole-split score is of another model
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(out, "eval.json"))
                 print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
                 err = missing = None
                 if args.report and state != "done":  # tabulate what is there, train nothing
@@ -517,7 +536,9 @@ def compare(args, gpu):
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
                            data=args.data, tokenizer=recorded.get("tokenizer") or (data and data.tokenizer), error=err,
                            missing=missing)
-                runs.append({**run, **({} if err or missing else summarize(core.read_log(out)))})
+                if not (err or missing):
+                    run.update(summarize(core.read_log(out)), val_whole=whole_val(s, out, None if args.report else data))
+                runs.append(run)
                 train = recorded.get("train_tokens") or (data and data.tokens("train"))
                 if not (err or missing) and train:
                     runs[-1]["epochs"] = runs[-1]["tokens"] / train
@@ -527,16 +548,19 @@ def compare(args, gpu):
     for r in runs:  # against the baseline run of the same seed
         base = next((b for b in runs if (b["script"], b["variant"], b.get("seed")) == (r["script"], r["baseline"],
                                                                                    r.get("seed"))), None)
-        r["d_val"] = r["val_loss"] - base["val_loss"] if r.get("val_loss") and base and base.get("val_loss") else None
+        diff = lambda k: r[k] - base[k] if r.get(k) is not None and base and base.get(k) is not None else None
+        r["d_val"], r["d_whole"] = diff("val_loss"), diff("val_whole")
         r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss
         if base and r["variant"] != r["baseline"] and base.get("val_loss") and r.get("curve"):
             reach = tokens_to(r["curve"], base["val_loss"])
             r["to_base"] = "not reached" if reach is None else reach / base["tokens"]
-    head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "tokens to baseline's loss",
-            "tokens/s", "MFU", "memory", "train time"]
+    whole = lambda r: fmt(r.get("val_whole"), ".4f") + (f" ({r['d_whole']:+.4f})" if r.get("d_whole") is not None
+                                                            and r["variant"] != r["baseline"] else "")
+    head = ["script/variant", "seed", "tokens", "epochs", "val loss", "vs baseline", "whole val split (vs baseline)",
+            "tokens to baseline's loss", "tokens/s", "MFU", "memory", "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
               "failed" if r["error"] else fmt(r.get("missing") or r.get("val_loss"), ".4f"),
-              fmt(r.get("d_val"), "+.4f"), fmt(r.get("to_base"), ".2f", "x"),
+              fmt(r.get("d_val"), "+.4f"), whole(r), fmt(r.get("to_base"), ".2f", "x"),
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
     info = run_env(runs)

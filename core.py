@@ -1109,10 +1109,11 @@ def evaluate(model, data, cfg, device, split="val"):
     model.eval()
     total, count, windows = 0.0, 0, data.windows(split, cfg.block_size, cfg.eval_tokens)
     while batch := list(itertools.islice(windows, cfg.batch_size)):
-        xy = torch.stack(batch).to(device)  # (B, T + 1)
+        xy = torch.stack(batch)  # (B, T + 1), on the host
+        x, y, doc = host_batch(model, xy[:, :-1], xy[:, 1:], device)
         with autocast(device, cfg):
-            total += model(xy[:, :-1], xy[:, 1:]).item() * xy[:, 1:].numel()
-        count += xy[:, 1:].numel()
+            total += model(x, y, doc=doc).item() * y.numel()
+        count += y.numel()
     if not count:
         raise ConfigError(f"the {split} split is shorter than one window of {cfg.block_size + 1} tokens")
     loss = total / count

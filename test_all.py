@@ -3805,6 +3805,14 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
     assert runs[1]["d_val"] == pytest.approx(runs[1]["val_loss"] - runs[0]["val_loss"])
     assert "| reflex/reflex | 1337 | 2,048 | 0.01 |" in out  # epochs of the 200k-byte train split
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    for r in runs:  # the whole val split, scored from the final checkpoint and kept beside it
+        model = core.load_model(reflex.PAPER, os.path.join(r["out"], "ckpt.pt"))
+        want = core.evaluate(model, core.TokenData(bytes_data), dataclasses.replace(model.cfg, eval_tokens=0),
+                              torch.device("cpu"))
+        assert r["val_whole"] == pytest.approx(want["loss"])
+        assert json.load(open(os.path.join(r["out"], "eval.json")))["tokens"] == want["tokens"] > 8 * 64 * 4
+    assert runs[1]["d_whole"] == pytest.approx(runs[1]["val_whole"] - runs[0]["val_whole"])
+    assert f"| {runs[1]['val_whole']:.4f} ({runs[1]['d_whole']:+.4f}) |" in out
 
 
 def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
@@ -3843,6 +3851,11 @@ def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     assert logs == {r: open(os.path.join(r, "log.jsonl")).read() for r in logs}
     rc, _, err = bench_run_cli(*args[:-2], "--tokens", 4096, "--out", tmp_path)  # other flags into the same folders
     assert rc == 2 and "holds a run made with other flags: --fresh" in err
+    first = res["runs"][0]["out"]
+    json.dump(dict(loss=99.0), open(os.path.join(first, "eval.json"), "w"))  # a score of the run about to be replaced
+    rc, _, err = bench_run_cli(*args[:-4], "--seeds", "1", "--fresh", "--out", tmp_path)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(first, "eval.json")))["loss"] < 99  # scored again, the new model
 
 
 def test_bench_compare_resumes_a_run_cut_short(tmp_path):
