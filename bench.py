@@ -7,11 +7,13 @@ core.bench (random tokens, bf16 autocast and torch.compile on GPU). A mismatch i
 Columns: ms/step, tokens/s, x the paper's baseline variant, x the core GPT, MFU against the detected GPU's peak and
 peak memory. Sizes: each script's 124m-class preset (core's `124m`; cogformer `141m-gpt2`; reflex `124m-8h`);
 `tiny` on CPU. A fresh process per row matters: one long-lived process recompiling many models hits torch.compile's
-recompile limits and runs up to 1.8x slower.
+recompile limits and runs up to 1.8x slower. `--jobs N` runs N row processes at once: they build, check, compile and
+warm up together, then each is timed alone while the others wait (nothing compiles during a timing).
 
     python bench.py                                   # every variant of every script, T=1024, the GPU it finds
     python bench.py --papers core,cogformer --impl eager,auto --batch 8
     python bench.py --scaling                         # T = 1024 .. 8192 (OOM cells): core GPT + each main variant
+    python bench.py --jobs 6                          # the same table, six rows compiling at once (an 80+ GiB GPU)
     python bench.py --compare --data data/docs        # train baseline + main variant of each paper, same tokens
     python bench.py --ddp 2                           # core baseline on 1 and 2 GPUs (torchrun): scaling efficiency
 
@@ -37,9 +39,11 @@ import importlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 import traceback
 
 import torch
@@ -210,7 +214,9 @@ def measure(spec):
                 return row
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        row.update(core.bench(cfg, s.build_model, spec.get("steps", 20), spec.get("warmup", 5)), status="ok")
+        row.update(core.bench(cfg, s.build_model, spec.get("steps", 20), spec.get("warmup", 5),
+                              ready=functools.partial(wait_turn, spec["gate"]) if spec.get("gate") else None),
+                   status="ok")
     except core.ConfigError as e:
         row["status"] = f"skip: {e}"
     except Exception as e:  # one broken variant must not stop the table; the traceback goes to the row's log
@@ -227,20 +233,51 @@ def child(spec_json, out_path):
         json.dump(measure(json.loads(spec_json)), f)
 
 
-def run_row(spec, log_path):
-    out = log_path + ".json"
-    cmd = [sys.executable, "-c", "import sys, bench; bench.child(sys.argv[1], sys.argv[2])", json.dumps(spec), out]
-    try:
+def wait_turn(gate):
+    """In the row process, warmed up: say so, then wait for the parent's go (its turn to be timed alone)."""
+    open(os.path.join(gate, "ready"), "w").close()
+    while not os.path.exists(os.path.join(gate, "go")):
+        time.sleep(0.05)
+
+
+def run_rows(specs, log_paths):
+    """One process per row, all started at once; once every one is warmed up (or gone), each is timed alone in turn.
+    A row not warmed up within ROW_TIMEOUT is stopped. -> the rows, in order."""
+    gates, procs = [p + ".gate" for p in log_paths], []
+    for spec, log_path, gate in zip(specs, log_paths, gates):
+        shutil.rmtree(gate, ignore_errors=True)
+        os.makedirs(gate)
+        cmd = [sys.executable, "-c", "import sys, bench; bench.child(sys.argv[1], sys.argv[2])",
+               json.dumps({**spec, "gate": gate}), log_path + ".json"]
         with open(log_path, "w") as log:
-            code = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, timeout=ROW_TIMEOUT).returncode
-    except subprocess.TimeoutExpired:
-        return {**spec, "status": f"error: no result after {ROW_TIMEOUT} s (log: {log_path})"}
-    if code == 0 and os.path.exists(out):
-        return json.load(open(out))
-    if code == -9:  # SIGKILL: on Linux the out-of-memory killer
-        return {**spec, "status": f"OOM: killed by the OS (out of memory?) (log: {log_path})"}
-    last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
-    return {**spec, "status": f"error: exit {code}: {last[0][:200]} (log: {log_path})"}
+            procs.append(subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT))
+    ready = lambda p, gate: p.poll() is not None or os.path.exists(os.path.join(gate, "ready"))
+    deadline = time.time() + ROW_TIMEOUT
+    while not all(map(ready, procs, gates)) and time.time() < deadline:
+        time.sleep(0.1)
+    rows = []
+    for p, spec, log_path, gate in zip(procs, specs, log_paths, gates):
+        try:
+            if not ready(p, gate):
+                raise subprocess.TimeoutExpired(p.args, ROW_TIMEOUT)
+            open(os.path.join(gate, "go"), "w").close()
+            code = p.wait(timeout=ROW_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rows.append({**spec, "status": f"error: no result after {ROW_TIMEOUT} s (log: {log_path})"})
+            continue
+        finally:
+            shutil.rmtree(gate, ignore_errors=True)
+        out = log_path + ".json"
+        if code == 0 and os.path.exists(out):
+            rows.append(json.load(open(out)))
+        elif code == -9:  # SIGKILL: on Linux the out-of-memory killer
+            rows.append({**spec, "status": f"OOM: killed by the OS (out of memory?) (log: {log_path})"})
+        else:
+            last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
+            rows.append({**spec, "status": f"error: exit {code}: {last[0][:200]} (log: {log_path})"})
+    return rows
 
 
 def speed_specs(args, gpu):
@@ -396,23 +433,31 @@ def speed(args, gpu):
     specs, rows, path = speed_specs(args, gpu), [], os.path.join(args.out, name + ".json")
     if not specs:
         raise core.ConfigError("no rows: --papers / --variants / --impl select nothing")
+    if args.jobs < 1:
+        raise core.ConfigError("--jobs must be at least 1")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     checked = {}  # (script, variant, impl) -> parity: the check runs at T=256 whatever the row's T, so once each
-    for i, spec in enumerate(specs):
-        key = (spec["script"], spec["variant"], spec["impl"])
-        if key in checked:
-            spec.update(check=False, parity=checked[key])
-            if checked[key]["status"] == "FAIL":
-                spec["status"] = "FAIL"
-        if "status" not in spec:
-            log = f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-{spec['B']}.txt"
-            spec = run_row(spec, os.path.join(args.out, "logs", log))
-            if spec.get("parity"):
-                checked.setdefault(key, spec["parity"])
-        rows.append(spec)
-        print(f"[{i + 1}/{len(specs)}] {label(spec)} {spec['impl']} T={spec.get('T')}: {spec['status']}"
-              + (f", {spec['ms']:.1f} ms/step" if spec.get("ms") else ""), file=sys.stderr, flush=True)
-        table, info = save_rows(path, rows, args.append)  # after every row: a run cut short keeps what it measured
+    key = lambda spec: (spec["script"], spec["variant"], spec["impl"])
+    log = lambda spec: os.path.join(args.out, "logs", f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-"
+                                                      f"{spec['B']}.txt")
+    for first in range(0, len(specs), args.jobs):  # --jobs rows compile at once, then are timed one by one
+        group = specs[first:first + args.jobs]
+        for spec in group:
+            if key(spec) in checked:
+                spec.update(check=False, parity=checked[key(spec)])
+                if checked[key(spec)]["status"] == "FAIL":
+                    spec["status"] = "FAIL"
+        todo = [spec for spec in group if "status" not in spec]
+        measured = iter(run_rows(todo, [log(spec) for spec in todo]))
+        for i, spec in enumerate(group, first):
+            if "status" not in spec:
+                spec = next(measured)
+                if spec.get("parity"):
+                    checked.setdefault(key(spec), spec["parity"])
+            rows.append(spec)
+            print(f"[{i + 1}/{len(specs)}] {label(spec)} {spec['impl']} T={spec.get('T')}: {spec['status']}"
+                  + (f", {spec['ms']:.1f} ms/step" if spec.get("ms") else ""), file=sys.stderr, flush=True)
+            table, info = save_rows(path, rows, args.append)  # after every row: a run cut short keeps what it measured
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}, git {info['git']}\n")
     print(speed_table(table))
     png = os.path.join(args.out, name + ".png")
@@ -537,11 +582,11 @@ def compare(args, gpu):
                            data=args.data, tokenizer=recorded.get("tokenizer") or (data and data.tokenizer), error=err,
                            missing=missing)
                 if not (err or missing):
-                    run.update(summarize(core.read_log(out)), val_whole=whole_val(s, out, None if args.report else data))
+                    run.update(summarize(core.read_log(out)))
+                    run["val_whole"] = whole_val(s, out, None if args.report else data)
+                    train = recorded.get("train_tokens") or (data and data.tokens("train"))
+                    run["epochs"] = run["tokens"] / train if train else None
                 runs.append(run)
-                train = recorded.get("train_tokens") or (data and data.tokens("train"))
-                if not (err or missing) and train:
-                    runs[-1]["epochs"] = runs[-1]["tokens"] / train
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
                      lambda r: (r["script"], r["variant"], r.get("seed")))
@@ -961,6 +1006,7 @@ def build_parser():
     a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile on GPU")
     a("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
     a("--warmup", type=int, default=5, help="untimed steps per row (compilation)")
+    a("--jobs", type=int, default=1, help="rows compiling at once (each then timed alone); one GPU holds them all")
     a("--out", default="", help="output directory (default runs/bench, runs/compare, runs/ddp)")
     a("--append", action="store_true", help="merge into <out>'s bench.json / scaling.json / compare.json (rows run "
                                             "again are replaced) and redraw: one table from several runs")

@@ -1072,7 +1072,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                     f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
             if model.paths:  # what the attention ran: FlexAttention for batches with several documents
                 rec["doc_batches"] = round(model.paths["documents"] / sum(model.paths.values()), 3)
-                line += f" | documents in {100 * rec['doc_batches']:.0f}% of batches (flex)"
+                line += f" | flex (documents) in {100 * rec['doc_batches']:.0f}% of batches"
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if wandb_run:
@@ -1126,8 +1126,9 @@ def evaluate(model, data, cfg, device, split="val"):
     return res
 
 
-def bench(cfg, build_model, steps=20, warmup=5):
-    """Train-step timing on random tokens: ms/step, tokens/s, MFU, peak memory."""
+def bench(cfg, build_model, steps=20, warmup=5, ready=None):
+    """Train-step timing on random tokens: ms/step, tokens/s, MFU, peak memory. ready(), if given, is called between
+    the warm-up and the timed steps (bench.py --jobs: wait for this row's turn)."""
     device = resolve_device(cfg)
     torch._dynamo.reset()  # a fresh compile cache: earlier models in this process must not eat the recompile limits
     torch.manual_seed(cfg.seed)
@@ -1151,6 +1152,8 @@ def bench(cfg, build_model, steps=20, warmup=5):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    if ready:
+        ready()
     t0 = time.time()
     for _ in range(steps):
         step()

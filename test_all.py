@@ -2199,7 +2199,7 @@ def test_exoformer_checkpoint_round_trip_and_init_from(tmp_path, capsys):
     assert core.load_model(exo.PAPER, os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
     assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data]) == 0
     out = capsys.readouterr().out
-    assert "val" in out and "% of batches (flex)" in out  # the progress line says what the attention ran
+    assert "val" in out and "| flex (documents) in " in out  # the progress line says what the attention ran
     assert 0 < core.read_log(out2)[-1]["doc_batches"] <= 1
 
 
@@ -3504,9 +3504,11 @@ def direct_loglik(model, context, choice, T=64):
 # bench: speed: table, bench.json, chart; parity gate
 
 def test_bench_speed_table_core_and_a_paper(tmp_path):
+    """Five rows, three processes at a time (--jobs 3): all of a group warm up, then each is timed alone."""
     rc, out, err = bench_run_cli("bench.py", "--papers", "core,reflex", "--device", "cpu", "--steps", 2, "--warmup", 1,
-                           "--out", tmp_path)
+                           "--jobs", 3, "--out", tmp_path)
     assert rc == 0, err
+    assert not [p for p in os.listdir(tmp_path / "logs") if p.endswith(".gate")]  # the turn files are gone
     lines = [l for l in out.splitlines() if l.startswith("| ")]
     assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| reflex/baseline", "| reflex/reflex",
                                                       "| reflex/reflex 4-2-2", "| reflex/reflex all"]
@@ -3556,9 +3558,10 @@ def test_bench_measure_reports_oom_and_refused_configs(monkeypatch):
 
 
 def test_bench_row_killed_by_the_os_is_oom(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=-9))
-    row = bench.run_row(dict(script="core", variant=""), str(tmp_path / "log.txt"))
-    assert row["status"].startswith("OOM: killed by the OS")
+    killed = SimpleNamespace(poll=lambda: -9, wait=lambda timeout=None: -9, args=[])
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: killed)
+    rows = bench.run_rows([dict(script="core", variant="")], [str(tmp_path / "log.txt")])
+    assert rows[0]["status"].startswith("OOM: killed by the OS")
 
 
 def test_bench_row_selection_and_scaling_batches():
@@ -3593,7 +3596,7 @@ def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path,
         parity = dict(status=status, err=0.5 if status == "FAIL" else 1e-3, impls=["sdpa"], worst="logits")
         return dict(spec, status=status, **({"parity": parity} if spec.get("check", True) else {}),
                     **(dict(ms=1.0, tok_s=1e3 * spec["B"]) if status == "ok" else {}))
-    monkeypatch.setattr(bench, "run_row", fake_row)
+    monkeypatch.setattr(bench, "run_rows", lambda specs, logs: list(map(fake_row, specs, logs)))
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--scaling", "--seq", "32,64,128",
                                             "--device", "cpu", "--out", str(tmp_path)])
     assert bench.speed(args, gpu=False) == 1  # a FAIL row: non-zero exit
@@ -3605,7 +3608,7 @@ def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path,
         if len(ran) == 6:
             raise KeyboardInterrupt
         return fake_row(spec, log)
-    monkeypatch.setattr(bench, "run_row", cut)
+    monkeypatch.setattr(bench, "run_rows", lambda specs, logs: list(map(cut, specs, logs)))
     args.papers, args.out = "core", str(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         bench.speed(args, gpu=False)
@@ -3641,6 +3644,8 @@ def test_bench_cli_errors(capsys):
     capsys.readouterr()
     assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--evals", "0", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: --evals must be at least 1\n"
+    assert bench.main(["--papers", "core", "--jobs", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: --jobs must be at least 1\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
