@@ -545,6 +545,9 @@ def whole_val(paper, out, data):
         res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device)
         with core.atomic(path, "w") as f:
             json.dump(res, f)
+        del model
+        if device.type == "cuda":  # the next run trains in its own process: leave it the memory
+            torch.cuda.empty_cache()
     return json.load(open(path))["loss"]
 
 

@@ -2420,6 +2420,28 @@ def test_exoformer_gpu_compiled_flex_matches_eager(variant):
 
 
 @gpu
+@pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_gpu_host_document_ids_run_sdpa_compiled_and_match_flex():
+    """The train loop's way (host_batch): a batch without a separator is checked on the host and runs SDPA through
+    the compiled model; the same batch with ids made on the GPU takes FlexAttention. Same loss and gradients."""
+    torch.manual_seed(0)
+    cfg = exo.ExoConfig(variant="exoformer", n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=512,
+                        doc_sep=SEP, attn_impl="auto")
+    model, cuda = live(exo.ExoGPT(cfg)).cuda(), torch.device("cuda")
+    idx = torch.randint(0, 512, (2, 128))
+    idx[idx == SEP] = SEP + 1
+    fast, grads = torch.compile(model), []
+    for host in (True, False):
+        x, y, doc = core.host_batch(model, idx, idx, cuda) if host else (idx.cuda(), idx.cuda(), None)
+        assert host == (doc is not None and doc.device.type == "cpu")
+        model.zero_grad()
+        fast(x, y, doc=doc).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert model.paths == {"one document": 1, "documents": 1}
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(*grads))
+
+
+@gpu
 def test_exoformer_gpu_polar_express_matches_the_fp32_fallback():
     """The CUDA path (bf16 products, fp32 accumulation, batched) against the published PyTorch fallback (fp32)."""
     torch.manual_seed(0)
