@@ -340,10 +340,11 @@ def label(r):
 
 def impl_cell(r):
     """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'; a model with document masks says how many
-    timed batches ran FlexAttention for them."""
-    docs = r.get("paths", {})
-    docs = f", flex in {100 * docs.get('documents', 0) / sum(docs.values()):.0f}% (documents)" if docs else ""
-    return r["impl"] + (f" ({'+'.join(r['parity']['impls'])}{docs})" if r.get("parity") else "")
+    timed batches had several documents and what ran them (FlexAttention, or the eager mask)."""
+    impls, docs = r.get("parity", {}).get("impls", []), r.get("paths", {})
+    mask = "flex" if set(impls) - {"eager"} else "eager mask"
+    docs = f", documents in {100 * docs.get('documents', 0) / sum(docs.values()):.0f}% ({mask})" if docs else ""
+    return r["impl"] + (f" ({'+'.join(impls)}{docs})" if r.get("parity") else "")
 
 
 def check_cell(r):

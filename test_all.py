@@ -3637,6 +3637,16 @@ def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path,
     assert [r["T"] for r in json.load(open(tmp_path / "cut" / "scaling.json"))["rows"]] == [32, 64]
 
 
+def test_bench_impl_cell_names_the_kernels_and_the_document_path():
+    checked = lambda *impls: dict(status="ok", err=0.0, impls=list(impls))
+    assert bench.impl_cell(dict(impl="sdpa")) == "sdpa"  # not checked (yet): the asked path only
+    assert bench.impl_cell(dict(impl="auto", parity=checked("eager", "sdpa"))) == "auto (eager+sdpa)"
+    assert (bench.impl_cell(dict(impl="auto", parity=checked("sdpa"), paths={"documents": 1, "one document": 3}))
+            == "auto (sdpa, documents in 25% (flex))")
+    assert (bench.impl_cell(dict(impl="auto", parity=checked("eager"), paths={"one document": 2}))
+            == "auto (eager, documents in 0% (eager mask))")
+
+
 def test_bench_append_replaces_rows_run_again(tmp_path):
     row = lambda script, variant, ms: dict(script=script, variant=variant, impl="auto", T=64, B=8, ms=ms)
     path = str(tmp_path / "bench.json")
