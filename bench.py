@@ -492,8 +492,7 @@ def merge(path, field, rows, key):
 def run_env(rows):
     """Device, torch, CUDA and git of the rows: a training run's own (its run.json: --compare may tabulate runs made
     on another machine), else this process's; argv and the device's peak."""
-    runs = (os.path.join(r["out"], "run.json") for r in rows if r.get("out"))
-    recorded = next((json.load(open(p)) for p in runs if os.path.exists(p)), {})
+    recorded = next(filter(None, (run_record(r["out"]) for r in rows if r.get("out"))), {})
     here = core.run_info(core.Config(), torch.device("cpu"))
     device = next((r["device"] for r in rows if r.get("device")), None) or recorded.get("gpu") or "cpu"
     return dict(device=device, **{k: recorded.get(k) or here[k] for k in ("torch", "cuda", "git")}, argv=sys.argv,
@@ -581,7 +580,7 @@ def compare(args, gpu):
                     missing = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
                 elif state != "done":
                     err = train_run(run_cmd + ["--resume" if state == "resume" else "--overwrite"], out)
-                recorded = run_data(out)
+                recorded = run_record(out).get("data") or {}  # path, tokenizer, vocabulary, train tokens
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
                            data=args.data, tokenizer=recorded.get("tokenizer") or (data and data.tokenizer), error=err,
                            missing=missing)
@@ -650,10 +649,11 @@ def compare_cmd(args, s, path, variant, preset):
     return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
 
 
-def run_data(out):
-    """The dataset a run recorded in its run.json (path, tokenizer, vocabulary, train tokens), or {}."""
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        return json.load(open(os.path.join(out, "run.json"))).get("data") or {}
+def run_record(out):
+    """A training run's run.json (argv, machine, dataset), or {} where there is none to read."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.load(open(os.path.join(out, "run.json")))
+        return record if isinstance(record, dict) else {}
     return {}
 
 
@@ -681,10 +681,7 @@ def prior_run(out, cmd, steps, fresh):
         argv = [a for a in argv if a not in ("--resume", "--overwrite")]
         i = argv.index("--out") if "--out" in argv else len(argv)
         return argv[:i] + argv[i + 2:]
-    try:
-        before = json.load(open(os.path.join(out, "run.json")))["argv"]
-    except (OSError, ValueError, KeyError):
-        before = []
+    before = run_record(out).get("argv", [])
     if strip(before[1:]) != strip(cmd[2:]):
         raise core.ConfigError(f"{out} holds a run made with other flags: --fresh starts the comparison over, or "
                                "choose another --out")
