@@ -339,11 +339,12 @@ def label(r):
 
 
 def impl_cell(r):
-    """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'; a model with document masks says how many
-    timed batches had several documents and what ran them (FlexAttention, or the eager mask)."""
+    """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'; where timed batches had several documents,
+    what ran them (FlexAttention, or the eager mask) and in what share of the batches."""
     impls, docs = r.get("parity", {}).get("impls", []), r.get("paths", {})
     mask = "flex" if set(impls) - {"eager"} else "eager mask"
-    docs = f", documents in {100 * docs.get('documents', 0) / sum(docs.values()):.0f}% ({mask})" if docs else ""
+    share = docs.get("documents", 0) / sum(docs.values()) if docs else 0
+    docs = f", {mask} in {100 * share:.0f}% of batches (documents)" if share else ""
     return r["impl"] + (f" ({'+'.join(impls)}{docs})" if r.get("parity") else "")
 
 

@@ -3642,9 +3642,10 @@ def test_bench_impl_cell_names_the_kernels_and_the_document_path():
     assert bench.impl_cell(dict(impl="sdpa")) == "sdpa"  # not checked (yet): the asked path only
     assert bench.impl_cell(dict(impl="auto", parity=checked("eager", "sdpa"))) == "auto (eager+sdpa)"
     assert (bench.impl_cell(dict(impl="auto", parity=checked("sdpa"), paths={"documents": 1, "one document": 3}))
-            == "auto (sdpa, documents in 25% (flex))")
-    assert (bench.impl_cell(dict(impl="auto", parity=checked("eager"), paths={"one document": 2}))
-            == "auto (eager, documents in 0% (eager mask))")
+            == "auto (sdpa, flex in 25% of batches (documents))")
+    assert (bench.impl_cell(dict(impl="auto", parity=checked("eager"), paths={"documents": 1, "one document": 1}))
+            == "auto (eager, eager mask in 50% of batches (documents))")
+    assert bench.impl_cell(dict(impl="auto", parity=checked("sdpa"), paths={"one document": 2})) == "auto (sdpa)"
 
 
 def test_bench_append_replaces_rows_run_again(tmp_path):
