@@ -126,7 +126,7 @@ def row_flags(s, variant):
 
 def pick_variants(s, which):
     """all: the baseline first, then every other row; main: baseline and the paper's method; or a comma list."""
-    if not s.config.VARIANTS:  # core: its one model
+    if not s.config.VARIANTS and which != "all":  # core: its one model (all: and its bench rows)
         return [""]
     if which == "all":
         return list(dict.fromkeys([s.baseline or s.main, *row_names(s)]))

@@ -201,6 +201,45 @@ def test_core_fast_paths_match_eager(family, flex_cpu_grad):
                 assert torch.allclose(g, ref[1][n], atol=1e-5, rtol=1e-4), (impl, n)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_core_bf16_residual_stream_rounds_only_under_autocast(family):
+    """--residual-dtype bfloat16: under bf16 autocast every block reads and returns a bf16 stream and the model stays
+    within bf16 rounding of the fp32 stream (logits and gradients); in fp32 the flag changes nothing, bit for bit."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (2, 49))
+    models = {r: core.GPT(tiny(family=family, residual_dtype=r)) for r in ("float32", "bfloat16")}
+    models["bfloat16"].load_state_dict(models["float32"].state_dict())
+    seen = {}
+
+    def run(r, amp):
+        model = models[r]
+        model.zero_grad(set_to_none=True)
+        hook = model.transformer.h[-1].register_forward_hook(lambda m, i, o: seen.update({r: (i[0].dtype, o.dtype)}))
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss = model(idx[:, :-1], idx[:, 1:])
+        hook.remove()
+        loss.backward()
+        return loss.detach().float(), [p.grad.clone() for p in model.parameters()]
+
+    loss32, grads32 = run("float32", False)
+    loss, grads = run("bfloat16", False)
+    assert seen["bfloat16"] == (torch.float32, torch.float32) and torch.equal(loss, loss32)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads32))
+    loss_amp, grads_amp = run("float32", True)
+    loss, grads = run("bfloat16", True)
+    assert seen == {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16)}
+    assert abs(loss - loss_amp) < 2e-2 * loss_amp
+    for g, h in zip(grads, grads_amp):
+        assert (g - h).norm() <= 0.1 * h.norm() + 1e-6
+
+
+def test_core_bench_times_the_bf16_residual_beside_the_core():
+    s = bench.script("core")
+    assert bench.pick_variants(s, "all") == ["", "bf16 residual"] and bench.pick_variants(s, "main") == [""]
+    assert bench.row_flags(s, "bf16 residual") == ["--residual-dtype", "bfloat16"]
+    assert bench.make_cfg(s, "bf16 residual", "tiny").residual_dtype == "bfloat16"
+
+
 def test_core_document_mask_blocks_other_documents():
     torch.manual_seed(0)
     model = core.GPT(tiny(family="llama", attn_impl="eager")).eval()
@@ -665,6 +704,7 @@ def test_core_cli_help_lists_every_field():
 @pytest.mark.parametrize("args,msg", [
     (["--train", "--n-embd", "100", "--n-head", "12"], "must be divisible"),
     (["--train", "--family", "bert"], "--family must be"),
+    (["--train", "--residual-dtype", "float16"], "--residual-dtype must be"),
     (["--train", "--data", "/nonexistent"], "dataset directory not found"),
     (["--eval", "--init-from", "/nonexistent.pt"], "checkpoint not found"),
     (["--train", "--max-iters", "ten"], "invalid int value"),
@@ -3526,14 +3566,14 @@ def direct_loglik(model, context, choice, T=64):
 # bench: speed: table, bench.json, chart; parity gate
 
 def test_bench_speed_table_core_and_a_paper(tmp_path):
-    """Five rows, three processes at a time (--jobs 3): all of a group warm up, then each is timed alone."""
+    """Six rows, three processes at a time (--jobs 3): all of a group warm up, then each is timed alone."""
     rc, out, err = bench_run_cli("bench.py", "--papers", "core,reflex", "--device", "cpu", "--steps", 2, "--warmup", 1,
                            "--jobs", 3, "--out", tmp_path)
     assert rc == 0, err
     assert not [p for p in os.listdir(tmp_path / "logs") if p.endswith(".gate")]  # the turn files are gone
     lines = [l for l in out.splitlines() if l.startswith("| ")]
-    assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| reflex/baseline", "| reflex/reflex",
-                                                      "| reflex/reflex 4-2-2", "| reflex/reflex all"]
+    assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| core/bf16 residual", "| reflex/baseline",
+                                                      "| reflex/reflex", "| reflex/reflex 4-2-2", "| reflex/reflex all"]
     res = json.load(open(tmp_path / "bench.json"))
     assert res["device"] == "cpu" and res["torch"] == torch.__version__ and "git" in res
     rows = {bench.label(r): r for r in res["rows"]}
@@ -3541,6 +3581,8 @@ def test_bench_speed_table_core_and_a_paper(tmp_path):
         assert r["status"] == "ok" and r["T"] == 64 and r["tok_s"] > 0 and r["ms"] > 0
         assert r["parity"]["status"] == "ok" and r["parity"]["err"] < 1e-4 and r["parity"]["impls"] == ["sdpa"]
     assert rows["reflex/baseline"]["x_baseline"] == 1.0 and rows["core"]["x_core"] == 1.0
+    bf16 = rows["core/bf16 residual"]  # against the core; in fp32 (CPU) the same model
+    assert bf16["x_baseline"] == bf16["x_core"] == pytest.approx(bf16["tok_s"] / rows["core"]["tok_s"])
     assert rows["reflex/reflex"]["x_core"] == pytest.approx(rows["reflex/reflex"]["tok_s"] / rows["core"]["tok_s"])
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
