@@ -87,8 +87,8 @@ class Config:
     out: str = opt("", "output directory: ckpt.pt, log.jsonl, run.json, plots ('' = runs/<script>/<variant>)", True)
     device: str = opt("auto", "auto, cpu or cuda", True)
     dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16", True)
-    residual_dtype: str = opt("float32", "the residual stream's dtype under bf16 autocast: float32, or bfloat16 (faster; "
-                                         "every block's add rounds to bf16; no effect in float32 runs)", True)
+    residual_dtype: str = opt("float32", "the residual stream's dtype under bf16 autocast: float32, or bfloat16 "
+                                         "(faster; every block's add rounds to bf16; no effect in float32 runs)", True)
     compile: bool = opt(True, "torch.compile the model (GPU only)", True)
     seed: int = opt(1337, "seed for init, data order and dropout", True)
     batch_size: int = opt(16, "micro-batch size per process", True)
@@ -537,9 +537,9 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), or the mean cross-entropy when targets are given."""
         ctx = self.context(idx, doc, record)
         x = self.embed(idx, ctx)
-        amp = x.device.type
-        if self.cfg.residual_dtype == "bfloat16" and torch.is_autocast_enabled(amp):  # the stream in autocast's dtype
-            x = x.to(torch.get_autocast_dtype(amp))
+        dev = x.device.type
+        if self.cfg.residual_dtype == "bfloat16" and torch.is_autocast_enabled(dev):  # the stream in autocast's dtype
+            x = x.to(torch.get_autocast_dtype(dev))
         ctx.x0 = x
         for block in self.transformer.h:
             x = block(x, ctx)
