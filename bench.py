@@ -15,6 +15,7 @@ warm up together, then each is timed alone while the others wait (nothing compil
     python bench.py --scaling                         # T = 1024 .. 8192 (OOM cells): core GPT + each main variant
     python bench.py --jobs 6                          # the same table, six rows compiling at once (an 80+ GiB GPU)
     python bench.py --compare --data data/docs        # train baseline + main variant of each paper, same tokens
+    python bench.py --compare --data data/docs --jobs 4   # the same, four runs at once on four GPUs
     python bench.py --ddp 2                           # core baseline on 1 and 2 GPUs (torchrun): scaling efficiency
 
 Downstream evaluation of any checkpoint of any script (lm-eval is optional: pip install lm-eval):
@@ -32,6 +33,7 @@ UTF-8 byte of the choice. The tokenizer is the one of the model's dataset (--dat
 checkpoint).
 """
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -39,6 +41,7 @@ import importlib
 import json
 import math
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -504,10 +507,35 @@ def run_env(rows):
 # The comparison: train baseline and main variant of each paper with identical flags, one table, one plot
 
 
-def train_run(cmd, out):
-    """Run one training command; its output goes to <out>/stdout.txt. -> error line or None."""
+def train_runs(todo, jobs, gpu):
+    """Train the (run, command) pairs, `jobs` at once; on several GPUs each training process gets one of them (the
+    i-th free slot: GPU i mod count). Sets each run's "error"."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if gpu else []
+    slots = queue.Queue()
+    for i in range(jobs):
+        slots.put(i)
+
+    def train(item):
+        run, cmd = item
+        slot = slots.get()
+        env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if len(gpus) > 1 else {}
+        if env:
+            print(f"{label(run)} seed {run['seed']}: GPU {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
+        try:
+            run["error"] = train_run(cmd, run["out"], env)
+        finally:
+            slots.put(slot)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(train, todo))
+
+
+def train_run(cmd, out, env=None):
+    """Run one training command (with `env` added to the environment); its output goes to <out>/stdout.txt.
+    -> error line or None."""
     os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get("PYTHONPATH"))))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get("PYTHONPATH"))))}
     with open(os.path.join(out, "stdout.txt"), "w") as log:  # a script outside the repo still imports core
         p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
@@ -555,13 +583,16 @@ def whole_val(paper, out, data):
 def compare(args, gpu):
     """Train each paper's baseline and main variant (or --variants) with identical flags, once per seed; one table,
     one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
-    resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh)."""
+    resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh).
+    --jobs N trains N runs at once (one per GPU where there are several); then each is scored and tabulated."""
     # one line when it is missing; --report needs it only for runs that do not record their data's size
     data = None if args.report and not os.path.isdir(args.data) else core.TokenData(args.data)
     if args.evals < 1:
         raise core.ConfigError("--evals must be at least 1")
     seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
-    presets, runs = parse_presets(args.preset), []
+    presets, runs, todo, paper_of = parse_presets(args.preset), [], [], {}
+    if args.jobs < 1:
+        raise core.ConfigError("--jobs must be at least 1")
     for name in papers(args.papers):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
@@ -576,21 +607,23 @@ def compare(args, gpu):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(out, "eval.json"))
                 print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
-                err = missing = None
-                if args.report and state != "done":  # tabulate what is there, train nothing
-                    missing = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
-                elif state != "done":
-                    err = train_run(run_cmd + ["--resume" if state == "resume" else "--overwrite"], out)
-                recorded = run_record(out).get("data") or {}  # path, tokenizer, vocabulary, train tokens
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
-                           data=args.data, tokenizer=recorded.get("tokenizer") or (data and data.tokenizer), error=err,
-                           missing=missing)
-                if not (err or missing):
-                    run.update(summarize(core.read_log(out)))
-                    run["val_whole"] = whole_val(s, out, None if args.report else data)
-                    train = recorded.get("train_tokens") or (data and data.tokens("train"))
-                    run["epochs"] = run["tokens"] / train if train else None
+                           data=args.data, error=None, missing=None)
+                if args.report and state != "done":  # tabulate what is there, train nothing
+                    run["missing"] = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
+                elif state != "done":
+                    todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
+                paper_of[out] = s
+    train_runs(todo, args.jobs, gpu)
+    for run in runs:
+        recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
+        run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
+        if not (run["error"] or run["missing"]):
+            run.update(summarize(core.read_log(run["out"])))
+            run["val_whole"] = whole_val(paper_of[run["out"]], run["out"], None if args.report else data)
+            train = recorded.get("train_tokens") or (data and data.tokens("train"))
+            run["epochs"] = run["tokens"] / train if train else None
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
                      lambda r: (r["script"], r["variant"], r.get("seed")))
@@ -1008,7 +1041,8 @@ def build_parser():
     a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile on GPU")
     a("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
     a("--warmup", type=int, default=5, help="untimed steps per row (compilation)")
-    a("--jobs", type=int, default=1, help="rows compiling at once (each then timed alone); one GPU holds them all")
+    a("--jobs", type=int, default=1, help="speed: rows compiling at once (each then timed alone; one GPU holds them "
+                                          "all); --compare: runs training at once, one per GPU where there are several")
     a("--out", default="", help="output directory (default runs/bench, runs/compare, runs/ddp)")
     a("--append", action="store_true", help="merge into <out>'s bench.json / scaling.json / compare.json (rows run "
                                             "again are replaced) and redraw: one table from several runs")

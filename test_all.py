@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -3867,8 +3868,9 @@ def test_bench_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
 # bench: --compare
 
 def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
+    """Both runs train at once (--jobs 2) with identical flags; each is scored on the whole val split."""
     rc, out, err = bench_run_cli("bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
-                           "--data", bytes_data, "--max-iters", 4, "--evals", 2, "--out", tmp_path)
+                           "--data", bytes_data, "--max-iters", 4, "--evals", 2, "--jobs", 2, "--out", tmp_path)
     assert rc == 0, err
     runs = json.load(open(tmp_path / "compare.json"))["runs"]
     assert [bench.label(r) for r in runs] == ["reflex/baseline", "reflex/reflex"]
@@ -3893,6 +3895,32 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
         assert json.load(open(os.path.join(r["out"], "eval.json")))["tokens"] == want["tokens"] > 8 * 64 * 4
     assert runs[1]["d_whole"] == pytest.approx(runs[1]["val_whole"] - runs[0]["val_whole"])
     assert f"| {runs[1]['val_whole']:.4f} ({runs[1]['d_whole']:+.4f}) |" in out
+
+
+def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    lock, busy, most = threading.Lock(), {}, []
+
+    def train_run(cmd, out, env):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert gpu not in busy.values()  # two runs at once never share a GPU
+            busy[out] = gpu
+            most.append(len(busy))
+        time.sleep(0.2)
+        with lock:
+            del busy[out]
+        return "exit 1: out of memory" if out == "c" else None
+    monkeypatch.setattr(bench, "train_run", train_run)
+    runs = [dict(script="reflex", variant="reflex", seed=1, out=out) for out in "abc"]
+    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True)
+    assert max(most) == 2 and [r["error"] for r in runs] == [None, None, "exit 1: out of memory"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs the user gave us, not 0 and 1
+    seen = []
+    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env: seen.append(env["CUDA_VISIBLE_DEVICES"]))
+    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True)
+    assert set(seen) == {"5", "7"}
 
 
 def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
