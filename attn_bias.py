@@ -463,13 +463,29 @@ def save(fig, out, name):
     return path
 
 
+def analyze_source(source, data, tok, seed, device):
+    """analyze_model of a checkpoint; a run folder's result is kept in it (activations.json), so that the figure of
+    several runs can be drawn where their checkpoints are gone (logs copied back from a GPU machine, each run
+    trained in its own lease) as long as the kept result is of the run's final model (its log's last val loss)."""
+    if not os.path.isdir(source):
+        return analyze_model(source, data, tok, seed, device)
+    ckpt, kept = os.path.join(source, "ckpt.pt"), os.path.join(source, "activations.json")
+    if os.path.exists(ckpt) or not os.path.exists(kept):
+        res = analyze_model(ckpt, data, tok, seed, device)  # no checkpoint, nothing kept: its one-line error
+        with core.atomic(kept, "w") as f:
+            json.dump(res, f)
+        return res
+    res, vals = json.load(open(kept)), [r["val_loss"] for r in core.read_log(source) if r.get("val_loss") is not None]
+    if res.get("val_loss_log") != (vals[-1] if vals else None):
+        raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
+    return res
+
+
 def analyze(cfg, args):
-    sources = args.runs or [cfg.init_from or cfg.out]
-    paths = [os.path.join(s, "ckpt.pt") if os.path.isdir(s) else s for s in sources]
     device = core.resolve_device(cfg)
     data = core.TokenData(cfg.data)
     tok = core.get_tokenizer(data.tokenizer)
-    results = [analyze_model(p, data, tok, cfg.seed, device) for p in paths]
+    results = [analyze_source(s, data, tok, cfg.seed, device) for s in args.runs or [cfg.init_from or cfg.out]]
     base = next((r["step_ms"] for r in results if r["variant"] == "default" and r["step_ms"]), None)
     for r in results:
         r["x_default"] = round(r["step_ms"] / base, 3) if base and r["step_ms"] else None

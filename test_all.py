@@ -1456,6 +1456,32 @@ def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
     assert abs(res["sink"]["layerwise"]["top1"][-1] - top) < 1e-3 * top
 
 
+def test_attn_bias_analyze_keeps_each_runs_result_for_runs_without_a_checkpoint(ab_runs, tutorial, tmp_path, capsys):
+    """Each run trained in its own GPU lease: its result kept in its folder draws the three-model figure later."""
+    runs = {v: shutil.copytree(p, tmp_path / v) for v, p in ab_runs.items()}
+    analyze = lambda out: ab.main(["--analyze", "--runs", *map(str, runs.values()), "--data", tutorial, "--out",
+                                   str(tmp_path / out), "--device", "cpu"])
+    assert analyze("first") == 0
+    first = json.load(open(tmp_path / "first" / "analysis.json"))["results"]
+    for v, run in runs.items():
+        kept = json.load(open(run / "activations.json"))
+        assert kept == {k: x for k, x in next(r for r in first if r["variant"] == v).items() if k != "x_default"}
+        (run / "ckpt.pt").unlink()  # the logs and the kept results came back, the checkpoints did not
+    assert analyze("again") == 0
+    assert json.load(open(tmp_path / "again" / "analysis.json"))["results"] == first
+    assert os.path.getsize(tmp_path / "again" / "layerwise.png") > 10_000
+    log = runs["sink"] / "log.jsonl"  # the run was trained again: its kept result is of an earlier model
+    recs = core.read_log(str(log))
+    recs[-1]["val_loss"] += 0.5
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    capsys.readouterr()
+    assert analyze("stale") == 2
+    assert_one_line_error(capsys.readouterr().err, "earlier model than the run's log")
+    (runs["sink"] / "activations.json").unlink()
+    assert analyze("none") == 2
+    assert_one_line_error(capsys.readouterr().err, "checkpoint not found")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # attn_bias: GPU: the private kernels, compiled FlexAttention, the compiled model
 
