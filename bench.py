@@ -46,6 +46,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -507,9 +508,9 @@ def run_env(rows):
 # The comparison: train baseline and main variant of each paper with identical flags, one table, one plot
 
 
-def train_runs(todo, jobs, gpu):
+def train_runs(todo, jobs, gpu, then=None):
     """Train the (run, command) pairs, `jobs` at once; on several GPUs each training process gets one of them (the
-    i-th free slot: GPU i mod count). Sets each run's "error"."""
+    i-th free slot: GPU i mod count). Sets each run's "error"; then(run) after each run that trained."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if gpu else []
     slots = queue.Queue()
@@ -526,6 +527,8 @@ def train_runs(todo, jobs, gpu):
             run["error"] = train_run(cmd, run["out"], env)
         finally:
             slots.put(slot)
+        if then and not run["error"]:
+            then(run)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         list(pool.map(train, todo))
 
@@ -615,7 +618,12 @@ def compare(args, gpu):
                     todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
                 paper_of[out] = s
-    train_runs(todo, args.jobs, gpu)
+    lock = threading.Lock()
+
+    def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk
+        with lock:
+            whole_val(paper_of[run["out"]], run["out"], data)
+    train_runs(todo, args.jobs, gpu, then=score)
     for run in runs:
         recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)

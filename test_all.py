@@ -3940,8 +3940,10 @@ def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
         return "exit 1: out of memory" if out == "c" else None
     monkeypatch.setattr(bench, "train_run", train_run)
     runs = [dict(script="reflex", variant="reflex", seed=1, out=out) for out in "abc"]
-    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True)
+    scored = []
+    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True, then=lambda r: scored.append(r["out"]))
     assert max(most) == 2 and [r["error"] for r in runs] == [None, None, "exit 1: out of memory"]
+    assert sorted(scored) == ["a", "b"]  # each trained run is scored as soon as it is done
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs the user gave us, not 0 and 1
     seen = []
     monkeypatch.setattr(bench, "train_run", lambda cmd, out, env: seen.append(env["CUDA_VISIBLE_DEVICES"]))
