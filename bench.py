@@ -439,8 +439,6 @@ def speed(args, gpu):
     specs, rows, path = speed_specs(args, gpu), [], os.path.join(args.out, name + ".json")
     if not specs:
         raise core.ConfigError("no rows: --papers / --variants / --impl select nothing")
-    if args.jobs < 1:
-        raise core.ConfigError("--jobs must be at least 1")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     checked = {}  # (script, variant, impl) -> parity: the check runs at T=256 whatever the row's T, so once each
     key = lambda spec: (spec["script"], spec["variant"], spec["impl"])
@@ -587,15 +585,14 @@ def compare(args, gpu):
     """Train each paper's baseline and main variant (or --variants) with identical flags, once per seed; one table,
     one plot. A comparison cut short continues when run again with the same flags: finished runs are reused, cut ones
     resumed from their checkpoints (bit for bit); a folder that holds a run with other flags is refused (--fresh).
-    --jobs N trains N runs at once (one per GPU where there are several); then each is scored and tabulated."""
+    --jobs N trains N runs at once (one per GPU where there are several); each is scored on the whole val split as
+    soon as it is trained."""
     # one line when it is missing; --report needs it only for runs that do not record their data's size
     data = None if args.report and not os.path.isdir(args.data) else core.TokenData(args.data)
     if args.evals < 1:
         raise core.ConfigError("--evals must be at least 1")
     seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
     presets, runs, todo, paper_of = parse_presets(args.preset), [], [], {}
-    if args.jobs < 1:
-        raise core.ConfigError("--jobs must be at least 1")
     for name in papers(args.papers):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
@@ -1093,6 +1090,8 @@ def main(argv=None):
             run_tasks(load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16), args.eval_tasks,
                       args.limit)
             return 0
+        if args.jobs < 1:
+            raise core.ConfigError("--jobs must be at least 1")
         args.data = args.data or "data/docs"
         args.out = args.out or os.path.join("runs", "compare" if args.compare else "ddp" if args.ddp else "bench")
         if args.compare:

@@ -3746,8 +3746,9 @@ def test_bench_cli_errors(capsys):
     capsys.readouterr()
     assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--evals", "0", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: --evals must be at least 1\n"
-    assert bench.main(["--papers", "core", "--jobs", "0", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == "error: --jobs must be at least 1\n"
+    for action in ([], ["--compare", "--data", core.DEFAULT_DATA]):
+        assert bench.main([*action, "--papers", "core", "--jobs", "0", "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == "error: --jobs must be at least 1\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
