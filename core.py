@@ -13,6 +13,7 @@ A script plugs in by exporting one `Paper` record (see `Paper`); core imports no
 """
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -801,6 +802,48 @@ def save_checkpoint(path, obj):
         torch.save(obj, f)
 
 
+def to_host(obj):
+    """obj with every tensor copied to host memory: a snapshot whose originals training may go on changing."""
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map(to_host, obj))
+    return obj.detach().to("cpu", copy=True) if isinstance(obj, torch.Tensor) else obj
+
+
+class CheckpointWriter:
+    """Checkpoints written beside the training: save() copies the state to host memory and returns; a thread makes
+    its checksum and writes the file (atomically, one at a time). `saved` is the step of the last checkpoint on disk;
+    a failed write raises at the next save, wait() or the end of the with block, naming the checkpoint kept."""
+
+    def __init__(self, path, saved):
+        self.path, self.saved, self.pending = path, saved, None
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def save(self, step, obj):
+        self.wait()
+        self.pending = step, self.pool.submit(save_checkpoint, self.path, to_host(obj))
+
+    def wait(self):
+        if self.pending:
+            (step, job), self.pending = self.pending, None
+            try:
+                job.result()
+            except OSError as e:
+                kept = f"the last good one (step {self.saved}) is kept" if self.saved else "none was written before"
+                raise ConfigError(f"could not save {self.path} ({e.strerror or e}); {kept}") from None
+            self.saved = step
+        return self.saved
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.pool.shutdown(wait=True)  # whatever ends the training, the file is whole (or the old one) by now
+        if kind is None:
+            self.wait()
+
+
 class StandIn:
     """An unpickled object whose class this process lacks (a notebook's __main__.GPTConfig): its attributes only."""
 
@@ -1031,73 +1074,72 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
-    for it in range(start, cfg.max_iters):
-        mult = lr_mult(it, cfg)
-        for o in optimizers:
-            for g in o.param_groups:
-                g["lr"] = g["base_lr"] * mult
-        torch.manual_seed(cfg.seed + it)  # dropout masks depend on the step only: resume is exact
-        for micro in range(cfg.grad_accum):
-            x, y, doc = host_batch(model, *data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, it,
-                                                      micro * world + rank), device)
-            sync = not ddp or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else fast.no_sync()), autocast(device, cfg):
-                loss = fast(x, y, doc=doc) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        for o in optimizers:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        step = it + 1
-        evaluate_now = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if step % cfg.log_interval and not evaluate_now:
-            continue
-        if ddp:
-            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        loss_val, norm_val = loss_sum.item() / (step - it_last), norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            kept = f"the last good checkpoint ({ckpt_path}, step {saved}) is kept" if saved else "no checkpoint written"
-            raise ConfigError(f"training diverged: loss {loss_val} / grad norm {norm_val} before step {step}; stopped, "
-                              + kept)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.time() - t_last) / (step - it_last)
-        rec = dict(step=step, loss=round(loss_val, 5), lr=optimizers[0].param_groups[0]["lr"],
-                   tokens=step * tokens_per_step, tok_s=round(tokens_per_step / dt), ms=round(dt * 1e3, 2),
-                   mfu=round(flops_per_token * tokens_per_step / dt / (peak * world), 4) if peak else None,
-                   grad_norm=round(norm_val, 4), time=round(time.time(), 2),
-                   mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
-        if evaluate_now:
-            rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
-            if master:  # only the master logs
-                with autocast(device, cfg):
-                    rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
-        if master:
-            mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
-            val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
-            line = (f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
-                    f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
-            if model.paths:  # what the attention ran: FlexAttention for batches with several documents
-                rec["doc_batches"] = round(model.paths["documents"] / sum(model.paths.values()), 3)
-                line += f" | flex (documents) in {100 * rec['doc_batches']:.0f}% of batches"
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if wandb_run:
-                wandb_run.log(rec, step=step)
+    with CheckpointWriter(ckpt_path, saved) as writer:  # a pending write completes before train ends
+        for it in range(start, cfg.max_iters):
+            mult = lr_mult(it, cfg)
+            for o in optimizers:
+                for g in o.param_groups:
+                    g["lr"] = g["base_lr"] * mult
+            torch.manual_seed(cfg.seed + it)  # dropout masks depend on the step only: resume is exact
+            for micro in range(cfg.grad_accum):
+                x, y, doc = host_batch(model, *data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, it,
+                                                          micro * world + rank), device)
+                sync = not ddp or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else fast.no_sync()), autocast(device, cfg):
+                    loss = fast(x, y, doc=doc) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+            for o in optimizers:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            step = it + 1
+            evaluate_now = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            if step % cfg.log_interval and not evaluate_now:
+                continue
+            if ddp:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            loss_val, norm_val = loss_sum.item() / (step - it_last), norm.item()
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                saved = writer.wait()
+                kept = (f"the last good checkpoint ({ckpt_path}, step {saved}) is kept" if saved
+                        else "no checkpoint written")
+                raise ConfigError(f"training diverged: loss {loss_val} / grad norm {norm_val} before step {step}; "
+                                  f"stopped, {kept}")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.time() - t_last) / (step - it_last)
+            rec = dict(step=step, loss=round(loss_val, 5), lr=optimizers[0].param_groups[0]["lr"],
+                       tokens=step * tokens_per_step, tok_s=round(tokens_per_step / dt), ms=round(dt * 1e3, 2),
+                       mfu=round(flops_per_token * tokens_per_step / dt / (peak * world), 4) if peak else None,
+                       grad_norm=round(norm_val, 4), time=round(time.time(), 2),
+                       mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+                       else None)
             if evaluate_now:
-                try:
-                    save_checkpoint(ckpt_path, dict(format="attnlab", script=paper.name, variant=cfg.variant,
-                                                    config=asdict(cfg), data=data.info(), model=model.state_dict(),
-                                                    optimizers=[o.state_dict() for o in optimizers], step=step,
-                                                    val_loss=val_loss))
-                except OSError as e:
-                    kept = f"the last good one (step {saved}) is kept" if saved else "none was written before"
-                    raise ConfigError(f"could not save {ckpt_path} ({e.strerror or e}); {kept}") from None
-                saved, line = step, line + f" | saved {ckpt_path}"
-            print(line, flush=True)
-        loss_sum.zero_()
-        t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
+                rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
+                if master:  # only the master logs
+                    with autocast(device, cfg):
+                        rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
+            if master:
+                mfu = f"{100 * rec['mfu']:.1f}%" if peak else "n/a"
+                val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
+                line = (f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
+                        f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
+                if model.paths:  # what the attention ran: FlexAttention for batches with several documents
+                    rec["doc_batches"] = round(model.paths["documents"] / sum(model.paths.values()), 3)
+                    line += f" | flex (documents) in {100 * rec['doc_batches']:.0f}% of batches"
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if wandb_run:
+                    wandb_run.log(rec, step=step)
+                if evaluate_now:
+                    writer.save(step, dict(format="attnlab", script=paper.name, variant=cfg.variant, config=asdict(cfg),
+                                           data=data.info(), model=model.state_dict(), step=step, val_loss=val_loss,
+                                           optimizers=[o.state_dict() for o in optimizers]))
+                    line += f" | saving {ckpt_path}"
+                print(line, flush=True)
+            loss_sum.zero_()
+            t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
     if ddp:  # leave together: a rank tearing down while rank 0 still writes its checkpoint hung gloo
         # DDP's reducer first, while the world still holds the process group: freed (under the GIL) as the group's
         # last owner, it ran the group's destructor, which joined a gloo thread waiting for the GIL (a rare hang)

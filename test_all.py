@@ -465,6 +465,28 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
 
 
+def test_core_checkpoint_is_written_beside_training_and_holds_its_steps_state(tutorial, tmp_path, monkeypatch):
+    """The state is copied to host memory at the evaluation and written by a thread while training goes on: the
+    step-10 file holds the step-10 model even though training was further on when it was written."""
+    _, at10, _ = train_tiny(tutorial, tmp_path / "ten", max_iters=10, lr_decay_iters=20, eval_interval=10)
+    real_save, real_lr, now = core.save_checkpoint, core.lr_mult, []
+
+    def slow_save(path, obj):
+        time.sleep(1.0)
+        real_save(path, obj)
+        if obj["step"] == 10:
+            now.append(it_seen[-1])
+            shutil.copy(path, tmp_path / "step10.pt")
+    it_seen = [0]
+    monkeypatch.setattr(core, "lr_mult", lambda it, cfg: (it_seen.append(it), real_lr(it, cfg))[1])
+    monkeypatch.setattr(core, "save_checkpoint", slow_save)
+    train_tiny(tutorial, tmp_path / "twenty", max_iters=20, lr_decay_iters=20, eval_interval=10)
+    assert now[0] > 10  # training had gone on while the step-10 checkpoint was written
+    assert core.load_checkpoint(str(tmp_path / "twenty" / "ckpt.pt"))["step"] == 20  # on disk when train returned
+    state = core.load_checkpoint(str(tmp_path / "step10.pt"))["model"]
+    assert all(torch.equal(state[k], v) for k, v in at10.state_dict().items())
+
+
 def test_core_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
     class Exploding(core.GPT):
         def loss_fn(self, logits, targets):
@@ -586,7 +608,7 @@ def test_core_train_never_overwrites_a_run(core_run, capsys, tutorial):
     assert core_main("--train", "--resume", "--out", core_run, "--max-iters", "6", "--eval-interval", "2",
                      "--eval-iters", "1") == 0
     out = capsys.readouterr().out
-    assert f"resumed from step 4 of {core_run}" in out and f"saved {core_run}/ckpt.pt" in out
+    assert f"resumed from step 4 of {core_run}" in out and f"saving {core_run}/ckpt.pt" in out
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign", "text"])
