@@ -386,6 +386,11 @@ def layer_stats(model, windows):
                 attention=dict(key0=sig(attn[:, 0].tolist()), first_token=sig(attn[:, 1].tolist())))
 
 
+def last_val_loss(log):
+    """The last val loss of a training log (None before the first evaluation): which model a result is of."""
+    return next((r["val_loss"] for r in reversed(log) if r.get("val_loss") is not None), None)
+
+
 def analyze_model(path, data, tok, seed, device):
     """layer_stats over N_WINDOWS val windows, and |h| of one block over positions × channels for PROMPT."""
     model = core.load_model(PAPER, path, device).float()
@@ -400,9 +405,8 @@ def analyze_model(path, data, tok, seed, device):
     run = os.path.dirname(path)
     log = core.read_log(run) if os.path.exists(os.path.join(run, "log.jsonl")) else []
     ms = sorted(r["ms"] for r in log[1:] if r.get("ms"))  # the first record includes compilation
-    vals = [r["val_loss"] for r in log if r.get("val_loss") is not None]
     return dict(source=path, variant=cfg.variant, n_layer=L, window_loss=sig(s["loss"]), windows=N_WINDOWS,
-                val_loss_log=vals[-1] if vals else None, step_ms=ms[len(ms) // 2] if ms else None,
+                val_loss_log=last_val_loss(log), step_ms=ms[len(ms) // 2] if ms else None,
                 layerwise=s["layerwise"], attention=s["attention"],
                 prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
                             abs=[sig(r) for r in grid.tolist()]))
@@ -475,8 +479,8 @@ def analyze_source(source, data, tok, seed, device):
         with core.atomic(kept, "w") as f:
             json.dump(res, f)
         return res
-    res, vals = json.load(open(kept)), [r["val_loss"] for r in core.read_log(source) if r.get("val_loss") is not None]
-    if res.get("val_loss_log") != (vals[-1] if vals else None):
+    res = json.load(open(kept))
+    if res.get("val_loss_log") != last_val_loss(core.read_log(source)):
         raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
     return res
 
