@@ -466,7 +466,10 @@ def documents(doc, device, paths):
 
 def host_batch(model, x, y, device):
     """A batch made on the CPU -> (x, y) on `device` and the model's document ids of x, still on the host (see
-    documents)."""
+    documents). To a GPU through pinned memory: a copy from pageable memory waits for every kernel queued before it,
+    so the host could never run ahead of the GPU (the next step's Python and launches would leave it idle)."""
+    if device.type == "cuda":
+        x, y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), model.doc_ids(x)
 
 

@@ -308,6 +308,17 @@ def test_core_gpu_context_builds_the_document_mask_before_the_layers():
     assert "causal" in model.context(idx, doc).cache and "causal" not in model.context(idx).cache
 
 
+@gpu
+def test_core_gpu_host_batch_does_not_wait_for_queued_kernels():
+    """The batch goes through pinned memory: its copy is queued behind the GPU's work instead of waiting for it."""
+    model, xy = core.GPT(tiny()).cuda(), torch.randint(0, 256, (16, 1025))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued (clock cycles)
+    x, y, _ = core.host_batch(model, xy[:, :-1], xy[:, 1:], torch.device("cuda"))
+    assert not torch.cuda.current_stream().query()  # the sleep still runs: the host did not wait for it
+    assert torch.equal(x.cpu(), xy[:, :-1]) and torch.equal(y.cpu(), xy[:, 1:])
+
+
 def test_core_flash_fallback_when_not_installed(monkeypatch, capsys):
     monkeypatch.setattr(core, "flash_attn_func", None)
     torch.manual_seed(0)
