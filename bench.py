@@ -244,6 +244,12 @@ def wait_turn(gate):
         time.sleep(0.05)
 
 
+def exit_line(code, log_path):
+    """'exit CODE: ' and the last line a failed process wrote to its log (200 characters at most)."""
+    last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
+    return f"exit {code}: {last[0][:200]}"
+
+
 def run_rows(specs, log_paths):
     """One process per row, all started at once; once every one is warmed up (or gone), each is timed alone in turn.
     A row not warmed up within ROW_TIMEOUT is stopped. -> the rows, in order."""
@@ -279,8 +285,7 @@ def run_rows(specs, log_paths):
         elif code == -9:  # SIGKILL: on Linux the out-of-memory killer
             rows.append({**spec, "status": f"OOM: killed by the OS (out of memory?) (log: {log_path})"})
         else:
-            last = [l for l in open(log_path).read().splitlines() if l.strip()][-1:] or [""]
-            rows.append({**spec, "status": f"error: exit {code}: {last[0][:200]} (log: {log_path})"})
+            rows.append({**spec, "status": f"error: {exit_line(code, log_path)} (log: {log_path})"})
     return rows
 
 
@@ -540,8 +545,7 @@ def train_run(cmd, out, env=None):
     with open(os.path.join(out, "stdout.txt"), "w") as log:  # a script outside the repo still imports core
         p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
-        last = [l for l in open(os.path.join(out, "stdout.txt")).read().splitlines() if l.strip()][-1:] or [""]
-        return f"exit {p.returncode}: {last[0][:200]}"
+        return exit_line(p.returncode, os.path.join(out, "stdout.txt"))
     return None
 
 
