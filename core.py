@@ -1039,12 +1039,12 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     model = (model or paper.build_model(cfg)).to(device).train()
     check_memory(cfg, model, device)
     optimizers = model.configure_optimizers(cfg, device.type)
-    start, saved = 0, None
+    start = 0
     if ckpt is not None:
         load_state(model, strip_prefix(ckpt["model"]), ckpt_path)
         for o, s in zip(optimizers, ckpt["optimizers"]):
             o.load_state_dict(s)
-        start = saved = ckpt["step"]
+        start = ckpt["step"]
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     if master:
         prepare_out(cfg, model, overwrite)
@@ -1077,7 +1077,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
-    with CheckpointWriter(ckpt_path, saved) as writer:  # a pending write completes before train ends
+    with CheckpointWriter(ckpt_path, start or None) as writer:  # a pending write completes before train ends
         for it in range(start, cfg.max_iters):
             mult = lr_mult(it, cfg)
             for o in optimizers:
