@@ -351,9 +351,9 @@ def impl_cell(r):
     """The asked path and, once checked, the kernels it ran: 'auto (sdpa)'; where timed batches had several documents,
     what ran them (FlexAttention, or the eager mask) and in what share of the batches."""
     impls, docs = r.get("parity", {}).get("impls", []), r.get("paths", {})
-    mask = "flex" if set(impls) - {"eager"} else "eager mask"
     share = docs.get("documents", 0) / sum(docs.values()) if docs else 0
-    docs = f", {mask} in {100 * share:.0f}% of batches (documents)" if share else ""
+    docs = f", {'+'.join(sorted(set(map(core.doc_path, impls))))} in {100 * share:.0f}% of batches (documents)" \
+        if share else ""
     return r["impl"] + (f" ({'+'.join(impls)}{docs})" if r.get("parity") else "")
 
 

@@ -452,6 +452,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+def doc_path(impl):
+    """What attends a batch with several documents under `impl`: SDPA and flash-attn have no document mask."""
+    return {"sdpa": "flex", "flash": "flex", "eager": "eager mask"}.get(impl, impl)
+
+
 @torch.compiler.disable  # a data-dependent choice, made outside the compiled graph
 def documents(doc, device, paths):
     """Document ids (B, T) on `device`, or None when every row holds one document: then the plain causal kernel
@@ -1128,9 +1133,11 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                 val = f" | val {rec['val_loss']:.4f}" if evaluate_now else ""
                 line = (f"step {step}/{cfg.max_iters} | loss {loss_val:.4f}{val} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
                         f"MFU {mfu} | {rec['ms']:.1f} ms/step | ETA {fmt_time(dt * (cfg.max_iters - step))}")
-                if model.paths:  # what the attention ran: FlexAttention for batches with several documents
-                    rec["doc_batches"] = round(model.paths["documents"] / sum(model.paths.values()), 3)
-                    line += f" | flex (documents) in {100 * rec['doc_batches']:.0f}% of batches"
+                if model.paths:  # what the attention ran for batches with several documents, and how often
+                    rec["doc_batches"] = share = round(model.paths["documents"] / sum(model.paths.values()), 3)
+                    if share:
+                        line += f" | {'+'.join(sorted(map(doc_path, impls)))} in {100 * share:.0f}% of batches " \
+                                "(documents)"
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if wandb_run:

@@ -2299,7 +2299,7 @@ def test_exoformer_checkpoint_round_trip_and_init_from(tmp_path, capsys):
     assert core.load_model(exo.PAPER, os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
     assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data]) == 0
     out = capsys.readouterr().out
-    assert "val" in out and "| flex (documents) in " in out  # the progress line says what the attention ran
+    assert "val" in out and "| eager mask in " in out  # the progress line says what the attention ran (CPU: eager)
     assert 0 < core.read_log(out2)[-1]["doc_batches"] <= 1
 
 
@@ -3748,6 +3748,8 @@ def test_bench_impl_cell_names_the_kernels_and_the_document_path():
     assert (bench.impl_cell(dict(impl="auto", parity=checked("eager"), paths={"documents": 1, "one document": 1}))
             == "auto (eager, eager mask in 50% of batches (documents))")
     assert bench.impl_cell(dict(impl="auto", parity=checked("sdpa"), paths={"one document": 2})) == "auto (sdpa)"
+    assert (bench.impl_cell(dict(impl="auto", parity=checked("triton"), paths={"documents": 2}))  # its own doc mask
+            == "auto (triton, triton in 100% of batches (documents))")
 
 
 def test_bench_append_replaces_rows_run_again(tmp_path):
