@@ -551,13 +551,14 @@ def train_run(cmd, out, env=None):
 
 def summarize(log):
     """Final val loss, steady-state speed (the first logged interval holds the compilation), peak memory, and the
-    training time per record (compilation and evaluation excluded)."""
+    training time per record (compilation and evaluation excluded: an interval over 3x the median step time holds a
+    compilation, the first or FlexAttention's at a batch's first several documents, and counts at the median)."""
     steady = log[1:] or log
     med = lambda key: statistics.median(r[key] for r in steady) if steady[0].get(key) is not None else None
     ms = med("ms")
     t, prev, times = 0.0, 0, []
     for i, r in enumerate(log):
-        t += (r["step"] - prev) * (ms if i == 0 else r["ms"]) / 1e3
+        t += (r["step"] - prev) * (ms if i == 0 or r["ms"] > 3 * ms else r["ms"]) / 1e3
         prev = r["step"]
         times.append(t)
     val = [(r["tokens"], times[i], r["val_loss"]) for i, r in enumerate(log) if r.get("val_loss") is not None]
@@ -628,6 +629,8 @@ def compare(args, gpu):
     for run in runs:
         recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
+        if run["missing"] and os.path.exists(os.path.join(run["out"], "log.jsonl")):  # cut: its curve so far
+            run["curve"] = summarize(core.read_log(run["out"]))["curve"]
         if not (run["error"] or run["missing"]):
             run.update(summarize(core.read_log(run["out"])))
             run["val_whole"] = whole_val(paper_of[run["out"]], run["out"], None if args.report else data)
@@ -642,7 +645,12 @@ def compare(args, gpu):
         diff = lambda k: r[k] - base[k] if r.get(k) is not None and base and base.get(k) is not None else None
         r["d_val"], r["d_whole"] = diff("val_loss"), diff("val_whole")
         r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss
-        if base and r["variant"] != r["baseline"] and base.get("val_loss") and r.get("curve"):
+        r["d_cut"] = None  # a cut run: (share of the baseline's tokens, difference) at its last evaluation
+        if r.get("missing") and r.get("curve") and base and base.get("curve"):
+            at = {tokens: loss for tokens, _, loss in base["curve"]}
+            both = [(tokens, loss - at[tokens]) for tokens, _, loss in r["curve"] if tokens in at]
+            r["d_cut"] = (both[-1][0] / base["tokens"], both[-1][1]) if both else None
+        if base and r["variant"] != r["baseline"] and base.get("val_loss") and r.get("curve") and not r.get("missing"):
             reach = tokens_to(r["curve"], base["val_loss"])
             r["to_base"] = "not reached" if reach is None else reach / base["tokens"]
     whole = lambda r: fmt(r.get("val_whole"), ".4f") + (f" ({r['d_whole']:+.4f})" if r.get("d_whole") is not None
@@ -651,6 +659,7 @@ def compare(args, gpu):
             "tokens to baseline's loss", "tokens/s", "MFU", "memory", "train time"]
     table = [[label(r), r.get("seed", "-"), fmt(r.get("tokens"), ","), fmt(r.get("epochs"), ".2f"),
               "failed" if r["error"] else fmt(r.get("missing") or r.get("val_loss"), ".4f"),
+              f"{r['d_cut'][1]:+.4f} at {r['d_cut'][0]:.0%} of the tokens" if r.get("d_cut") else
               fmt(r.get("d_val"), "+.4f"), whole(r), fmt(r.get("to_base"), ".2f", "x"),
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
@@ -756,7 +765,7 @@ def seed_summary(runs):
 
 def plot_compare(runs, png, title):
     """One column per script (each its own data and loss unit): val loss against training tokens (top) and training
-    time (bottom); baselines dashed, one line per seed."""
+    time (bottom); baselines dashed, runs cut short dotted, one line per seed."""
     pyplot = plt()
     names = list(dict.fromkeys(r["script"] for r in runs))
     fig, axes = pyplot.subplots(2, len(names), figsize=(4.5 * len(names) + 1, 7), squeeze=False)
@@ -767,8 +776,9 @@ def plot_compare(runs, png, title):
         for r in mine:
             if r.get("curve"):
                 tokens, times, loss = zip(*r["curve"])
-                style = dict(color=colors[r["variant"]], marker="o", ms=3, ls="--" if r["variant"] == r["baseline"]
-                             else "-", label=(r["variant"] or name) + (f" seed {r['seed']}" if seeds else ""))
+                style = dict(color=colors[r["variant"]], marker="o", ms=3, ls=":" if r.get("missing") else "--" if
+                             r["variant"] == r["baseline"] else "-", label=(r["variant"] or name) + (
+                                 f" seed {r['seed']}" if seeds else "") + (" (cut)" if r.get("missing") else ""))
                 axes[0, col].plot(tokens, loss, **style)
                 axes[1, col].plot(times, loss, **style)
         axes[0, col].set_title(f"{name} ({os.path.basename(os.path.normpath(mine[0].get('data') or ''))})",

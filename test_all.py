@@ -4049,6 +4049,16 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
     assert bench.prior_run(str(out), [*cmd[:-1], "moved/run"], 8, fresh=False) == "cut"  # --out: where, not how
 
 
+def test_bench_summarize_counts_compilations_at_the_median_step_time():
+    rec = lambda step, ms, **kw: dict(step=step, ms=ms, tok_s=1000 / ms, tokens=100 * step, **kw)
+    log = [rec(10, 900.0), rec(20, 10.0), rec(30, 400.0, val_loss=3.0), rec(40, 12.0), rec(50, 10.0, val_loss=2.0)]
+    s = bench.summarize(log)  # the first interval compiled, the third recompiled (FlexAttention's first documents)
+    median = 11.0  # of the steady records' 10, 400, 12, 10 ms
+    assert s["train_s"] == pytest.approx((10 * median + 10 * 10.0 + 10 * median + 10 * 12.0 + 10 * 10.0) / 1e3)
+    assert s["curve"] == [(3000, pytest.approx(0.32), 3.0), (5000, pytest.approx(0.54), 2.0)]
+    assert s["val_loss"] == 2.0 and s["tok_s"] == pytest.approx((1000 / 12 + 100) / 2)
+
+
 def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_path, bytes_data):
     data = shutil.copytree(bytes_data, tmp_path / "data")
     args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", data,
@@ -4063,6 +4073,8 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     rc, out, err = bench_run_cli(*args, "--report")
     assert rc == 0, err
     assert "| reflex/baseline | 1337 | 2,048 | 0.01 |" in out and "| cut at step 1 of 4 |" in out
+    at = lambda run: next(r["val_loss"] for r in core.read_log(run) if r["step"] == 1)
+    assert f"| {at(var) - at(base):+.4f} at 25% of the tokens | - | - |" in out  # the baseline where it was cut
     assert "note: reflex/reflex, seed 1337: cut at step 1 of 4" in err and "stdout.txt" not in err  # no log of it here
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
 
