@@ -352,8 +352,7 @@ def impl_cell(r):
     what ran them (FlexAttention, or the eager mask) and in what share of the batches."""
     impls, docs = r.get("parity", {}).get("impls", []), r.get("paths", {})
     share = docs.get("documents", 0) / sum(docs.values()) if docs else 0
-    docs = f", {'+'.join(sorted(set(map(core.doc_path, impls))))} in {100 * share:.0f}% of batches (documents)" \
-        if share else ""
+    docs = f", {core.doc_path(impls)} in {100 * share:.0f}% of batches (documents)" if share else ""
     return r["impl"] + (f" ({'+'.join(impls)}{docs})" if r.get("parity") else "")
 
 

@@ -452,9 +452,10 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
-def doc_path(impl):
-    """What attends a batch with several documents under `impl`: SDPA and flash-attn have no document mask."""
-    return {"sdpa": "flex", "flash": "flex", "eager": "eager mask"}.get(impl, impl)
+def doc_path(impls):
+    """What attends a batch with several documents under the attention paths `impls`: 'flex', 'eager mask+flex', ...
+    (SDPA and flash-attn have no document mask; a kernel of a paper's own applies it itself)."""
+    return "+".join(sorted({{"sdpa": "flex", "flash": "flex", "eager": "eager mask"}.get(i, i) for i in impls}))
 
 
 @torch.compiler.disable  # a data-dependent choice, made outside the compiled graph
@@ -1136,8 +1137,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                 if model.paths:  # what the attention ran for batches with several documents, and how often
                     rec["doc_batches"] = share = round(model.paths["documents"] / sum(model.paths.values()), 3)
                     if share:
-                        line += f" | {'+'.join(sorted(map(doc_path, impls)))} in {100 * share:.0f}% of batches " \
-                                "(documents)"
+                        line += f" | {doc_path(impls)} in {100 * share:.0f}% of batches (documents)"
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if wandb_run:

@@ -3750,6 +3750,8 @@ def test_bench_impl_cell_names_the_kernels_and_the_document_path():
     assert bench.impl_cell(dict(impl="auto", parity=checked("sdpa"), paths={"one document": 2})) == "auto (sdpa)"
     assert (bench.impl_cell(dict(impl="auto", parity=checked("triton"), paths={"documents": 2}))  # its own doc mask
             == "auto (triton, triton in 100% of batches (documents))")
+    assert (bench.impl_cell(dict(impl="auto", parity=checked("eager", "flash", "sdpa"), paths={"documents": 1}))
+            == "auto (eager+flash+sdpa, eager mask+flex in 100% of batches (documents))")  # each layer's, once
 
 
 def test_bench_append_replaces_rows_run_again(tmp_path):
