@@ -512,7 +512,8 @@ def run_env(rows):
 
 def train_runs(todo, jobs, gpu, then=None):
     """Train the (run, command) pairs, `jobs` at once; on several GPUs each training process gets one of them (the
-    i-th free slot: GPU i mod count). Sets each run's "error"; then(run) after each run that trained."""
+    i-th free slot: GPU i mod count). Sets each run's "error"; then(run) after each run that trained, while the next
+    run trains (one worker more than slots: a 124M run's whole-val score overlaps the next one's compilation)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if gpu else []
     slots = queue.Queue()
@@ -531,7 +532,7 @@ def train_runs(todo, jobs, gpu, then=None):
             slots.put(slot)
         if then and not run["error"]:
             then(run)
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(jobs + 1 if then else jobs) as pool:
         list(pool.map(train, todo))
 
 

@@ -3989,6 +3989,19 @@ def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
     assert set(seen) == {"5", "7"}
 
 
+def test_bench_compare_scores_a_run_while_the_next_one_trains(monkeypatch):
+    started = {out: threading.Event() for out in "ab"}
+    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env: started[out].set())
+    overlapped = []
+
+    def score(run):  # run a's score waits (up to 5 s) for run b's training to start
+        if run["out"] == "a":
+            overlapped.append(started["b"].wait(timeout=5))
+    runs = [dict(script="reflex", variant="reflex", seed=1, out=out) for out in "ab"]
+    bench.train_runs([(r, ["train"]) for r in runs], jobs=1, gpu=False, then=score)
+    assert overlapped == [True] and [r["error"] for r in runs] == [None, None]
+
+
 def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
     """Runs tabulated elsewhere (--report) keep the device, torch and git they ran with; speed rows are this
     process's."""
