@@ -629,13 +629,15 @@ def compare(args, gpu):
     for run in runs:
         recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
-        if run["missing"] and os.path.exists(os.path.join(run["out"], "log.jsonl")):  # cut: its curve so far
-            run["curve"] = summarize(core.read_log(run["out"]))["curve"]
-        if not (run["error"] or run["missing"]):
-            run.update(summarize(core.read_log(run["out"])))
-            run["val_whole"] = whole_val(paper_of[run["out"]], run["out"], None if args.report else data)
-            train = recorded.get("train_tokens") or (data and data.tokens("train"))
-            run["epochs"] = run["tokens"] / train if train else None
+        if run["error"] or not os.path.exists(os.path.join(run["out"], "log.jsonl")):  # failed, or not run
+            continue
+        summary = summarize(core.read_log(run["out"]))
+        if run["missing"]:  # cut: its curve so far
+            run["curve"] = summary["curve"]
+            continue
+        run.update(summary, val_whole=whole_val(paper_of[run["out"]], run["out"], None if args.report else data))
+        train = recorded.get("train_tokens") or (data and data.tokens("train"))
+        run["epochs"] = run["tokens"] / train if train else None
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
                      lambda r: (r["script"], r["variant"], r.get("seed")))
