@@ -129,7 +129,9 @@ class Config:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
                      "eval_iters", "log_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
-        check(self.max_iters >= 0 and self.vocab_size >= 0, "--max-iters and --vocab-size must be >= 0")
+        for name in ("max_iters", "vocab_size", "mlp_hidden", "lr_decay_iters", "eval_tokens"):  # 0: a default
+            check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+        check(0 <= self.cooldown_frac <= 1, "--cooldown-frac must be in [0, 1]")
         check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check(self.family == "gpt2" or (self.n_embd // self.n_head) % 2 == 0, "RoPE needs an even head dim")
         check(self.residual_dtype in ("float32", "bfloat16"),
@@ -1056,10 +1058,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         prepare_out(cfg, model, overwrite)
         json.dump(run_info(cfg, device, paper, data), open(os.path.join(cfg.out, "run.json"), "w"), indent=1)
         log_path = os.path.join(cfg.out, "log.jsonl")
-        kept = [l for l in open(log_path)] if ckpt is not None and os.path.exists(log_path) else []
-        kept = [l for l in kept if json.loads(l)["step"] <= start]  # drop what came after the checkpoint
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+        kept = read_log(log_path) if ckpt is not None and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:  # drop what came after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in kept if r["step"] <= start)
         impls = sorted({m.impl(device) for m in model.modules() if isinstance(m, Attention)})
         epochs = (cfg.max_iters - start) * tokens_per_step / data.tokens("train")
         print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {model.num_params() / 1e6:.2f}M parameters "
@@ -1236,7 +1237,15 @@ def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path):
         raise ConfigError(f"no training log at {path}")
-    return [json.loads(l) for l in open(path) if l.strip()]
+    lines = [l for l in open(path) if l.strip()]
+    recs = []
+    for i, l in enumerate(lines):
+        try:
+            recs.append(json.loads(l))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # a cut last line is a write the run did not finish; anything else is damage
+                raise ConfigError(f"{path}: line {i + 1} is not JSON") from None
+    return recs
 
 
 def run_dirs(cfg, args):
@@ -1431,7 +1440,10 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
         print(plot_runs(run_dirs(cfg, args), os.path.join(cfg.out, "loss.png"), title=f"{paper.name}: loss"))
     elif a == "sample":
         tok = get_tokenizer(TokenData(cfg.data).tokenizer)
-        idx = torch.tensor([tok.encode(args.prompt)], device=device)
+        ids = tok.encode(args.prompt)
+        if not ids or args.max_new_tokens < 0 or args.top_k < 0 or args.temperature <= 0:
+            raise ConfigError("--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, --temperature > 0")
+        idx = torch.tensor([ids], device=device)
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
     elif a == "bench":

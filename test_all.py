@@ -470,10 +470,21 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
         train_tiny(tutorial, tmp_path / "cut", dropout=0.1)
     monkeypatch.setattr(core, "lr_mult", real)
     assert core.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"] == 20
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"step": 26, "lo')  # the last line's write cut off by the kill
     _, _, resumed = train_tiny(tutorial, tmp_path / "cut", dropout=0.1, resume=True)
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for a, b in zip(full, resumed):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
+
+
+def test_core_read_log_skips_a_cut_last_line_and_refuses_damage(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 5.5}\n\n{"step": 5, "loss": 4.0}\n{"step": 10, "lo')
+    assert core.read_log(str(tmp_path)) == [{"step": 0, "loss": 5.5}, {"step": 5, "loss": 4.0}]
+    log.write_text('{"step": 0, "loss": 5.5}\n{"step": 5, "lo\n{"step": 10, "loss": 3.0}\n')
+    with pytest.raises(core.ConfigError, match="line 2 is not JSON"):
+        core.read_log(str(log))
 
 
 def test_core_checkpoint_is_written_beside_training_and_holds_its_steps_state(tutorial, tmp_path, monkeypatch):
@@ -739,6 +750,8 @@ def test_core_cli_help_lists_every_field():
     (["--train", "--n-embd", "100", "--n-head", "12"], "must be divisible"),
     (["--train", "--family", "bert"], "--family must be"),
     (["--train", "--residual-dtype", "float16"], "--residual-dtype must be"),
+    (["--train", "--mlp-hidden", "-1"], "--mlp-hidden must be >= 0"),
+    (["--train", "--cooldown-frac", "1.5"], "--cooldown-frac must be in"),
     (["--train", "--data", "/nonexistent"], "dataset directory not found"),
     (["--eval", "--init-from", "/nonexistent.pt"], "checkpoint not found"),
     (["--train", "--max-iters", "ten"], "invalid int value"),
@@ -760,6 +773,10 @@ def test_core_cli_train_eval_sample_plot(tutorial, tmp_path):
     assert rc == 0 and "val" in stdout and "bpb" in stdout, err
     rc, stdout, err = run_cli("core.py", "--sample", "--out", out, "--data", tutorial, "--max-new-tokens", "20")
     assert rc == 0 and stdout.strip(), err
+    for mistake in (["--prompt", ""], ["--top-k", "-1"]):
+        rc, _, err = run_cli("core.py", "--sample", "--out", out, "--data", tutorial, *mistake)
+        assert rc == 2
+        assert_one_line_error(err, "--sample needs a non-empty --prompt")
     rc, stdout, err = run_cli("core.py", "--plot", "--out", out, "--data", tutorial)
     assert rc == 0 and os.path.getsize(out / "loss.png") > 1000, err
 
