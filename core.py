@@ -1442,7 +1442,8 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
         tok = get_tokenizer(TokenData(cfg.data).tokenizer)
         ids = tok.encode(args.prompt)
         if not ids or args.max_new_tokens < 0 or args.top_k < 0 or args.temperature <= 0:
-            raise ConfigError("--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, --temperature > 0")
+            raise ConfigError("--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, "
+                              "--temperature > 0")
         idx = torch.tensor([ids], device=device)
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
