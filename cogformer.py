@@ -117,13 +117,12 @@ class CogAttention(core.Attention):
         return w.type_as(v) @ v
 
     def attend_flex2x(self, q, k, v, ctx):
-        from torch.nn.attention.flex_attention import flex_attention
         B, H, T, _ = q.shape
         score_mod, mask_mod = flex2x_mods(T, ctx.doc)
         mask = core.flex_block_mask(ctx, mask_mod, B if ctx.doc is not None else None, None, T, 2 * T, key="cog2x")
         try:
-            return flex_attention(q, torch.cat([k, k], 2), torch.cat([v, -v], 2), score_mod=score_mod,
-                                  block_mask=mask)
+            return core.flex_attention(q, torch.cat([k, k], 2), torch.cat([v, -v], 2), score_mod=score_mod,
+                                       block_mask=mask)
         except NotImplementedError as e:  # e.g. FlexAttention has no backward on CPU
             core.warn_once(f"flex2x: {e} Using eager cog attention.")
             return self.attend_eager(q, k, v, ctx)
