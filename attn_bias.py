@@ -126,7 +126,7 @@ class BiasAttention(core.Attention):
 
     def attend_flex(self, q, k, v, ctx):
         T = q.size(-2)
-        mask = core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), None, None, T, T)
+        mask = core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), T, T, q.device)
         return flex_bias_attention(q, k, v, self.k_bias, self.v_bias, mask)
 
     def attend_cudnn(self, q, k, v, ctx):

@@ -117,9 +117,9 @@ class CogAttention(core.Attention):
         return w.type_as(v) @ v
 
     def attend_flex2x(self, q, k, v, ctx):
-        B, H, T, _ = q.shape
+        T = q.size(-2)
         score_mod, mask_mod = flex2x_mods(T, ctx.doc)
-        mask = core.flex_block_mask(ctx, mask_mod, B if ctx.doc is not None else None, None, T, 2 * T, key="cog2x")
+        mask = core.flex_block_mask(ctx, mask_mod, T, 2 * T, q.device, key="cog2x")
         try:
             return core.flex_attention(q, torch.cat([k, k], 2), torch.cat([v, -v], 2), score_mod=score_mod,
                                        block_mask=mask)

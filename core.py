@@ -204,7 +204,6 @@ class Paper:
 @dataclass
 class Ctx:
     """What crosses layers in one forward (no globals)."""
-    x0: torch.Tensor = None  # embedding output (B, T, C)
     rope: tuple = None       # (cos, sin), each (T, D/2) in fp32, llama family
     doc: torch.Tensor = None  # (B, T) document ids: attention stays inside a document
     record: object = None    # record(layer, probs): eager attention reports its probabilities (B, H, T, S)
@@ -245,11 +244,13 @@ def causal_mask(T, S, doc=None, device=None):
     return mask
 
 
-def flex_block_mask(ctx, mask_mod, B, H, T, S, key="causal", device=None):
-    """A FlexAttention BlockMask built once per forward and shared by every layer. The document mask is built in
-    GPT.context, before the layers: a layer then only reads it, and its compiled graph has no break in it."""
+def flex_block_mask(ctx, mask_mod, T, S, device, key="causal"):
+    """A FlexAttention BlockMask built once per forward and shared by every layer (and heads); one for every row
+    unless the batch has documents. The document mask is built in GPT.context, before the layers: a layer then only
+    reads it, and its compiled graph has no break in it."""
     if key not in ctx.cache:
-        ctx.cache[key] = build_block_mask(mask_mod, B, H, T, S, device or ctx.x0.device)
+        B = None if ctx.doc is None else ctx.doc.size(0)
+        ctx.cache[key] = build_block_mask(mask_mod, B, None, T, S, device)
     return ctx.cache[key]
 
 
@@ -349,8 +350,8 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
 
     def attend_flex(self, q, k, v, ctx):
-        B, H, T, _ = q.shape
-        mask = flex_block_mask(ctx, doc_causal_mask_mod(ctx), B if ctx.doc is not None else None, None, T, T)
+        T = q.size(-2)
+        mask = flex_block_mask(ctx, doc_causal_mask_mod(ctx), T, T, q.device)
         return flex_attention(q, k, v, block_mask=mask)
 
     def attend_flash(self, q, k, v, ctx):
@@ -526,9 +527,9 @@ class GPT(nn.Module):
     def context(self, idx, doc=None, record=None):
         doc = self.doc_ids(idx) if doc is None else doc
         ctx = Ctx(doc=None if doc is None else documents(doc, idx.device, self.paths), record=record)
-        B, T = idx.shape
+        T = idx.size(1)
         if ctx.doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
-            flex_block_mask(ctx, doc_causal_mask_mod(ctx), B, None, T, T, device=idx.device)
+            flex_block_mask(ctx, doc_causal_mask_mod(ctx), T, T, idx.device)
         if self.cfg.family == "llama":
             ctx.rope = self.rope_cos[:T], self.rope_sin[:T]
         return ctx
@@ -552,7 +553,6 @@ class GPT(nn.Module):
         dev = x.device.type
         if self.cfg.residual_dtype == "bfloat16" and torch.is_autocast_enabled(dev):  # the stream in autocast's dtype
             x = x.to(torch.get_autocast_dtype(dev))
-        ctx.x0 = x
         for block in self.transformer.h:
             x = block(x, ctx)
         logits = self.lm_head(self.final(x, ctx))

@@ -791,12 +791,12 @@ def test_core_gpu_fast_paths_match_eager(dtype):
     doc = torch.cumsum((torch.rand(B, T, device="cuda") < 0.02).long(), 1)
     for d in (None, doc):
         ref_attn = core.Attention(tiny(attn_impl="eager", n_embd=256), 0)
-        ctx = core.Ctx(x0=q, doc=d)
+        ctx = core.Ctx(doc=d)
         ref = ref_attn.attend(q.double(), k.double(), v.double(), ctx)
         gref = torch.autograd.grad(ref.square().sum(), (q, k, v))
         for impl in ("sdpa", "flex"):
             attn = core.Attention(tiny(attn_impl=impl, n_embd=256), 0)
-            out = attn.attend(q, k, v, core.Ctx(x0=q, doc=d))
+            out = attn.attend(q, k, v, core.Ctx(doc=d))
             g = torch.autograd.grad(out.float().square().sum(), (q, k, v))
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
             assert (out.double() - ref).norm() / ref.norm() < tol, impl
@@ -1272,7 +1272,7 @@ def run_attention(impl, x, kb, vb, H=3):
         attn.k_bias.copy_(kb)
         attn.v_bias.copy_(vb)
     q, k, v = (core.split_heads(t, H) for t in x.chunk(3, dim=-1))
-    ctx = core.Ctx(x0=x)
+    ctx = core.Ctx()
     y = attn.attend(q, k, v, ctx)
     grads = torch.autograd.grad(y.square().sum(), [x, attn.k_bias, attn.v_bias])
     return y.detach(), grads
@@ -1350,7 +1350,7 @@ def test_attn_bias_sink_never_reaches_the_logits():
         assert logits.shape == (2, 20, 256)
         # by hand: sink first, blocks over 21 positions, final norm, drop the sink, tied head
         x = torch.cat((model.reg_token.expand(2, 1, -1), tr.wte(idx) + tr.wpe(torch.arange(20))), dim=1)
-        ctx = core.Ctx(x0=x)
+        ctx = core.Ctx()
         for block in tr.h:
             x = block(x, ctx)
         assert torch.allclose(logits, tr.norm_f(x)[:, 1:] @ tr.wte.weight.T, atol=1e-5)
@@ -1499,7 +1499,7 @@ def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
         x, _ = data.batch("val", 1, model.cfg.block_size, model.cfg.seed, 0, i)
         with torch.no_grad():
             h = model.transformer.drop(model.embed(x, None))
-            ctx = core.Ctx(x0=h)
+            ctx = core.Ctx()
             for block in model.transformer.h:
                 h = block(h, ctx)
         top += h.abs().max().item() / ab.N_WINDOWS
@@ -1615,7 +1615,7 @@ def test_attn_bias_gpu_flash_attn_package_bottom_right_causal_is_exact():
         attn.v_bias.copy_(vb)
         q, k, v = (core.split_heads(t, 12) for t in x.chunk(3, dim=-1))
         ref = ab.masked_bias_attention(q, k, v, kb, vb)
-        out = attn.attend_flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), core.Ctx(x0=q))
+        out = attn.attend_flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), core.Ctx())
     assert rel_errors([out.float()], [ref])[0] < 2e-2
 
 
@@ -1637,7 +1637,7 @@ def rand_doc(B, T, seed=0):
 
 def attend(impl, q, k, v, doc=None, record=None):
     attn = cg.CogAttention(tiny(cg.CogConfig), 1)
-    return getattr(attn, "attend_" + impl)(q, k, v, core.Ctx(x0=q, doc=doc, record=record))
+    return getattr(attn, "attend_" + impl)(q, k, v, core.Ctx(doc=doc, record=record))
 
 
 def cog_grads(y, inputs, seed=1):
@@ -2661,7 +2661,7 @@ def test_sparse_byte_flex_matches_eager_forward_and_gradients(subset, flex_cpu_g
     res = []
     for fn in (att.attend_eager, att.attend_flex):
         q, k, v = qkv(2, 8, T, 16)
-        y = fn(q, k, v, core.Ctx(x0=torch.zeros(2, T, 1)))
+        y = fn(q, k, v, core.Ctx())
         y.pow(2).sum().backward()  # gradients flow through the gather of the extended keys too
         res.append((y, q.grad, k.grad, v.grad))
     for a, b in zip(res[1], res[0]):
@@ -2692,7 +2692,7 @@ for B, T, D, subset in [(2, 200, 32, "0123"), (1, 40, 16, "0123"), (1, 13, 16, "
     for fn in (att.attend_eager, att.attend_triton):
         q, k, v = t.qkv(B, 8, T, D, seed=T)
         assert core.triton_ok(q)
-        y = fn(q, k, v, core.Ctx(x0=torch.zeros(B, T, 1)))
+        y = fn(q, k, v, core.Ctx())
         y.pow(2).sum().backward()
         res.append((y, q.grad, k.grad, v.grad))
     for name, a, b in zip(("y", "dq", "dk", "dv"), res[1], res[0]):
@@ -2716,7 +2716,7 @@ def test_sparse_byte_cpu_flex_training_is_refused():
     att = attention("0123", "flex")
     q, k, v = qkv(1, 8, 64, 16)
     with pytest.raises(core.ConfigError, match="backward on CPU"):
-        att.attend_flex(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+        att.attend_flex(q, k, v, core.Ctx())
 
 
 def test_sparse_byte_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(capsys, monkeypatch):
@@ -2725,9 +2725,9 @@ def test_sparse_byte_auto_picks_the_triton_kernel_on_gpu_and_falls_back_to_flex(
     assert att.impl(torch.device("cuda")) == "triton" and att.impl(torch.device("cpu")) == "eager"
     q, k, v = (t.detach() for t in qkv(1, 8, 64, 16))  # CPU, no interpreter: outside the kernel's domain
     with torch.no_grad():
-        y = attention("0123", "triton").attend_triton(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+        y = attention("0123", "triton").attend_triton(q, k, v, core.Ctx())
     assert "sparse Triton kernel cannot run here" in capsys.readouterr().err
-    ref = att.attend_eager(q, k, v, core.Ctx(x0=torch.zeros(1, 64, 1)))
+    ref = att.attend_eager(q, k, v, core.Ctx())
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)  # flex's forward runs on CPU
 
 
@@ -3174,7 +3174,7 @@ def test_sparse_byte_gpu_compiled_flex_matches_eager(T):
     res = []
     for fn in (att.attend_eager, att.attend_flex):
         q, k, v = (t.detach().cuda().requires_grad_() for t in qkv(2, 8, T, 64))
-        y = fn(q, k, v, core.Ctx(x0=torch.zeros(2, T, 1, device="cuda")))
+        y = fn(q, k, v, core.Ctx())
         y.pow(2).sum().backward()
         res.append((y, q.grad, k.grad, v.grad))
     for a, b in zip(res[1], res[0]):
@@ -3189,7 +3189,7 @@ def test_sparse_byte_gpu_triton_matches_eager(T):
     res = []
     for fn, dtype in ((att.attend_eager, torch.float32), (att.attend_triton, torch.bfloat16)):
         q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in qkv(2, 8, T, 64))
-        y = fn(q, k, v, core.Ctx(x0=torch.zeros(2, T, 1, device="cuda")))
+        y = fn(q, k, v, core.Ctx())
         y.float().pow(2).sum().backward()
         res.append([t.float() for t in (y, q.grad, k.grad, v.grad)])
     assert max(rel_errors(res[1], res[0])) < 2e-2
