@@ -150,6 +150,9 @@ class Config:
         check(self.warmup_iters >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
               "--warmup-iters, --weight-decay and --grad-clip must be >= 0")
 
+    def fit_data(self, data):
+        """Settings that depend on the dataset (TokenData), set once it is known: a paper's knob may count epochs."""
+
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
@@ -1391,6 +1394,7 @@ def configure(paper, args, chosen):
     if set(chosen) - {"bench", "plot"}:
         cfg.data = cfg.data or DEFAULT_DATA
         data = TokenData(cfg.data)
+        cfg.fit_data(data)
         if info and (info["tokenizer"], info["vocab_size"]) != (data.tokenizer, data.vocab_size):
             raise ConfigError(f"{cfg.data} holds {data.tokenizer} tokens ({data.vocab_size}); the model was trained "
                               f"on {info['tokenizer']} ({info['vocab_size']}): pass --data with its tokenizer")

@@ -2862,9 +2862,15 @@ def test_sparse_byte_silhouette_matches_direct_computation():
 def test_sparse_byte_thesis_knobs_map_onto_core(tmp_path):
     write_dataset(tmp_path / "d", text_splits(tutorial_bytes(), 5000))
     n = core.TokenData(str(tmp_path / "d")).tokens("train")
-    cfg = sb.SparseByteConfig(data=str(tmp_path / "d"), seq_length=128, batch_size=4, grad_accum=2, num_epochs=3)
-    assert cfg.block_size == 128 and cfg.max_iters == 3 * ((n - 1) // (4 * 128)) // 2
+    cfg = sb.SparseByteConfig(seq_length=128, batch_size=4, grad_accum=2, num_epochs=3, max_iters=7)
+    assert cfg.block_size == 128 and cfg.max_iters == 7  # epochs count once the dataset is known
+    cfg.fit_data(core.TokenData(str(tmp_path / "d")))
+    assert cfg.max_iters == 3 * ((n - 1) // (4 * 128)) // 2
     assert cfg.seq_length == 0 and cfg.num_epochs == 0  # consumed: a saved config does not re-map
+    out = str(tmp_path / "run")  # through the CLI: the epochs of the dataset trained on, not of the default one
+    assert sb.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", out, "--batch-size", "4",
+                    "--num-epochs", "0.05", "--eval-interval", "1000"]) == 0
+    assert core.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == int(0.05 * ((n - 1) // (4 * 64)))
     thesis = sb.SparseByteConfig(**sb.SparseByteConfig.PRESETS["thesis"])
     assert (thesis.n_layer, thesis.n_head, thesis.n_embd, thesis.hidden, thesis.block_size) == (12, 8, 512, 2048, 1024)
 
@@ -2882,6 +2888,8 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys):
         assert sb.main(["--eval", "--out", out, "--data", data]) == 0
         text = capsys.readouterr().out
         assert "val" in text and "test" in text
+        fails_in_one_line(capsys, sb.main(["--eval", "--out", out, "--data", data, "--seq-length", "128"]),
+                          "--block-size 128 contradicts")  # the model's 64 positions
         assert sb.main(["--metrics", "--out", out, "--data", data, "--metric-seqs", "4"]) == 0
         rows = list(csv.reader(open(os.path.join(out, "head_metrics.csv"))))
         assert rows[0] == ["layer", "head", "entropy", "sparsity", "distance"] and len(rows) == 1 + 2 * 8
@@ -3130,6 +3138,7 @@ def test_sparse_byte_thesis_init_and_weight_decay_groups():
     (["--train", "--body", "theirs"], "--body must be ours or thesis"),
     (["--train", "--body", "thesis", "--family", "llama"], "--body must be ours or thesis"),
     (["--train", "--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+    (["--train", "--body", "thesis", "--n-head", "1", "--n-embd", "63"], "needs an even --n-embd"),
 ])
 def test_sparse_byte_thesis_flag_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
