@@ -233,11 +233,15 @@ class SparseAttention(core.Attention):
         mask = self.eager_mask(q.size(-2), k.size(-2), ctx, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
+    def block_mask(self, ctx, T, device):
+        """(src, BlockMask) of the pattern at length T, built once per forward and shared by the layers."""
+        key = ("sparse", tuple(self.clusters), T)
+        if key not in ctx.cache:
+            ctx.cache[key] = sparse_block_mask(*key[1:], device)
+        return ctx.cache[key]
+
     def attend_flex(self, q, k, v, ctx):
-        key = ("sparse", tuple(self.clusters), q.size(-2))
-        if key not in ctx.cache:  # SparseGPT.context fills it before the layers; direct calls land here
-            ctx.cache[key] = sparse_block_mask(*key[1:], q.device)
-        src, mask = ctx.cache[key]
+        src, mask = self.block_mask(ctx, q.size(-2), q.device)  # SparseGPT.context built it before the layers
         k, v = extend(k, src), extend(v, src)  # (B, H, S, D)
         try:
             return core.flex_attention(q, k, v, block_mask=mask)
@@ -257,23 +261,10 @@ class SparseAttention(core.Attention):
 class SparseGPT(core.GPT):
     def context(self, idx, doc=None, record=None):
         ctx = super().context(idx, doc, record)
-        flex = self.cfg.variant == "sparse" and self.transformer.h[0].attn.impl(idx.device) == "flex"
-        if flex and record is None:
-            clusters = tuple(head_clusters(self.cfg.n_head, self.cfg.mask_subset))
-            ctx.cache["sparse", clusters, idx.size(1)] = sparse_block_mask(clusters, idx.size(1), idx.device)
+        attn = self.transformer.h[0].attn
+        if isinstance(attn, SparseAttention) and attn.impl(idx.device) == "flex" and record is None:
+            attn.block_mask(ctx, idx.size(1), idx.device)  # outside the layers: their compiled graphs have no break
         return ctx
-
-
-ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
-
-
-def build_model(cfg):
-    model = (ThesisGPT if cfg.body == "thesis" else SparseGPT)(cfg, ATTENTION[cfg.variant])
-    if cfg.variant == "sparse" and cfg.dropout and model.transformer.h[0].attn.impl(core.resolve_device(cfg)) in (
-            "flex", "triton"):
-        core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
-                       "model has)")
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,6 +385,18 @@ class ThesisGPT(SparseGPT):
         return "bias" not in name
 
 
+ATTENTION = {"dense": core.Attention, "sparse": SparseAttention}
+
+
+def build_model(cfg):
+    model = (ThesisGPT if cfg.body == "thesis" else SparseGPT)(cfg, ATTENTION[cfg.variant])
+    if cfg.variant == "sparse" and cfg.dropout and model.transformer.h[0].attn.impl(core.resolve_device(cfg)) in (
+            "flex", "triton"):
+        core.warn_once("the sparse flex and triton paths have no dropout on attention probabilities (the rest of the "
+                       "model has)")
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The thesis's checkpoint files
 
@@ -406,15 +409,11 @@ THESIS_KEYS = (
     (r"\.self_attn\.in_proj_", ".attn.c_attn."), (r"\.self_attn\.out_proj\.", ".attn.c_proj."),
     (r"\.self_attn\.", ".attn."), (r"\.norm([12])\.", r".norm_\1."), (r"\.gamma([12])$", r".gain_\1"),
     (r"\.feed_forward\.", ".mlp."), (r"\.linear1\.", ".mlp.0."), (r"\.linear2\.", ".mlp.3."))
-# the train scripts' values, for files without a config (extract_head_metrics.py builds the dense model with nhead 8)
-THESIS_DEFAULTS = {"dense": dict(dropout=0.1, token_dropout=0.05, stochastic_depth_prob=0.1),
-                   "sparse": dict(dropout=0.05, token_dropout=0.02, stochastic_depth_prob=0.0)}
 
 
 def from_thesis(ckpt, path, given=None):
     """A thesis checkpoint -> (SparseByteConfig with body 'thesis', our state_dict), None for another format. The
-    dense model
-    (EnhancedCharTransformer: nn.MultiheadAttention's in_proj is already c_attn) or the sparse one
+    dense model (EnhancedCharTransformer: nn.MultiheadAttention's in_proj is already c_attn) or the sparse one
     (SparseByteTransformer: q/k/v_proj stacked into c_attn), told apart by their keys. A sparse file loads with
     --inverted-mask, the mask its weights were trained and evaluated with (its default SDPA path)."""
     sd = ckpt.get("model_state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
@@ -423,7 +422,10 @@ def from_thesis(ckpt, path, given=None):
     variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
     if variant is None:
         return None
-    conf = {"nhead": 8, "seq_length": 1024, **THESIS_DEFAULTS[variant], **(ckpt.get("config") or {})}
+    p = SparseByteConfig.PRESETS["thesis-" + variant]  # the train scripts' values, for files without a config
+    conf = {"nhead": p["n_head"], "seq_length": p["block_size"], "dropout": p["dropout"],  # extract_head_metrics.py
+            "token_dropout": p["token_dropout"], "stochastic_depth_prob": p.get("drop_path", 0.0),  # builds nhead 8
+            **(ckpt.get("config") or {})}
     state = {}
     for k, v in core.strip_prefix(sd).items():
         for pattern, ours in THESIS_KEYS:
