@@ -414,9 +414,7 @@ def analyze_model(path, data, tok, seed, device):
 
 def plot_analysis(results, out):
     """Three PNGs rebuilt from the analysis JSON: layerwise magnitudes, one block over the prompt, attention."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     n, paths = len(results), []
     titles = [TITLES[r["variant"]] + (f"\n{r['source']}" if n > len(TITLES) else "") for r in results]
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
@@ -511,9 +509,7 @@ def analyze(cfg, args):
 def trends(cfg, args):
     """The logged statistics of --out and --runs against training tokens: the largest top-1 / median |h| ratio over
     the layers, and the mean attention to key 0 (<out>/trends.png)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for path in core.run_dirs(cfg, args):
         recs = [r for r in core.read_log(path) if r.get("top1")]

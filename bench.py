@@ -391,20 +391,13 @@ def speed_table(rows):
     return md_table(head, out)
 
 
-def plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-    return matplotlib.pyplot
-
-
 def script_colors(rows):
-    return {n: plt().cm.tab10(i % 10) for i, n in enumerate(dict.fromkeys(r["script"] for r in rows))}
+    return {n: core.pyplot().cm.tab10(i % 10) for i, n in enumerate(dict.fromkeys(r["script"] for r in rows))}
 
 
 def plot_speed(rows, png, title):
     """One T: tokens/s bars (x baseline written on each). Several T: tokens/s and memory against T."""
-    pyplot = plt()
+    pyplot = core.pyplot()
     colors = script_colors(rows)
     if len({r.get("T") for r in rows}) <= 1:
         fig, ax = pyplot.subplots(figsize=(9, 1 + 0.35 * len(rows)))
@@ -768,7 +761,7 @@ def seed_summary(runs):
 def plot_compare(runs, png, title):
     """One column per script (each its own data and loss unit): val loss against training tokens (top) and training
     time (bottom); baselines dashed, runs cut short dotted, one line per seed."""
-    pyplot = plt()
+    pyplot = core.pyplot()
     names = list(dict.fromkeys(r["script"] for r in runs))
     fig, axes = pyplot.subplots(2, len(names), figsize=(4.5 * len(names) + 1, 7), squeeze=False)
     seeds = len({r.get("seed") for r in runs}) > 1

@@ -487,13 +487,6 @@ def _save(cfg, name, fig, result):
     print(f"wrote {base}.png and {base}.json")
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 @torch.no_grad()
 def attn_grid(cfg, args):
     """Signed weights of the last query for every layer and head (figs 9/10); text from --prompt."""
@@ -503,7 +496,7 @@ def attn_grid(cfg, args):
     grid = {}
     model(idx, record=lambda layer, w: grid.__setitem__(layer, w[0, :, -1].float().cpu()))  # (H, T) each
     L, H, T = model.cfg.n_layer, model.cfg.n_head, idx.size(1)
-    plt = _plt()
+    plt = core.pyplot()
     fig, axs = plt.subplots(L, H, figsize=(2.2 * H, 1.6 * L), squeeze=False)
     for l in range(L):
         for h in range(H):
@@ -526,7 +519,7 @@ def probe(cfg, args):
         raise core.ConfigError(f"the {tok.name} tokenizer does not encode a digit as one token")
     hidden = []
     handle = model.transformer.norm_f.register_forward_hook(lambda m, i, out: hidden.append(out[0, -1].float()))
-    result, plt = {}, _plt()
+    result, plt = {}, core.pyplot()
     fig, axs = plt.subplots(1, len(PROBES), figsize=(5 * len(PROBES), 3.5), squeeze=False)
     for ax, (task, (prompt, pair)) in zip(axs[0], PROBES.items()):
         prefix = tok.encode(prompt)
@@ -565,7 +558,7 @@ def neg_mass(cfg, args):
         x, _ = data.batch("val", cfg.batch_size, T, cfg.seed, 0, i, device)  # the val batches of training
         with core.autocast(device, cfg):
             model(x, record=record)
-    plt = _plt()
+    plt = core.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(range(len(mass)), mass.tolist(), color=["tab:red" if l in model.cog else "tab:blue"
                                                     for l in range(len(mass))])

@@ -1236,6 +1236,14 @@ def bench_line(r):
     return f"{r['ms']:.1f} ms/step, {r['tok_s'] / 1e3:.1f}k tok/s, MFU {mfu}, peak {mem}"
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display), imported only when a plot is made."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
+
+
 def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path):
@@ -1268,9 +1276,7 @@ def run_label(path):
 def plot_runs(paths, out_png, title="", x="step"):
     """Train and val loss of several run directories side by side, from their log.jsonl. Losses per token of
     different tokenizers are not comparable: such a mix is refused."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     runs = {p: run_label(p) for p in paths}
     toks = {tok for _, tok in runs.values() if tok}
     if len(toks) > 1:

@@ -551,9 +551,7 @@ HIDDEN_KEYS = ("max_act", "token_sim", "cos_to_embedding", "pca_core")  # measur
 
 
 def plot_analysis(results, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     import matplotlib.ticker
     fig, axes = plt.subplots(3, 4, figsize=(18, 11))
     for ax, (key, title) in zip(axes.flat, PANELS):

@@ -248,9 +248,7 @@ def speed_of(log):
 
 
 def charts(cfg, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     runs = {os.path.basename(p): p for p in core.run_dirs(cfg, args)}
     print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
     speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}

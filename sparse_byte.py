@@ -950,9 +950,7 @@ def cluster_action(cfg, args):
 
 def plot_clusters(out, raw, variants, labels, sil, scores, shown):
     """silhouette_k.png (score vs k), silhouette_samples.png (one panel per k), head_clusters.png (metric space)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     ks = list(scores)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ks, [scores[k] for k in ks], marker="o")
