@@ -22,7 +22,6 @@ Downstream evaluation of any checkpoint of any script (lm-eval is optional: pip 
 
     python bench.py --eval-tasks hellaswag,arc_easy --ckpt runs/x/ckpt.pt    # lm-eval task names or .yaml files
     python bench.py --eval-tasks mc.jsonl --ckpt runs/x/ckpt.pt --data data/docs   # local multiple choice, no lm-eval
-    python cogformer.py --eval-tasks mc.jsonl --init-from runs/cog/ckpt.pt --data data/docs   # from any script
     python bench.py --lm-eval --model attnlab --model_args pretrained=runs/x/ckpt.pt --device cuda --tasks piqa
 
 Multiple-choice JSONL: one {"context": str, "choices": [str, ...], "label": int} per line; each choice is appended to
@@ -315,11 +314,16 @@ def speed_specs(args, gpu):
     return specs
 
 
+def int_list(text, flag, least=1):
+    """"1024,2048" -> [1024, 2048], every one >= least; anything else is one line naming the flag."""
+    if not all(t.isdigit() and int(t) >= least for t in text.split(",")):
+        raise core.ConfigError(f"{flag} takes integers >= {least}, comma separated, not {text!r}")
+    return [int(t) for t in text.split(",")]
+
+
 def seq_list(args, gpu):
     if args.seq:
-        if not all(t.isdigit() and int(t) > 0 for t in args.seq.split(",")):
-            raise core.ConfigError(f"--block-size takes positive integers, comma separated, not {args.seq!r}")
-        return [int(t) for t in args.seq.split(",")]
+        return int_list(args.seq, "--block-size")
     return list(SCALING_T if gpu else (64, 128)) if args.scaling else []
 
 
@@ -565,18 +569,19 @@ def whole_val(paper, out, data):
     log's val loss is the mean of eval_iters batches drawn with the run's seed. None where neither that file nor the
     checkpoint and the data are here (logs copied back; --report computes nothing)."""
     path, ckpt = os.path.join(out, "eval.json"), os.path.join(out, "ckpt.pt")
-    if not os.path.exists(path):
-        if not (data and os.path.exists(ckpt)):
-            return None
-        model = core.load_model(paper, ckpt)
-        device = core.resolve_device(model.cfg)
-        res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device)
-        with core.atomic(path, "w") as f:
-            json.dump(res, f)
-        del model
-        if device.type == "cuda":  # the next run trains in its own process: leave it the memory
-            torch.cuda.empty_cache()
-    return json.load(open(path))["loss"]
+    if os.path.exists(path):
+        return json.load(open(path))["loss"]
+    if not (data and os.path.exists(ckpt)):
+        return None
+    model = core.load_model(paper, ckpt)
+    device = core.resolve_device(model.cfg)
+    res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device)
+    with core.atomic(path, "w") as f:
+        json.dump(res, f)
+    del model
+    if device.type == "cuda":  # the next run trains in its own process: leave it the memory
+        torch.cuda.empty_cache()
+    return res["loss"]
 
 
 def compare(args, gpu):
@@ -589,7 +594,11 @@ def compare(args, gpu):
     data = None if args.report and not os.path.isdir(args.data) else core.TokenData(args.data)
     if args.evals < 1:
         raise core.ConfigError("--evals must be at least 1")
-    seeds = [int(x) for x in str(args.seeds or args.seed).split(",")]
+    if args.report and not os.path.isdir(args.out):
+        raise core.ConfigError(f"--report: no runs in {args.out}")
+    seeds = int_list(args.seeds, "--seeds", 0) if args.seeds else [args.seed]
+    if args.seq and len(int_list(args.seq, "--block-size")) > 1:
+        raise core.ConfigError("--compare trains at one --block-size")
     presets, runs, todo, paper_of = parse_presets(args.preset), [], [], {}
     for name in papers(args.papers):
         s = script(name)
@@ -613,6 +622,8 @@ def compare(args, gpu):
                     todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
                 paper_of[out] = s
+    if not runs:
+        raise core.ConfigError(f"--papers {args.papers} with --variants {args.variants or 'main'} selects no runs")
     lock = threading.Lock()
 
     def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk
@@ -622,9 +633,10 @@ def compare(args, gpu):
     for run in runs:
         recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
-        if run["error"] or not os.path.exists(os.path.join(run["out"], "log.jsonl")):  # failed, or not run
+        log = core.read_log(run["out"]) if os.path.exists(os.path.join(run["out"], "log.jsonl")) else []
+        if run["error"] or not log:  # failed, or not run (or killed before its first log line)
             continue
-        summary = summarize(core.read_log(run["out"]))
+        summary = summarize(log)
         if run["missing"]:  # cut: its curve so far
             run["curve"] = summary["curve"]
             continue
@@ -641,7 +653,7 @@ def compare(args, gpu):
         r["d_val"], r["d_whole"] = diff("val_loss"), diff("val_whole")
         r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss
         r["d_cut"] = None  # a cut run: (share of the baseline's tokens, difference) at its last evaluation
-        if r.get("missing") and r.get("curve") and base and base.get("curve"):
+        if r.get("missing") and r.get("curve") and base and base.get("tokens"):  # a finished baseline
             at = {tokens: loss for tokens, _, loss in base["curve"]}
             both = [(tokens, loss - at[tokens]) for tokens, _, loss in r["curve"] if tokens in at]
             r["d_cut"] = (both[-1][0] / base["tokens"], both[-1][1]) if both else None
@@ -901,8 +913,11 @@ def tokenizer_of(data):
     meta_path = os.path.join(data or "", "meta.json")
     if not data or not os.path.exists(meta_path):
         raise core.ConfigError(f"no dataset meta.json at {data!r}: pass --data (the model's dataset) for its tokenizer")
-    meta = json.load(open(meta_path))
-    tok = core.get_tokenizer(meta.get("tokenizer", "gpt2"))
+    try:
+        meta = json.load(open(meta_path))
+        tok = core.get_tokenizer(meta.get("tokenizer", "gpt2"))
+    except (ValueError, AttributeError) as e:
+        raise core.ConfigError(f"{meta_path}: not a valid dataset description ({e})") from None
     prefix = next((t for t in (meta.get("eot_token"), tok.eot_token) if t is not None), None)
     return tok, tok.encode("\n")[0] if prefix is None else prefix
 
@@ -910,11 +925,12 @@ def tokenizer_of(data):
 def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16):
     """A Scorer for a checkpoint of any script (the one recorded in it, or --script); the tokenizer is that of
     `data`, else of the model's own dataset."""
-    name = script_name or core.written_by(core.load_checkpoint(path), path)
+    ckpt = core.load_checkpoint(path)
+    name = script_name or core.written_by(ckpt, path)
     if not name:
         raise core.ConfigError(f"cannot tell which script wrote {path}: pass --script NAME")
     s = script(name)
-    src, state, info, _ = core.read_model(s, path)
+    src, state, info, _ = core.read_model(s, path, ckpt=ckpt)
     model = core.load_state(s.build_model(core.config_from_dict(s.config, src)), state, path)
     device = core.resolve_device(argparse.Namespace(device=device))
     return Scorer(model.to(device), *tokenizer_of(data or (info or {}).get("path") or src.get("data")),
@@ -922,12 +938,17 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
 
 
 def read_mc(path):
-    docs = [json.loads(l) for l in open(path) if l.strip()]
-    for i, d in enumerate(docs):
-        label = d.get("label")
-        if not (isinstance(d.get("context"), str) and d.get("choices") and isinstance(label, int)
-                and 0 <= label < len(d["choices"])):
-            raise core.ConfigError(f"{path}, line {i + 1}: needs context (str), choices (list), label (index)")
+    docs = []
+    for i, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        d = None
+        with contextlib.suppress(ValueError):
+            d = json.loads(line)
+        if not (isinstance(d, dict) and isinstance(d.get("context"), str) and d.get("choices")
+                and isinstance(d.get("label"), int) and 0 <= d["label"] < len(d["choices"])):
+            raise core.ConfigError(f"{path}, line {i}: needs context (str), choices (list), label (index)")
+        docs.append(d)
     if not docs:
         raise core.ConfigError(f"{path}: no examples")
     return docs

@@ -619,8 +619,8 @@ class Tokenizer:
     n_vocab: int
 
 
-def get_tokenizer(name, path=None):
-    """'bytes' or GPT-2 BPE: tiktoken's 'gpt2', or offline from a gpt2.tiktoken file (path or $ATTNLAB_TIKTOKEN)."""
+def get_tokenizer(name):
+    """'bytes' or GPT-2 BPE: tiktoken's 'gpt2', or offline from a gpt2.tiktoken file ($ATTNLAB_TIKTOKEN)."""
     if name == "bytes":
         return Tokenizer("bytes", lambda s: list(s.encode("utf-8")),
                          lambda ids: bytes(ids).decode("utf-8", errors="replace"), None, 256)
@@ -631,7 +631,7 @@ def get_tokenizer(name, path=None):
         import tiktoken.load
     except ImportError:
         raise ConfigError("the gpt2 tokenizer needs tiktoken: pip install tiktoken")
-    path = path or os.environ.get("ATTNLAB_TIKTOKEN")
+    path = os.environ.get("ATTNLAB_TIKTOKEN")
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"GPT-2 vocabulary file not found: {path}")
@@ -721,7 +721,7 @@ class TokenData:
         """Non-overlapping (T+1)-token windows covering the split in order (for --eval)."""
         seen = 0
         for shard in self.splits[split]:
-            for s in range(0, len(shard) - T - 1 + 1, T):
+            for s in range(0, len(shard) - T, T):  # windows of T + 1 tokens that fit
                 if max_tokens and seen >= max_tokens:
                     return
                 yield torch.from_numpy(shard[s:s + T + 1].astype(np.int64))
@@ -918,17 +918,17 @@ def config_from_dict(cfg_cls, d, **overrides):
 
 def written_by(ckpt, path):
     """The script that wrote one of our checkpoints: recorded in it, or (older files) in the run.json beside it."""
-    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+    with contextlib.suppress(OSError, ValueError, LookupError, TypeError, AttributeError):
         return ckpt.get("script") or os.path.splitext(os.path.basename(
             json.load(open(os.path.join(os.path.dirname(path), "run.json")))["argv"][0]))[0]
     return None
 
 
-def read_model(paper, path, given=None):
+def read_model(paper, path, given=None, ckpt=None):
     """A checkpoint for `paper` -> (its config dict, state_dict, its dataset or None, the file's object). Ours must
     come from this script; another format goes through paper.convert; anything else is one line naming what this
     script reads."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt  # a caller that read it already
     if isinstance(ckpt, dict) and ckpt.get("format") == "attnlab":
         script, variant = written_by(ckpt, path), ckpt["config"].get("variant", "")
         if script and script != paper.name:
@@ -1273,7 +1273,7 @@ def run_label(path):
     return os.path.basename(os.path.normpath(path)), None
 
 
-def plot_runs(paths, out_png, title="", x="step"):
+def plot_runs(paths, out_png, title=""):
     """Train and val loss of several run directories side by side, from their log.jsonl. Losses per token of
     different tokenizers are not comparable: such a mix is refused."""
     plt = pyplot()
@@ -1286,11 +1286,11 @@ def plot_runs(paths, out_png, title="", x="step"):
     for path, (label, _) in runs.items():
         log = read_log(path)
         for ax, key in zip(axes, ("loss", "val_loss")):
-            pts = [(r[x], r[key]) for r in log if r.get(key) is not None]
+            pts = [(r["step"], r[key]) for r in log if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, ms=3)
     for ax, name in zip(axes, ("train loss", "val loss")):
-        ax.set_xlabel({"step": "step", "tokens": "tokens", "time": "wall time (s)"}.get(x, x))
+        ax.set_xlabel("step")
         ax.set_ylabel(name + (f" (nats per {toks.pop() if toks else 'token'})" if name == "train loss" else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

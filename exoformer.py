@@ -40,7 +40,7 @@ masks (same math). Our Muon is the published rule (muon/muon.py: Polar Express, 
 decay) in plain PyTorch ops; torch.optim.Muon (torch >= 2.9) is not used because it runs Newton-Schulz with one fixed
 coefficient triple, plain decoupled decay and no second moment, a different update. The paper text was not
 available here: the variant definitions above follow the official code and README; ResFormer is taken ungated as in
-Zhou et al. Downstream tasks (run_eval.py) go through the core's --eval-tasks (not checked here). Not reproduced:
+Zhou et al. Downstream tasks (run_eval.py) go through bench.py --eval-tasks (not checked here). Not reproduced:
 options off in the paper runs (smear gate, per-layer backout, anchor delta, YaRN, SkyLadder): such checkpoints are
 refused.
 

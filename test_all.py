@@ -3599,7 +3599,7 @@ def test_reflex_original_checkpoint_cli_round_trip(tmp_path, monkeypatch, tutori
 # ================================================================================================================
 # bench
 # bench.py tests (CPU): the speed table and its parity gate, the multiple-choice scorer, the lm-eval adapter (skipped
-# without lm-eval), --eval-tasks of the scripts, and --compare.
+# without lm-eval), --eval-tasks of any checkpoint, and --compare.
 # ================================================================================================================
 
 NEWLINE = 10  # the prefix token of a byte-level model (no end-of-text token)
@@ -3807,6 +3807,12 @@ def test_bench_cli_errors(capsys):
     assert bench.main(["--eval-tasks", "mc.jsonl"]) == 2
     assert bench.main(["--papers", "core", "--seq", "1k", "--device", "cpu"]) == 2
     capsys.readouterr()
+    for flags, message in ((["--seeds", "1,x"], "--seeds takes integers >= 0"),
+                           (["--block-size", "64,128"], "one --block-size"),
+                           (["--papers", "reflex", "--variants", "typo"], "selects no runs"),
+                           (["--report", "--out", "/nonexistent/dir"], "--report: no runs in /nonexistent/dir")):
+        assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--device", "cpu", *flags]) == 2
+        assert_one_line_error(capsys.readouterr().err, message)
     assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--evals", "0", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: --evals must be at least 1\n"
     for action in ([], ["--compare", "--data", core.DEFAULT_DATA]):
@@ -3849,6 +3855,9 @@ def test_bench_bad_mc_file_is_one_clear_error(scorer, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(dict(context="a", choices=["b"], label=3)) + "\n")
     with pytest.raises(core.ConfigError, match="line 1"):
+        bench.mc_score(scorer, str(path))
+    path.write_text(json.dumps(dict(context="a", choices=["b"], label=0)) + "\n\n[1]\n")  # not an object
+    with pytest.raises(core.ConfigError, match="line 3"):
         bench.mc_score(scorer, str(path))
 
 
@@ -4118,6 +4127,11 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert f"| {at(var) - at(base):+.4f} at 25% of the tokens | - | - |" in out  # the baseline where it was cut
     assert "note: reflex/reflex, seed 1337: cut at step 1 of 4" in err and "stdout.txt" not in err  # no log of it here
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
+    (base / "log.jsonl").write_text(open(base / "log.jsonl").readline())  # the baseline cut as well
+    (var / "log.jsonl").write_text('{"step": 0, "lo')  # killed before its first whole record
+    rc, out, err = bench_run_cli(*args, "--report")
+    assert rc == 0, err
+    assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
 
 
 def test_bench_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
