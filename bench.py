@@ -176,7 +176,7 @@ def check_parity(s, cfg, B=2, T=256):
     device = core.resolve_device(cfg)
     cfg = dataclasses.replace(cfg, dropout=0.0)
     fast = s.build_model(cfg).to(device)
-    impls = sorted({m.impl(device) for m in fast.modules() if isinstance(m, core.Attention)})
+    impls = fast.attn_impls(device)
     if impls == ["eager"]:
         return dict(status="eager", impls=impls)
     torch.manual_seed(cfg.seed)
@@ -496,7 +496,7 @@ def merge(path, field, rows, key):
 def run_env(rows):
     """Device, torch, CUDA and git of the rows: a training run's own (its run.json: --compare may tabulate runs made
     on another machine), else this process's; argv and the device's peak."""
-    recorded = next(filter(None, (run_record(r["out"]) for r in rows if r.get("out"))), {})
+    recorded = next(filter(None, (core.read_run(r["out"]) for r in rows if r.get("out"))), {})
     here = core.run_info(core.Config(), torch.device("cpu"))
     device = next((r["device"] for r in rows if r.get("device")), None) or recorded.get("gpu") or "cpu"
     return dict(device=device, **{k: recorded.get(k) or here[k] for k in ("torch", "cuda", "git")}, argv=sys.argv,
@@ -631,7 +631,7 @@ def compare(args, gpu):
             whole_val(paper_of[run["out"]], run["out"], data)
     train_runs(todo, args.jobs, gpu, then=score)
     for run in runs:
-        recorded = run_record(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
+        recorded = core.read_run(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
         log = core.read_log(run["out"]) if os.path.exists(os.path.join(run["out"], "log.jsonl")) else []
         if run["error"] or not log:  # failed, or not run (or killed before its first log line)
@@ -708,14 +708,6 @@ def compare_cmd(args, s, path, variant, preset):
     return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
 
 
-def run_record(out):
-    """A training run's run.json (argv, machine, dataset), or {} where there is none to read."""
-    with contextlib.suppress(OSError, ValueError):
-        record = json.load(open(os.path.join(out, "run.json")))
-        return record if isinstance(record, dict) else {}
-    return {}
-
-
 def tokens_to(curve, target):
     """Training tokens at which a val curve [(tokens, time, loss), ...] first reaches target, linear between its
     evaluations (the first evaluation's tokens, an upper bound, when it is already there); None if it never does."""
@@ -740,7 +732,7 @@ def prior_run(out, cmd, steps, fresh):
         argv = [a for a in argv if a not in ("--resume", "--overwrite")]
         i = argv.index("--out") if "--out" in argv else len(argv)
         return argv[:i] + argv[i + 2:]
-    before = run_record(out).get("argv", [])
+    before = core.read_run(out).get("argv", [])
     if strip(before[1:]) != strip(cmd[2:]):
         raise core.ConfigError(f"{out} holds a run made with other flags: --fresh starts the comparison over, or "
                                "choose another --out")

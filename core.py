@@ -138,8 +138,9 @@ class Config:
               f"--residual-dtype must be float32 or bfloat16, not {self.residual_dtype!r}")
         check(self.attn_impl in self.ATTN_IMPLS,
               f"--attn-impl must be one of {', '.join(self.ATTN_IMPLS)}, not {self.attn_impl!r}")
-        self.variant = self.variant or next(iter(self.VARIANTS), "")
-        check(self.variant in self.VARIANTS or self.variant == "" == "".join(self.VARIANTS),
+        variants = list(self.VARIANTS) or [""]  # a config without VARIANTS has one, ""
+        self.variant = self.variant or variants[0]
+        check(self.variant in variants,
               f"--variant must be one of {', '.join(self.VARIANTS) or 'nothing here'}, not {self.variant!r}")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"--device must be auto, cpu or cuda, not {self.device!r}")
@@ -191,7 +192,7 @@ class Paper:
 
     @property
     def main(self):
-        return next(iter(self.config.VARIANTS), "")
+        return self.variants[0]
 
     @property
     def variants(self):
@@ -565,6 +566,10 @@ class GPT(nn.Module):
         """What a paper logs at every evaluation, measured on one fixed val window (x, y): {} here."""
         return {}
 
+    def attn_impls(self, device):
+        """The attention paths the layers run on device, e.g. ['sdpa'] or ['eager', 'flex']."""
+        return sorted({m.impl(device) for m in self.modules() if isinstance(m, Attention)})
+
     def num_params(self, compute_only=True):
         """Parameters; compute_only drops lookup-only tables (wpe, and wte when the head is untied)."""
         n = sum(p.numel() for p in self.parameters())
@@ -765,7 +770,7 @@ def check_memory(cfg, model, device):
     estimate, so only a config over 1.5x the device's memory is refused."""
     width = 2 if device.type == "cuda" and cfg.dtype != "float32" else 4  # bytes per activation
     B, T, L = cfg.batch_size, cfg.block_size, cfg.n_layer
-    eager = any(m.impl(device) == "eager" for m in model.modules() if isinstance(m, Attention))
+    eager = "eager" in model.attn_impls(device)
     need = (16 * model.num_params(False) + B * T * (17 * width * L * cfg.n_embd + (width + 8) * cfg.vocab_size)
             + eager * 12 * L * B * cfg.n_head * T * T)
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -916,11 +921,18 @@ def config_from_dict(cfg_cls, d, **overrides):
     return cfg_cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
 
 
+def read_run(folder):
+    """A training run's run.json (argv, config, machine, dataset), or {} where there is none to read."""
+    with contextlib.suppress(OSError, ValueError):
+        run = json.load(open(os.path.join(folder, "run.json")))
+        return run if isinstance(run, dict) else {}
+    return {}
+
+
 def written_by(ckpt, path):
     """The script that wrote one of our checkpoints: recorded in it, or (older files) in the run.json beside it."""
-    with contextlib.suppress(OSError, ValueError, LookupError, TypeError, AttributeError):
-        return ckpt.get("script") or os.path.splitext(os.path.basename(
-            json.load(open(os.path.join(os.path.dirname(path), "run.json")))["argv"][0]))[0]
+    with contextlib.suppress(LookupError, TypeError, AttributeError):
+        return ckpt.get("script") or os.path.splitext(os.path.basename(read_run(os.path.dirname(path))["argv"][0]))[0]
     return None
 
 
@@ -933,7 +945,7 @@ def read_model(paper, path, given=None, ckpt=None):
         script, variant = written_by(ckpt, path), ckpt["config"].get("variant", "")
         if script and script != paper.name:
             raise ConfigError(f"{path} was written by {script}.py: use python {script}.py")
-        if variant not in (paper.config.VARIANTS or {"": 0}):
+        if variant not in paper.variants:
             raise ConfigError(f"{path} holds a {variant or 'core'!r} model, not one of {paper.name}.py's")
         return ckpt["config"], strip_prefix(ckpt["model"]), ckpt.get("data"), ckpt
     got = paper.convert(ckpt, path, given or {}) if paper.convert and isinstance(ckpt, dict) else None
@@ -1064,7 +1076,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         kept = read_log(log_path) if ckpt is not None and os.path.exists(log_path) else []
         with open(log_path, "w") as f:  # drop what came after the checkpoint
             f.writelines(json.dumps(r) + "\n" for r in kept if r["step"] <= start)
-        impls = sorted({m.impl(device) for m in model.modules() if isinstance(m, Attention)})
+        impls = model.attn_impls(device)
         epochs = (cfg.max_iters - start) * tokens_per_step / data.tokens("train")
         print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {model.num_params() / 1e6:.2f}M parameters "
               f"(compute), attention {'+'.join(impls)}, on {device}\ndata {data.path} ({data.tokenizer}, "
@@ -1266,8 +1278,8 @@ def run_dirs(cfg, args):
 
 def run_label(path):
     """'dir (script/variant)' and the run's tokenizer, from its run.json (older runs: the directory name only)."""
-    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
-        run = json.load(open(os.path.join(path, "run.json")))
+    with contextlib.suppress(LookupError, TypeError, AttributeError):
+        run = read_run(path)
         name = "/".join(filter(None, (run.get("script"), run["config"].get("variant"))))
         return f"{os.path.basename(os.path.normpath(path))} ({name})", (run.get("data") or {}).get("tokenizer")
     return os.path.basename(os.path.normpath(path)), None

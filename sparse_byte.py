@@ -906,8 +906,8 @@ def silhouette_samples(X, labels):
 
 def run_variant(folder):
     try:
-        return json.load(open(os.path.join(folder, "run.json")))["config"]["variant"]
-    except (OSError, KeyError, ValueError):
+        return core.read_run(folder)["config"]["variant"]
+    except (LookupError, TypeError):
         return os.path.basename(os.path.normpath(folder)) or "?"
 
 
