@@ -102,10 +102,15 @@ def make_cfg(s, variant, preset, **over):
     random-token vocabulary if unset."""
     if preset not in s.config.PRESETS:
         raise core.ConfigError(f"{s.name} has no preset {preset!r} ({', '.join(sorted(s.config.PRESETS))})")
-    kw = {**s.config.PRESETS[preset], **s.bench_rows.get(variant, {"variant": variant} if variant else {})}
+    kw = {**s.config.PRESETS[preset], **row_over(s, variant)}
     cfg = s.config(**{**kw, **{k: v for k, v in over.items() if v is not None}})
-    cfg.vocab_size = cfg.vocab_size or 50304  # GPT-2's, padded to a multiple of 64
+    cfg.vocab_size = cfg.vocab_size or core.RANDOM_VOCAB
     return cfg
+
+
+def row_over(s, variant):
+    """A row's config overrides: a bench row's, else its --variant."""
+    return s.bench_rows.get(variant, {"variant": variant} if variant else {})
 
 
 def preset_for(name, presets, gpu):
@@ -123,8 +128,7 @@ def parse_presets(text):
 
 def row_flags(s, variant):
     """The command-line flags of a row: --variant, or a bench row's overrides."""
-    over = s.bench_rows.get(variant, {"variant": variant} if variant else {})
-    return [x for k, v in over.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return [x for k, v in row_over(s, variant).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def pick_variants(s, which):

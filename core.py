@@ -50,6 +50,7 @@ except ImportError:
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "assets", "tutorial")  # embedded dataset: the Python tutorial as bytes (PSF licence)
+RANDOM_VOCAB = 50304  # a bench on random tokens: GPT-2's 50257, padded to a multiple of 64
 
 
 class ConfigError(ValueError):
@@ -1420,7 +1421,7 @@ def configure(paper, args, chosen):
         if data.vocab_size > cfg.vocab_size:
             raise ConfigError(f"{cfg.data} has {data.vocab_size} token ids, more than the model's vocabulary "
                               f"({cfg.vocab_size})")
-    cfg.vocab_size = cfg.vocab_size or 50304  # a bench on random tokens: GPT-2's vocabulary, padded
+    cfg.vocab_size = cfg.vocab_size or RANDOM_VOCAB
     return cfg, model, (ckpt if cfg.resume else None)
 
 
