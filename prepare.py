@@ -254,9 +254,15 @@ def open_out(out, source):
         if old == source:
             print(f"{out} already holds the prepared {source['name']} dataset (meta.json): nothing to do")
             return True
-        if old.get("name") != source["name"]:
-            raise PrepareError(f"--out {out} already holds another dataset ({old.get('name', 'unknown')}); "
-                               "choose another folder")
+        # another dataset, other input files or another tokenizer: refused (runs trained on it need it as it is);
+        # the same inputs changed on disk, or more fineweb shards, are prepared again
+        paths = lambda src: {s: [f[0] for f in fs] for s, fs in (src.get("files") or {}).items()}
+        if [old.get(k) for k in ("name", "tokenizer")] != [source.get(k) for k in ("name", "tokenizer")] or \
+                paths(old) != paths(source):
+            files = [os.path.basename(p) for ps in paths(old).values() for p in ps]
+            what = ", ".join(filter(None, [old.get("name", "unknown"), " ".join(files), old.get("tokenizer")]))
+            raise PrepareError(f"--out {out} already holds another dataset ({what}); choose another folder (or "
+                               "delete this one)")
     out.mkdir(parents=True, exist_ok=True)
     return False
 

@@ -929,6 +929,14 @@ def test_prepare_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
     assert prepare.main(argv) == 0 and "nothing to do" in capsys.readouterr().out   # unchanged inputs: no work
     x, y = core.TokenData(str(out)).batch("val", 2, 16, 0, 0)
     assert bytes(x[0].tolist()) in val
+    (tmp_path / "b.txt").write_text("".join(lines))
+    for other in (argv[:4] + ["gpt2"] + argv[5:], argv[:2] + [str(tmp_path / "b.txt")] + argv[3:]):
+        assert prepare.main(other) == 1  # another tokenizer, another file: the dataset stays as it is
+        assert_one_line_error(capsys.readouterr().err, "already holds another dataset (text, a.txt.xz, bytes)")
+    assert meta(out) == m
+    with lzma.open(tmp_path / "a.txt.xz", "wt") as f:  # the same input, changed: prepared again
+        f.write("".join(lines[:200]))
+    assert prepare.main(argv) == 0 and meta(out)["splits"] != m["splits"]
 
 
 @pytest.mark.skipif(not DOCS_VAL.exists(), reason="needs ../shared/data/docs_val.txt.xz")
