@@ -858,10 +858,15 @@ class CheckpointWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, kind, *_):
+    def __exit__(self, kind, exc, _):
         self.pool.shutdown(wait=True)  # whatever ends the training, the file is whole (or the old one) by now
         if kind is None:
             self.wait()
+        elif kind is KeyboardInterrupt:  # Ctrl-C: say what is kept (core.main prints it)
+            with contextlib.suppress(ConfigError):
+                self.wait()
+            exc.args = (f"{self.path} holds step {self.saved}: --resume continues from there" if self.saved else
+                        "no checkpoint was written yet",)
 
 
 class StandIn:
@@ -1439,8 +1444,8 @@ def main(paper, argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("interrupted" + (f": {e}" if e.args else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -466,7 +466,7 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(it, cfg)
     monkeypatch.setattr(core, "lr_mult", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="ckpt.pt holds step 20: --resume continues from there"):
         train_tiny(tutorial, tmp_path / "cut", dropout=0.1)
     monkeypatch.setattr(core, "lr_mult", real)
     assert core.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"] == 20
