@@ -1189,13 +1189,21 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
 def evaluate(model, data, cfg, device, split="val"):
     """Loss over the whole split (or eval_tokens of it) in non-overlapping windows: nats, perplexity, bits."""
     model.eval()
-    total, count, windows = 0.0, 0, data.windows(split, cfg.block_size, cfg.eval_tokens)
+    T = cfg.block_size
+    total, count, windows = 0.0, 0, data.windows(split, T, cfg.eval_tokens)
+    n = sum((len(shard) - 1) // T for shard in data.splits[split]) * T  # tokens to score
+    n = min(n, -(-cfg.eval_tokens // T) * T) if cfg.eval_tokens else n
+    t0 = shown = time.time()
     while batch := list(itertools.islice(windows, cfg.batch_size)):
         xy = torch.stack(batch)  # (B, T + 1), on the host
         x, y, doc = host_batch(model, xy[:, :-1], xy[:, 1:], device)
         with autocast(device, cfg):
             total += model(x, y, doc=doc).item() * y.numel()
         count += y.numel()
+        if time.time() - shown > 10:  # long evaluations show progress
+            shown, dt = time.time(), time.time() - t0
+            print(f"{split}: {count:,} of {n:,} tokens | ETA {fmt_time(dt * (n - count) / count)}", file=sys.stderr,
+                  flush=True)
     if not count:
         raise ConfigError(f"the {split} split is shorter than one window of {cfg.block_size + 1} tokens")
     loss = total / count

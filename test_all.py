@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import importlib.util
 import io
+import itertools
 import json
 import lzma
 import math
@@ -455,6 +456,15 @@ def test_core_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
     assert ckpt["step"] == 100 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     r = core.evaluate(loaded, core.TokenData(tutorial), cfg, torch.device("cpu"))
     assert r["bpb"] == pytest.approx(r["loss"] / math.log(2)) and r["tokens"] > 10000
+
+
+def test_core_long_evaluation_shows_progress(tutorial, monkeypatch, capsys):
+    clock = itertools.count(0, 11)  # every reading 11 s later: a line after each batch
+    monkeypatch.setattr(core.time, "time", lambda: next(clock))
+    cfg = tiny(data=tutorial, eval_tokens=64 * 8 * 3)
+    r = core.evaluate(core.GPT(cfg), core.TokenData(tutorial), cfg, torch.device("cpu"))
+    lines = capsys.readouterr().err.splitlines()
+    assert r["tokens"] == 1536 and lines[-1].startswith("val: 1,536 of 1,536 tokens | ETA 0m00s") and len(lines) == 3
 
 
 def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
