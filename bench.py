@@ -1013,7 +1013,10 @@ def run_lm_eval(scorer, tasks, limit=0, **kw):
     import lm_eval
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_defaults=any(isinstance(t, str) and not t.endswith((".yaml", ".yml")) for t in tasks))
-    return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit or None, **kw)
+    try:
+        return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit or None, **kw)
+    except OSError as e:  # e.g. a task's data on the Hugging Face Hub, offline (ConnectionError)
+        raise core.ConfigError(f"lm-eval could not load its task data: {e}".replace("\n", " ")) from None
 
 
 def run_tasks(scorer, tasks, limit=0):

@@ -3948,6 +3948,13 @@ def test_bench_lm_eval_adapter_matches_direct_scores(scorer, mc_file, tmp_path, 
     assert lm.generate_until([gen]) == [scorer.generate("abc", until=["\n"], max_gen_toks=5)]
 
 
+def test_bench_lm_eval_task_data_offline_is_one_line(scorer, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data cannot be fetched
+    with pytest.raises(core.ConfigError, match="lm-eval could not load its task data: .*on the Hub"):
+        bench.run_lm_eval(scorer, ["arc_easy"], limit=2)
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, bytes_data):
     torch.manual_seed(0)
