@@ -613,11 +613,12 @@ def compare(args, gpu):
                 out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
                 out += f"-seed{seed}" if args.seeds else ""  # --seeds: every run dir names its seed
                 run_cmd = [*cmd, "--seed", str(seed), "--out", out]
-                state = prior_run(out, run_cmd, n, args.fresh)
+                state = prior_run(out, run_cmd, n, args.fresh, args.report)
                 if state != "done" and not args.report:  # its whole-split score is of another model
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(out, "eval.json"))
-                print(f"[{len(runs) + 1}] {state}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
+                shown = "not run" if args.report and state == "new" else state  # --report trains nothing
+                print(f"[{len(runs) + 1}] {shown}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
                            data=args.data, error=None, missing=None)
                 if args.report and state != "done":  # tabulate what is there, train nothing
@@ -725,7 +726,7 @@ def tokens_to(curve, target):
     return None
 
 
-def prior_run(out, cmd, steps, fresh):
+def prior_run(out, cmd, steps, fresh, report=False):
     """What --compare does with an --out: 'new' (nothing there, or --fresh), 'done' (its log reached the last step
     with these flags: its results are reused, also without its checkpoint, e.g. logs copied back from a GPU machine),
     'resume' (cut short with these flags, checkpoint kept) or 'cut' (cut short, no checkpoint: trained again)."""
@@ -738,8 +739,9 @@ def prior_run(out, cmd, steps, fresh):
         return argv[:i] + argv[i + 2:]
     before = core.read_run(out).get("argv", [])
     if strip(before[1:]) != strip(cmd[2:]):
-        raise core.ConfigError(f"{out} holds a run made with other flags: --fresh starts the comparison over, or "
-                               "choose another --out")
+        made = f"{out} holds a run made with other flags ({' '.join(strip(before[1:]))})"
+        raise core.ConfigError(f"{made}: --report takes the comparison's own flags" if report else
+                               f"{made}: --fresh starts the comparison over, or choose another --out")
     if last_step(out) >= steps:
         return "done"
     return "resume" if os.path.exists(os.path.join(out, "ckpt.pt")) else "cut"

@@ -4097,7 +4097,9 @@ def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     assert rc == 0 and err.count("] done: ") == 4, err
     assert logs == {r: open(os.path.join(r, "log.jsonl")).read() for r in logs}
     rc, _, err = bench_run_cli(*args[:-2], "--tokens", 4096, "--out", tmp_path)  # other flags into the same folders
-    assert rc == 2 and "holds a run made with other flags: --fresh" in err
+    assert rc == 2 and "holds a run made with other flags (" in err and "--max-iters 4 " in err and ": --fresh" in err
+    rc, _, err = bench_run_cli(*args[:-2], "--tokens", 4096, "--out", tmp_path, "--report")
+    assert rc == 2 and "--report takes the comparison's own flags" in err and "--fresh" not in err
     first = res["runs"][0]["out"]
     json.dump(dict(loss=99.0), open(os.path.join(first, "eval.json"), "w"))  # a score of the run about to be replaced
     rc, _, err = bench_run_cli(*args[:-4], "--seeds", "1", "--fresh", "--out", tmp_path)
