@@ -131,6 +131,17 @@ def row_flags(s, variant):
     return [x for k, v in row_over(s, variant).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def check_variants(which, names):
+    """--variants: each name a row of one of the scripts (all and main pick rows of each)."""
+    if which in (None, "", "all", "main"):
+        return
+    known = [v for n in names for v in row_names(script(n)) if v]
+    bad = [v for v in which.split(",") if v not in known]
+    if bad:
+        raise core.ConfigError(f"--variants {','.join(bad)}: not a row of {', '.join(script(n).name for n in names)} "
+                               f"(theirs: {', '.join(dict.fromkeys(known)) or 'none'})")
+
+
 def pick_variants(s, which):
     """all: the baseline first, then every other row; main: baseline and the paper's method; or a comma list."""
     if not s.config.VARIANTS and which != "all":  # core: its one model (all: and its bench rows)
@@ -295,6 +306,7 @@ def run_rows(specs, log_paths):
 def speed_specs(args, gpu):
     """Rows to run; configs that the script refuses become 'skip' rows right away."""
     presets, seqs, specs = parse_presets(args.preset), seq_list(args, gpu), []
+    check_variants(args.variants, papers(args.papers, with_core=True))
     for name in papers(args.papers, with_core=True):
         s = script(name)
         preset = preset_for(name, presets, gpu)
@@ -604,6 +616,7 @@ def compare(args, gpu):
     if args.seq and len(int_list(args.seq, "--block-size")) > 1:
         raise core.ConfigError("--compare trains at one --block-size")
     presets, runs, todo, paper_of = parse_presets(args.preset), [], [], {}
+    check_variants(args.variants, papers(args.papers))
     for name in papers(args.papers):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
@@ -627,8 +640,6 @@ def compare(args, gpu):
                     todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
                 paper_of[out] = s
-    if not runs:
-        raise core.ConfigError(f"--papers {args.papers} with --variants {args.variants or 'main'} selects no runs")
     lock = threading.Lock()
 
     def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk

@@ -80,7 +80,7 @@ class Config:
     bias: bool = opt(False, "biases in Linear and LayerNorm (gpt2 family only)")
     norm_eps: float = opt(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = opt(10000.0, "RoPE base (llama family)")
-    variant: str = opt("", "model variant (paper scripts: see 'variants' below)")
+    variant: str = opt("", "model variant (a paper script lists its own at the end of --help)")
     # run
     attn_impl: str = opt("auto", "attention path: auto (fastest available), eager (reference), sdpa, flex, flash", True)
     dropout: float = opt(0.0, "dropout probability", True)
@@ -142,7 +142,8 @@ class Config:
         variants = list(self.VARIANTS) or [""]  # a config without VARIANTS has one, ""
         self.variant = self.variant or variants[0]
         check(self.variant in variants,
-              f"--variant must be one of {', '.join(self.VARIANTS) or 'nothing here'}, not {self.variant!r}")
+              f"--variant must be one of {', '.join(self.VARIANTS)}, not {self.variant!r}" if self.VARIANTS else
+              f"--variant {self.variant!r}: this model has no variants (the paper scripts have)")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"--device must be auto, cpu or cuda, not {self.device!r}")
         check(self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")
@@ -1485,8 +1486,8 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
     elif a == "bench":
         label = f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}"
-        print(f"{label}: timing 5 + 20 training steps of {cfg.batch_size} x {cfg.block_size} tokens on {device}",
-              flush=True)
+        print(f"{label}: timing 5 + 20 training steps of {cfg.batch_size} x {cfg.block_size} random tokens (vocabulary "
+              f"{cfg.vocab_size:,}) on {device}", flush=True)
         print(f"{label}: {bench_line(bench(cfg, paper.build_model))}")
     else:
         paper.actions[a][1](cfg, args)

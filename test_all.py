@@ -762,6 +762,7 @@ def test_core_cli_help_lists_every_field():
     (["--train", "--residual-dtype", "float16"], "--residual-dtype must be"),
     (["--train", "--mlp-hidden", "-1"], "--mlp-hidden must be >= 0"),
     (["--train", "--cooldown-frac", "1.5"], "--cooldown-frac must be in"),
+    (["--train", "--variant", "foo"], "--variant 'foo': this model has no variants"),
     (["--train", "--data", "/nonexistent"], "dataset directory not found"),
     (["--eval", "--init-from", "/nonexistent.pt"], "checkpoint not found"),
     (["--train", "--max-iters", "ten"], "invalid int value"),
@@ -3825,9 +3826,11 @@ def test_bench_cli_errors(capsys):
     assert bench.main(["--eval-tasks", "mc.jsonl"]) == 2
     assert bench.main(["--papers", "core", "--seq", "1k", "--device", "cpu"]) == 2
     capsys.readouterr()
+    assert bench.main(["--papers", "core,reflex", "--variants", "baseline,bogus", "--device", "cpu"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--variants bogus: not a row of core, reflex (theirs: bf16 residual")
     for flags, message in ((["--seeds", "1,x"], "--seeds takes integers >= 0"),
                            (["--block-size", "64,128"], "one --block-size"),
-                           (["--papers", "reflex", "--variants", "typo"], "selects no runs"),
+                           (["--papers", "reflex", "--variants", "typo"], "--variants typo: not a row of reflex"),
                            (["--report", "--out", "/nonexistent/dir"], "--report: no runs in /nonexistent/dir")):
         assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--device", "cpu", *flags]) == 2
         assert_one_line_error(capsys.readouterr().err, message)
