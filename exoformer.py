@@ -554,20 +554,22 @@ def plot_analysis(results, png):
     plt = core.pyplot()
     import matplotlib.ticker
     fig, axes = plt.subplots(3, 4, figsize=(18, 11))
+    color = {name: f"C{i}" for i, name in enumerate(results)}  # a run keeps its colour in panels it is missing from
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name, r in results.items():
             ys = r["attention_layers"].get(key) or r["hidden_layers"].get(key)
             if ys and any(y is not None for y in ys):
                 x0 = -1 if key in HIDDEN_KEYS else 0
                 ax.plot(range(x0, x0 + len(ys)), [float("nan") if y is None else y for y in ys], marker="o",
-                        ms=3, label=name)
+                        ms=3, color=color[name])
         ax.set_title(title)
         ax.set_xlabel("layer (-1: the embedding)" if key in HIDDEN_KEYS else "layer")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_yscale("log" if key == "max_act" else "linear")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend([plt.Line2D([], [], color=c, marker="o", ms=3) for c in color.values()], list(color),
+               loc="lower center", ncol=min(len(color), 6))  # every run, once
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
