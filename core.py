@@ -1292,11 +1292,14 @@ def run_dirs(cfg, args):
 
 
 def run_label(path):
-    """'dir (script/variant)' and the run's tokenizer, from its run.json (older runs: the directory name only)."""
+    """'dir (script/variant, dataset)' and the run's tokenizer, from its run.json (older runs: the directory name
+    only)."""
     with contextlib.suppress(LookupError, TypeError, AttributeError):
         run = read_run(path)
-        name = "/".join(filter(None, (run.get("script"), run["config"].get("variant"))))
-        return f"{os.path.basename(os.path.normpath(path))} ({name})", (run.get("data") or {}).get("tokenizer")
+        data = run.get("data") or {}
+        name = ", ".join(filter(None, ("/".join(filter(None, (run.get("script"), run["config"].get("variant")))),
+                                       os.path.basename(data.get("path") or ""))))  # the model, its dataset
+        return f"{os.path.basename(os.path.normpath(path))} ({name})", data.get("tokenizer")
     return os.path.basename(os.path.normpath(path)), None
 
 
@@ -1309,6 +1312,7 @@ def plot_runs(paths, out_png, title=""):
     if len(toks) > 1:
         raise ConfigError("these runs use different tokenizers (" + ", ".join(f"{label}: {tok}" for label, tok in
                           runs.values()) + "): their losses are not comparable")
+    unit = "byte" if toks == {"bytes"} else "token"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for path, (label, _) in runs.items():
         log = read_log(path)
@@ -1318,7 +1322,7 @@ def plot_runs(paths, out_png, title=""):
                 ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, ms=3)
     for ax, name in zip(axes, ("train loss", "val loss")):
         ax.set_xlabel("step")
-        ax.set_ylabel(name + (f" (nats per {toks.pop() if toks else 'token'})" if name == "train loss" else ""))
+        ax.set_ylabel(f"{name} (nats per {unit})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
