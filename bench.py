@@ -662,9 +662,9 @@ def compare(args, gpu):
     if args.append:
         runs = merge(os.path.join(args.out, "compare.json"), "runs", runs,
                      lambda r: (r["script"], r["variant"], r.get("seed")))
-    for r in runs:  # against the baseline run of the same seed
-        base = next((b for b in runs if (b["script"], b["variant"], b.get("seed")) == (r["script"], r["baseline"],
-                                                                                   r.get("seed"))), None)
+    for r in runs:  # against the baseline run of the same seed (none for the baseline itself)
+        base = next((b for b in runs if b is not r and (b["script"], b["variant"], b.get("seed")) == (
+            r["script"], r["baseline"], r.get("seed"))), None)
         diff = lambda k: r[k] - base[k] if r.get(k) is not None and base and base.get(k) is not None else None
         r["d_val"], r["d_whole"] = diff("val_loss"), diff("val_whole")
         r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss

@@ -4009,7 +4009,7 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
         assert "mem_gb" in core.read_log(r["out"])[-1]
     reach = bench.tokens_to(runs[1]["curve"], runs[0]["val_loss"])
     assert runs[1]["to_base"] == ("not reached" if reach is None else reach / runs[0]["tokens"])
-    assert runs[0]["to_base"] is None
+    assert runs[0]["to_base"] is runs[0]["d_val"] is runs[0]["d_whole"] is None  # the baseline itself
     strip = lambda cmd: [a for a in cmd if a not in ("baseline", "reflex") and not a.startswith(str(tmp_path))]
     assert strip(runs[0]["cmd"]) == strip(runs[1]["cmd"])  # identical flags but the variant and out dir
     assert runs[1]["d_val"] == pytest.approx(runs[1]["val_loss"] - runs[0]["val_loss"])
