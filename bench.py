@@ -825,6 +825,8 @@ def ddp(args, gpu):
     for world in (1, n):
         out = os.path.join(args.out, f"ddp{world}")
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+        print(f"training on {world} process{'es' if world > 1 else ''}, {args.max_iters} steps (progress: "
+              f"{out}/stdout.txt)", file=sys.stderr, flush=True)
         err = train_run([sys.executable, *launch, "core.py", *map(str, flags), "--out", out], out)
         if err:
             raise core.ConfigError(f"{world}-process run failed: {err} (log: {out}/stdout.txt)")
