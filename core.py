@@ -1075,6 +1075,13 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         for o, s in zip(optimizers, ckpt["optimizers"]):
             o.load_state_dict(s)
         start = ckpt["step"]
+    if ckpt is not None and start >= cfg.max_iters:  # a finished run: its files stay as they are
+        if master:
+            print(f"{cfg.out} is trained to step {start} of {cfg.max_iters}: nothing to do (a larger --max-iters "
+                  "trains on)", flush=True)
+        if ddp:
+            torch.distributed.destroy_process_group()
+        return model
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     if master:
         prepare_out(cfg, model, overwrite)
@@ -1415,6 +1422,11 @@ def configure(paper, args, chosen):
         base = src if cfg.resume else {**paper.config.PRESETS.get(preset, {}), **{
             k: getattr(mine, k) for k in field_names(paper.config, run=False)}}
         cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})
+        schedule = [k for k in ("max_iters", "lr_decay_iters", "warmup_iters", "cooldown_frac", "schedule", "lr",
+                                "min_lr") if cfg.resume and k in given and given[k] != src.get(k)]
+        if schedule:
+            print(f"note: {', '.join('--' + k.replace('_', '-') for k in schedule)} differ from the run's: its "
+                  f"learning-rate schedule changes from step {ckpt['step']} on", file=sys.stderr, flush=True)
         recorded = (info or {}).get("path") or src.get("data", "")  # older checkpoints: the config's data
         if cfg.resume and given.get("data") and recorded and os.path.abspath(given["data"]) != recorded:
             raise ConfigError(f"--data {given['data']} is not the run's dataset ({recorded}): --resume continues "
