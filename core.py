@@ -153,6 +153,10 @@ class Config:
         check(self.warmup_iters >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
               "--warmup-iters, --weight-decay and --grad-clip must be >= 0")
 
+    def label(self):
+        """The model as output names it: its variant, and a paper's knob that tells its runs apart (reflex's split)."""
+        return self.variant
+
     def fit_data(self, data):
         """Settings that depend on the dataset (TokenData), set once it is known: a paper's knob may count epochs."""
 
@@ -199,6 +203,10 @@ class Paper:
     @property
     def variants(self):
         return list(self.config.VARIANTS) or [""]
+
+    def label(self, cfg):
+        """'script/variant ...': the model a printed number belongs to."""
+        return "/".join(filter(None, (self.name, cfg.label())))
 
     def default_out(self, cfg):
         return os.path.join("runs", self.name, *([cfg.variant] if cfg.variant else []))
@@ -990,7 +998,8 @@ def run_info(cfg, device, paper=None, data=None):
                              text=True).stdout.strip()
     except OSError:
         git = ""
-    return dict(script=paper and paper.name, argv=sys.argv, config=asdict(cfg), data=data and data.info(), git=git,
+    return dict(script=paper and paper.name, label=paper and paper.label(cfg), argv=sys.argv, config=asdict(cfg),
+                data=data and data.info(), git=git,
                 torch=torch.__version__, cuda=torch.version.cuda,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
@@ -1092,7 +1101,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
             f.writelines(json.dumps(r) + "\n" for r in kept if r["step"] <= start)
         impls = model.attn_impls(device)
         epochs = (cfg.max_iters - start) * tokens_per_step / data.tokens("train")
-        print(f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}: {model.num_params() / 1e6:.2f}M parameters "
+        print(f"{paper.label(cfg)}: {model.num_params() / 1e6:.2f}M parameters "
               f"(compute), attention {'+'.join(impls)}, on {device}\ndata {data.path} ({data.tokenizer}, "
               f"{data.tokens('train'):,} train tokens): {cfg.max_iters - start} steps x {tokens_per_step:,} tokens "
               f"= {epochs:.3g} epochs" + (f"\nresumed from step {start} of {cfg.out}" if ckpt else ""), flush=True)
@@ -1304,8 +1313,8 @@ def run_label(path):
     with contextlib.suppress(LookupError, TypeError, AttributeError):
         run = read_run(path)
         data = run.get("data") or {}
-        name = ", ".join(filter(None, ("/".join(filter(None, (run.get("script"), run["config"].get("variant")))),
-                                       os.path.basename(data.get("path") or ""))))  # the model, its dataset
+        model = run.get("label") or "/".join(filter(None, (run.get("script"), run["config"].get("variant"))))
+        name = ", ".join(filter(None, (model, os.path.basename(data.get("path") or ""))))  # the model, its dataset
         return f"{os.path.basename(os.path.normpath(path))} ({name})", data.get("tokenizer")
     return os.path.basename(os.path.normpath(path)), None
 
@@ -1408,6 +1417,7 @@ def configure(paper, args, chosen):
                                   eval_interval=min(cfg.eval_interval, steps // 5))
     cfg.out = cfg.out or paper.default_out(cfg)
     info = model = ckpt = None
+    schedule = []  # --resume: schedule flags that differ from the run's
     if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):
         path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume or not cfg.init_from else cfg.init_from
         src, state, info, ckpt = read_model(paper, path, given)
@@ -1424,9 +1434,6 @@ def configure(paper, args, chosen):
         cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})
         schedule = [k for k in ("max_iters", "lr_decay_iters", "warmup_iters", "cooldown_frac", "schedule", "lr",
                                 "min_lr") if cfg.resume and k in given and given[k] != src.get(k)]
-        if schedule:
-            print(f"note: {', '.join('--' + k.replace('_', '-') for k in schedule)} differ from the run's: its "
-                  f"learning-rate schedule changes from step {ckpt['step']} on", file=sys.stderr, flush=True)
         recorded = (info or {}).get("path") or src.get("data", "")  # older checkpoints: the config's data
         if cfg.resume and given.get("data") and recorded and os.path.abspath(given["data"]) != recorded:
             raise ConfigError(f"--data {given['data']} is not the run's dataset ({recorded}): --resume continues "
@@ -1452,6 +1459,9 @@ def configure(paper, args, chosen):
             raise ConfigError(f"{cfg.data} has {data.vocab_size} token ids, more than the model's vocabulary "
                               f"({cfg.vocab_size})")
     cfg.vocab_size = cfg.vocab_size or RANDOM_VOCAB
+    if schedule:  # after every check: a refused command stays one line
+        print(f"note: {', '.join('--' + k.replace('_', '-') for k in schedule)} differ from the run's: its "
+              f"learning-rate schedule changes from step {ckpt['step']} on", file=sys.stderr, flush=True)
     return cfg, model, (ckpt if cfg.resume else None)
 
 
@@ -1482,7 +1492,7 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
     elif a == "eval":
         data = TokenData(cfg.data)
         model.to(device)
-        print(f"{paper.name}/{model.cfg.variant or 'gpt'} on {cfg.data}:\n"
+        print(f"{paper.name}/{model.cfg.label() or 'gpt'} on {cfg.data}:\n"
               f"{'split':<6} {'tokens':>12} {'loss':>8} {'ppl':>9} {'bits/tok':>9} {'bpb':>7}")
         for split in [s for s in ("val", "test") if s in data.splits]:
             r = evaluate(model, data, cfg, device, split)
@@ -1501,7 +1511,7 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
         torch.manual_seed(cfg.seed)
         print(tok.decode(model.to(device).generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0].tolist()))
     elif a == "bench":
-        label = f"{paper.name}{'/' + cfg.variant if cfg.variant else ''}"
+        label = paper.label(cfg)
         print(f"{label}: timing 5 + 20 training steps of {cfg.batch_size} x {cfg.block_size} random tokens (vocabulary "
               f"{cfg.vocab_size:,}) on {device}", flush=True)
         print(f"{label}: {bench_line(bench(cfg, paper.build_model))}")

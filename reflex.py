@@ -104,6 +104,9 @@ class ReflexConfig(core.Config):
         if self.variant == "reflex":
             parse_heads(self.heads, self.n_head, self.n_layer)
 
+    def label(self):
+        return f"reflex {self.heads}" if self.variant == "reflex" else self.variant  # runs of two splits told apart
+
 
 def parse_heads(heads, n_head, n_layer):
     """'s-a-b' -> (s, a, b); 'all' -> 'all'. A malformed or impossible split raises one clear ConfigError line."""

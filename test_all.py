@@ -3421,6 +3421,8 @@ def test_reflex_cli_smoke_runs_learn(reflex_runs):
         log = core.read_log(path)
         cfg = json.load(open(os.path.join(path, "run.json")))["config"]
         assert cfg["variant"] == ("baseline" if name == "base" else "reflex")
+        assert core.run_label(path)[0].startswith(f"{os.path.basename(path)} (reflex/" + ("baseline" if name == "base"
+                                                  else f"reflex {cfg['heads']}"))  # runs of two splits told apart
         assert log[0]["loss"] > 4.5 and log[-1]["val_loss"] < 3.6, (name, log[-1])
     model = core.load_model(reflex.PAPER, os.path.join(reflex_runs["all"], "ckpt.pt"))
     assert model.cfg.heads == "all" and isinstance(model.transformer.h[1].attn, reflex.ReflexAttention)
