@@ -428,6 +428,7 @@ def plot_speed(rows, png, title):
             text = fmt(r.get("x_baseline"), ".2f", "x") if r["status"] == "ok" else r["status"].split(":")[0]
             ax.text(vals[i], i, f" {text}", va="center", fontsize=8, color="black" if r["status"] == "ok" else "red")
         ax.invert_yaxis()
+        ax.set_xlim(0, 1.1 * max(vals, default=0) or 1)  # room for the labels
         ax.set_xlabel("training tokens/s (thousands)")
     else:
         fig, axes = pyplot.subplots(1, 2, figsize=(12, 4.5))

@@ -563,6 +563,7 @@ def neg_mass(cfg, args):
     ax.bar(range(len(mass)), mass.tolist(), color=["tab:red" if l in model.cog else "tab:blue"
                                                     for l in range(len(mass))])
     ax.set(xlabel="layer", ylabel="negative share of Σ|W|", title=model.cfg.variant)
+    ax.set_xticks(range(len(mass)))
     fig.tight_layout()
     _save(cfg, "neg_mass", fig, dict(variant=model.cfg.variant, neg_mass=mass.tolist(), tokens_per_batch=T,
                                      batches=cfg.eval_iters, batch_size=cfg.batch_size))

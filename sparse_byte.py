@@ -981,10 +981,11 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown):
         for v in np.unique(variants):
             sel = variants == v
             ax.scatter(raw[sel, a], raw[sel, b], c=[plt.cm.tab10(c % 10) for c in labels[shown][sel]],
-                       marker=markers.get(v, "s"), s=30, edgecolors="k", linewidths=0.3, label=v)
+                       marker=markers.get(v, "s"), s=30, edgecolors="k", linewidths=0.3)
         ax.set(xlabel=METRICS[a], ylabel=METRICS[b])
         ax.grid(alpha=0.3)
-    axes[0].legend(title="marker")
+    axes[0].legend([plt.Line2D([], [], ls="", marker=markers.get(v, "s"), color="gray") for v in np.unique(variants)],
+                   list(np.unique(variants)), title="marker")  # grey: the colours are the clusters
     fig.suptitle(f"heads in metric space, colour = k-means cluster (k={shown})")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "head_clusters.png"), dpi=120)
