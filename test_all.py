@@ -3759,8 +3759,11 @@ def test_bench_row_selection_and_scaling_batches():
     args = bench.build_parser().parse_args(["--papers", "attn_bias", "--preset", "tiny", "--impl", "cudnn"])
     assert [(bench.label(s), s.get("status", "run")[:4]) for s in bench.speed_specs(args, gpu=True)] == [
         ("attn_bias/default", "skip"), ("attn_bias/attn_bias", "run"), ("attn_bias/sink", "skip")]  # refused
-    args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex,nope"])
+    args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex"])
     assert [bench.label(s) for s in bench.speed_specs(args, gpu=False)] == ["core", "reflex/reflex"]
+    args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex,nope"])
+    with pytest.raises(core.ConfigError, match="--variants nope: not a row of core, reflex"):
+        bench.speed_specs(args, gpu=False)  # a mistyped row is named, not dropped
     rows = [dict(s, status="ok", tok_s=1000.0 * s["B"], mem_gb=0.1 * s["T"]) for s in specs[:2]]
     bench.add_ratios(rows)
     assert [r["x_baseline"] for r in rows] == [1.0, 1.0]  # no auto row: each impl against the first baseline row
