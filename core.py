@@ -670,8 +670,8 @@ def read_tokens(path, dtype):
         if header[1] != SHARD_VERSION:
             raise ConfigError(f"{path}: unsupported shard version {header[1]}")
         if size != 4 * SHARD_HEADER + 2 * int(header[2]):
-            raise ConfigError(f"{path}: header says {header[2]} tokens, the file holds {(size - 4 * SHARD_HEADER) // 2} "
-                              "(truncated?)")
+            raise ConfigError(f"{path}: header says {header[2]} tokens, the file holds "
+                              f"{(size - 4 * SHARD_HEADER) // 2} (truncated?)")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER)
     if size == 0 or size % dtype.itemsize:
         raise ConfigError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (empty or truncated?)")
