@@ -503,6 +503,8 @@ def attn_grid(cfg, args):
             axs[l, h].bar(range(T), grid[l][h].numpy(), width=1.0, color="tab:red" if l in model.cog else "tab:blue")
             axs[l, h].set_title(f"L{l}H{h}", fontsize=7)
             axs[l, h].tick_params(labelsize=5)
+    fig.suptitle(f"{model.cfg.variant}: the last query's weight on each of the {T} key positions (x)\nrows: layers, "
+                 "columns: heads; red: cog layers (signed), blue: softmax", fontsize=8 + H // 2)
     fig.tight_layout()
     _save(cfg, "attn_grid", fig, dict(variant=model.cfg.variant, cog_layers=model.cog, tokens=idx[0].tolist(),
                                       weights={l: grid[l].tolist() for l in range(L)}))
