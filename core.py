@@ -1460,7 +1460,8 @@ def configure(paper, args, chosen):
                               f"({cfg.vocab_size})")
     cfg.vocab_size = cfg.vocab_size or RANDOM_VOCAB
     if schedule:  # after every check: a refused command stays one line
-        print(f"note: {', '.join('--' + k.replace('_', '-') for k in schedule)} differ from the run's: its "
+        print(f"note: {', '.join('--' + k.replace('_', '-') for k in schedule)} "
+              f"{'differs' if len(schedule) == 1 else 'differ'} from the run's: its "
               f"learning-rate schedule changes from step {ckpt['step']} on", file=sys.stderr, flush=True)
     return cfg, model, (ckpt if cfg.resume else None)
 

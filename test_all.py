@@ -795,7 +795,8 @@ def test_core_cli_train_eval_sample_plot(tutorial, tmp_path):
     rc, stdout, err = run_cli("core.py", "--train", "--resume", "--out", out)  # finished: its files stay
     assert rc == 0 and "is trained to step 20 of 20: nothing to do" in stdout and (out / "log.jsonl").read_text() == log
     rc, stdout, err = run_cli("core.py", "--train", "--resume", "--out", out, "--max-iters", "24")
-    assert rc == 0 and "note: --max-iters differ from the run's: its learning-rate schedule changes from step 20" in err
+    assert rc == 0, err
+    assert "note: --max-iters differs from the run's: its learning-rate schedule changes from step 20" in err
     assert core.read_log(str(out))[-1]["step"] == 24
 
 
