@@ -927,9 +927,10 @@ def tokenizer_of(data):
         raise core.ConfigError(f"no dataset meta.json at {data!r}: pass --data (the model's dataset) for its tokenizer")
     try:
         meta = json.load(open(meta_path))
-        tok = core.get_tokenizer(meta.get("tokenizer", "gpt2"))
+        name = meta.get("tokenizer", "gpt2")
     except (ValueError, AttributeError) as e:
         raise core.ConfigError(f"{meta_path}: not a valid dataset description ({e})") from None
+    tok = core.get_tokenizer(name)
     prefix = next((t for t in (meta.get("eot_token"), tok.eot_token) if t is not None), None)
     return tok, tok.encode("\n")[0] if prefix is None else prefix
 
