@@ -498,8 +498,8 @@ def analyze(cfg, args):
     for r in results:
         top1, median = r["layerwise"]["top1"], r["layerwise"]["median"]
         peak = max(range(r["n_layer"]), key=top1.__getitem__)
-        ms, x = (f"{r['step_ms']:.1f}", f"{r['x_default']:.2f}" if r["x_default"] else "n/a") if r["step_ms"] else \
-            ("n/a", "n/a")
+        ms = f"{r['step_ms']:.1f}" if r["step_ms"] else "n/a"
+        x = f"{r['x_default']:.2f}" if r["x_default"] else "n/a"
         key0 = sum(r["attention"]["key0"]) / r["n_layer"]
         print(f"{r['variant']:<10} {r['val_loss_log'] or r['window_loss']:>8.4f} {top1[peak]:>8.1f} {peak + 1:>5} "
               f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.1f} {key0:>9.3f} {ms:>8} {x:>9}")

@@ -422,9 +422,10 @@ def from_thesis(ckpt, path, given=None):
     variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
     if variant is None:
         return None
-    p = SparseByteConfig.PRESETS["thesis-" + variant]  # the train scripts' values, for files without a config
-    conf = {"nhead": p["n_head"], "seq_length": p["block_size"], "dropout": p["dropout"],  # extract_head_metrics.py
-            "token_dropout": p["token_dropout"], "stochastic_depth_prob": p.get("drop_path", 0.0),  # builds nhead 8
+    # files without a config: the train scripts' values (extract_head_metrics.py builds the dense model with nhead 8)
+    p = SparseByteConfig.PRESETS["thesis-" + variant]
+    conf = {"nhead": p["n_head"], "seq_length": p["block_size"], "dropout": p["dropout"],
+            "token_dropout": p["token_dropout"], "stochastic_depth_prob": p.get("drop_path", 0.0),
             **(ckpt.get("config") or {})}
     state = {}
     for k, v in core.strip_prefix(sd).items():
