@@ -1082,7 +1082,10 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     if ckpt is not None:
         load_state(model, strip_prefix(ckpt["model"]), ckpt_path)
         for o, s in zip(optimizers, ckpt["optimizers"]):
-            o.load_state_dict(s)
+            flags = [{k: v for k, v in g.items() if k not in ("params", "step", "lr")} for g in o.param_groups]
+            o.load_state_dict(s)  # the moments and step counts; the hyperparameters stay those of the flags now
+            for g, f in zip(o.param_groups, flags):
+                g.update(f)
         start = ckpt["step"]
     if ckpt is not None and start >= cfg.max_iters:  # a finished run: its files stay as they are
         if master:

@@ -497,6 +497,16 @@ def test_core_read_log_skips_a_cut_last_line_and_refuses_damage(tmp_path):
         core.read_log(str(log))
 
 
+def test_core_resume_takes_the_optimizer_settings_of_the_flags(tutorial, tmp_path):
+    """--resume keeps the moments and step counts; --lr and --weight-decay given now apply (they stayed the
+    checkpoint's, while the log showed the new config)."""
+    train_tiny(tutorial, tmp_path, max_iters=20, eval_interval=10)
+    cfg, _, log = train_tiny(tutorial, tmp_path, max_iters=30, eval_interval=10, lr=2e-3, weight_decay=0.0,
+                             resume=True)
+    rec = next(r for r in log if r["step"] == 25)
+    assert rec["lr"] == pytest.approx(2e-3 * core.lr_mult(24, cfg))  # step 25 is the update of iteration 24
+
+
 def test_core_checkpoint_is_written_beside_training_and_holds_its_steps_state(tutorial, tmp_path, monkeypatch):
     """The state is copied to host memory at the evaluation and written by a thread while training goes on: the
     step-10 file holds the step-10 model even though training was further on when it was written."""
@@ -2339,9 +2349,10 @@ def test_exoformer_checkpoint_round_trip_and_init_from(tmp_path, capsys):
     assert len(ckpt["optimizers"]) == 2 and ckpt["optimizers"][0]["param_groups"][0]["step"] == 10
     out2 = str(tmp_path / "run2")  # --init-from keeps the checkpoint's model, takes the run settings from flags
     assert exo.main(["--train", "--init-from", os.path.join(out, "ckpt.pt"), "--data", data, "--out", out2,
-                     "--max-iters", "5", "--eval-interval", "5", *TINY_CLI]) == 0
+                     "--max-iters", "5", "--eval-interval", "5", "--lr", "1e-3", "--warmup-iters", "0", *TINY_CLI]) == 0
     assert core.load_model(exo.PAPER, os.path.join(out2, "ckpt.pt")).cfg.variant == "nuresformer"
-    assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data]) == 0
+    assert exo.main(["--eval", "--init-from", os.path.join(out2, "ckpt.pt"), "--data", data,
+                     "--eval-tokens", "512"]) == 0  # run settings: not the checkpoint's to fix
     out = capsys.readouterr().out
     assert "val" in out and "| eager mask in " in out  # the progress line says what the attention ran (CPU: eager)
     assert 0 < core.read_log(out2)[-1]["doc_batches"] <= 1
