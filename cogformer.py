@@ -492,6 +492,8 @@ def attn_grid(cfg, args):
     """Signed weights of the last query for every layer and head (figs 9/10); text from --prompt."""
     model, device, tok = model_and_tokenizer(cfg)
     text = ABSTRACT if args.prompt == "\n" else args.prompt
+    if not tok.encode(text):
+        raise core.ConfigError("--attn-grid needs a non-empty --prompt")
     idx = torch.tensor([tok.encode(text)[:model.cfg.block_size]], device=device)
     grid = {}
     model(idx, record=lambda layer, w: grid.__setitem__(layer, w[0, :, -1].float().cpu()))  # (H, T) each
@@ -526,6 +528,8 @@ def probe(cfg, args):
     for ax, (task, (prompt, pair)) in zip(axs[0], PROBES.items()):
         prefix = tok.encode(prompt)
         room = model.cfg.block_size - len(prefix) - 1
+        if room < 1:
+            raise core.ConfigError(f"--probe: the {task} prompt fills the model's {model.cfg.block_size} positions")
         lengths = [n for n in PROBE_LENGTHS if n <= room]
         if len(lengths) < 2:  # a short context: six lengths spread over what fits
             lengths = sorted({max(1, room * i // 6) for i in range(1, 7)})

@@ -131,6 +131,7 @@ class ExoConfig(core.Config):
             if not ok:
                 raise core.ConfigError(msg)
         check(self.family == "llama", "exoformer.py builds the paper's Llama-style model: --family must be llama")
+        check(self.doc_sep >= -1, f"--doc-sep must be a token id, or -1 for off, not {self.doc_sep}")
         for name, value in VARIANT_FLAGS[self.variant].items():
             if getattr(self, name) == "auto":
                 setattr(self, name, value)

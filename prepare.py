@@ -91,7 +91,7 @@ class Progress:
             msg += f" / {_fmt(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)"
         msg += f", {_fmt(rate, self.unit)}/s"
         if self.total and rate > 0 and not final:
-            msg += f", ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - self.done) / rate))}"
+            msg += f", ETA {core.fmt_time((self.total - self.done) / rate)}"
         print("\r" + msg.ljust(79) if self.tty else msg, end="\n" if final or not self.tty else "", flush=True)
 
 
@@ -263,6 +263,8 @@ def open_out(out, source):
             what = ", ".join(filter(None, [old.get("name", "unknown"), " ".join(files), old.get("tokenizer")]))
             raise PrepareError(f"--out {out} already holds another dataset ({what}); choose another folder (or "
                                "delete this one)")
+        for name in ("meta.json", "train.bin", "val.bin", "test.bin"):  # prepared again: until the new one is whole,
+            (out / name).unlink(missing_ok=True)  # the folder is no dataset (shards stay: a download skips them)
     out.mkdir(parents=True, exist_ok=True)
     return False
 

@@ -966,6 +966,11 @@ def test_prepare_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
     with lzma.open(tmp_path / "a.txt.xz", "wt") as f:  # the same input, changed: prepared again
         f.write("".join(lines[:200]))
     assert prepare.main(argv) == 0 and meta(out)["splits"] != m["splits"]
+    with lzma.open(tmp_path / "a.txt.xz", "wt") as f:  # changed again, and it fails: no dataset is left half-made
+        f.write("")
+    assert prepare.main(argv) == 1 and not (out / "meta.json").exists()
+    with pytest.raises(core.ConfigError, match="needs train and val token files"):
+        core.TokenData(str(out))
 
 
 @pytest.mark.skipif(not DOCS_VAL.exists(), reason="needs ../shared/data/docs_val.txt.xz")
@@ -1928,6 +1933,7 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path):
         assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
     assert cg.main(["--plot", "--out", trained["cogformer"], "--runs", trained["transformer"]]) == 0
     assert os.path.exists(os.path.join(trained["cogformer"], "loss.png"))
+    assert cg.main(["--attn-grid", *common, "--prompt", ""]) == 2  # a mistake: one line
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -2507,6 +2513,7 @@ def test_exoformer_cli_errors_are_one_line(capsys):
                       (["--train", "--family", "gpt2"], "--family must be llama"),
                       (["--train", "--gate", "off", "--mix", "qg", "--anchor", "exo"], "needs --gate on"),
                       (["--train", "--variant", "baseline", "--mix", "v"], "--mix and --anchor go together"),
+                      (["--train", "--doc-sep", "-5"], "--doc-sep must be a token id, or -1 for off"),
                       (["--analyze", "--init-from", "missing.pt"], "checkpoint not found")):
         assert exo.main(args) == 2
         assert_one_line_error(capsys.readouterr().err, msg)
