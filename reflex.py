@@ -252,9 +252,16 @@ def speed_of(log):
 
 def charts(cfg, args):
     plt = core.pyplot()
-    runs = {os.path.basename(p): p for p in core.run_dirs(cfg, args)}
-    print(core.plot_runs(list(runs.values()), os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
-    speed = {label: speed_of(core.read_log(path)) for label, path in runs.items()}
+    paths = core.run_dirs(cfg, args)
+    labels = [core.run_label(p)[0] for p in paths]  # 'dir (script/variant split, data)'
+    runs = dict(zip(labels if len(set(labels)) == len(paths) else paths, paths))  # alike labels: their paths
+    print(core.plot_runs(paths, os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
+    speed = {}
+    for label, path in runs.items():
+        log = [r for r in core.read_log(path) if r.get("tok_s")]
+        if not log:
+            raise core.ConfigError(f"{path}: no training step logged yet")
+        speed[label] = speed_of(log)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = list(speed)
     axes[0].bar(labels, [speed[k][0] / 1e3 for k in labels])
@@ -264,6 +271,7 @@ def charts(cfg, args):
     axes[1].set_ylabel("MFU % of the GPU's bf16 peak")
     if not any(mfu):
         axes[1].text(0.5, 0.5, "n/a: no known GPU peak", ha="center", transform=axes[1].transAxes)
+        axes[1].set_yticks([])
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
         ax.grid(alpha=0.3, axis="y")

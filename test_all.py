@@ -3447,13 +3447,15 @@ def test_reflex_cli_smoke_runs_learn(reflex_runs):
     assert model.cfg.heads == "all" and isinstance(model.transformer.h[1].attn, reflex.ReflexAttention)
 
 
-def test_reflex_cli_charts(reflex_runs, tutorial, capsys):
+def test_reflex_cli_charts(reflex_runs, tutorial, tmp_path, capsys):
     rc, stdout, err = cli(capsys, "--charts", "--out", reflex_runs["base"], "--data", tutorial,
                           "--runs", reflex_runs["521"], reflex_runs["422"], reflex_runs["all"])
     assert rc == 0, err
     for png in ("loss.png", "speed.png"):
         assert os.path.getsize(os.path.join(reflex_runs["base"], png)) > 5000
-    assert "tok/s" in stdout and "MFU n/a" in stdout
+    assert "tok/s" in stdout and "MFU n/a" in stdout and "521 (reflex/reflex 5-2-1, " in stdout  # each run named
+    (tmp_path / "log.jsonl").write_text("")  # a run killed before its first log line
+    assert cli(capsys, "--charts", "--out", reflex_runs["base"], "--runs", tmp_path)[0] == 2
 
 
 def test_reflex_bench_rows_are_every_split():
