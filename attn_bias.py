@@ -393,7 +393,7 @@ def last_val_loss(log):
 
 def analyze_model(path, data, tok, seed, device):
     """layer_stats over N_WINDOWS val windows, and |h| of one block over positions × channels for PROMPT."""
-    model = core.load_model(PAPER, path, device).float()
+    model = core.load_model(PAPER, path, device, data=data).float()
     cfg, L = model.cfg, model.cfg.n_layer
     s = layer_stats(model, [data.batch("val", 1, cfg.block_size, seed, 0, i, device) for i in range(N_WINDOWS)])
     ids, layer, out = tok.encode(PROMPT), min(5, L - 1), []

@@ -470,8 +470,9 @@ PROBE_LENGTHS = (200, 400, 600, 800, 1000, 2000)
 
 def model_and_tokenizer(cfg):
     """The model (--init-from or <out>/ckpt.pt), its device and the dataset's tokenizer."""
-    model = core.load_model(PAPER, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"))
-    tok = core.get_tokenizer(core.TokenData(cfg.data).tokenizer)
+    data = core.TokenData(cfg.data)
+    model = core.load_model(PAPER, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"), data=data)
+    tok = core.get_tokenizer(data.tokenizer)
     if tok.n_vocab > model.cfg.vocab_size:
         raise core.ConfigError(f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than the {tok.name} "
                                "tokenizer's: published checkpoints need the Llama-2 tokenizer (not bundled)")

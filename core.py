@@ -984,10 +984,14 @@ def load_state(model, state, path):
     return model
 
 
-def load_model(paper, path, device="cpu", given=None):
+def load_model(paper, path, device="cpu", given=None, data=None):
     """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it. given: flags of
-    the command line (read by paper.convert; override fields among them apply)."""
-    src, state, _, _ = read_model(paper, path, given)
+    the command line (read by paper.convert; override fields among them apply). data: the TokenData the model will
+    read; a checkpoint that records another tokenizer is refused."""
+    src, state, info, _ = read_model(paper, path, given)
+    if data and info and info.get("tokenizer") not in (None, data.tokenizer):
+        raise ConfigError(f"{path} was trained on {info['tokenizer']} tokens, {data.path} holds {data.tokenizer}: "
+                          "pass --data with its tokenizer")
     over = {k: v for k, v in (given or {}).items() if k in field_names(paper.config, override=True)}
     return load_state(paper.build_model(config_from_dict(paper.config, src, **over)), state, path).to(device).eval()
 
@@ -1450,6 +1454,12 @@ def configure(paper, args, chosen):
         if "train" in chosen and not cfg.resume or {"eval", "sample"} & set(chosen):
             model_cfg = config_from_dict(paper.config, asdict(cfg), block_size=mine.block_size)
             model = load_state(paper.build_model(model_cfg), state, path)
+    if not cfg.data and set(chosen) - set(STANDARD_ACTIONS):
+        # a paper's action on trained models: the data they record (load_model refuses a model of another tokenizer)
+        runs = [os.path.dirname(cfg.init_from) if cfg.init_from else cfg.out] + [
+            r if os.path.isdir(r) else os.path.dirname(r) for r in args.runs]
+        cfg.data = next((d for d in ((read_run(r).get("data") or {}).get("path") for r in runs)
+                         if d and os.path.isdir(d)), "")
     if set(chosen) - {"bench", "plot"}:
         cfg.data = cfg.data or DEFAULT_DATA
         data = TokenData(cfg.data)

@@ -523,11 +523,12 @@ def analyze(cfg, args):
     paths = [p for p in [cfg.init_from, *args.runs] if p] or [cfg.out]
     paths = [os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p for p in paths]
     device = core.resolve_device(cfg)
-    windows = list(core.TokenData(cfg.data).windows("val", cfg.block_size, 4 * cfg.block_size))[:4]  # 4 x T
+    data = core.TokenData(cfg.data)
+    windows = list(data.windows("val", cfg.block_size, 4 * cfg.block_size))[:4]  # 4 x T
     idx = torch.stack(windows)[:, :-1].to(device)
     results = {}
     for path in paths:
-        model = core.load_model(PAPER, path, device)
+        model = core.load_model(PAPER, path, device, data=data)
         if int(idx.max()) >= model.cfg.vocab_size:
             raise core.ConfigError(f"{path}: --data has tokens beyond the model's vocabulary ({model.cfg.vocab_size})")
         name = os.path.basename(os.path.dirname(path)) if path.endswith("ckpt.pt") else os.path.basename(path)

@@ -847,8 +847,9 @@ def metrics_action(cfg, args):
     if args.metric_seqs < 1:
         raise core.ConfigError("--metric-seqs must be >= 1")
     path = cfg.init_from or os.path.join(cfg.out, "ckpt.pt")
-    model = core.load_model(PAPER, path, given=vars(args))  # --[no-]inverted-mask applies
-    m, n = extract_metrics(model, core.TokenData(cfg.data), args.metric_seqs, cfg.batch_size, core.resolve_device(cfg))
+    data = core.TokenData(cfg.data)
+    model = core.load_model(PAPER, path, given=vars(args), data=data)  # --[no-]inverted-mask applies
+    m, n = extract_metrics(model, data, args.metric_seqs, cfg.batch_size, core.resolve_device(cfg))
     os.makedirs(cfg.out, exist_ok=True)
     out = os.path.join(cfg.out, "head_metrics.csv")
     write_metrics_csv(out, m.numpy())

@@ -1914,7 +1914,7 @@ def test_cogformer_train_both_variants_loss_falls(trained):
     assert core.read_log(trained["cogformer"])[-1]["loss"] != core.read_log(trained["transformer"])[-1]["loss"]
 
 
-def test_cogformer_analysis_commands(trained, tutorial, tmp_path):
+def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
     ckpt = os.path.join(trained["cogformer"], "ckpt.pt")
     out = str(tmp_path)
     common = ["--init-from", ckpt, "--data", tutorial, "--out", out, "--device", "cpu"]
@@ -1933,7 +1933,12 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path):
         assert os.path.getsize(os.path.join(out, name + ".png")) > 1000
     assert cg.main(["--plot", "--out", trained["cogformer"], "--runs", trained["transformer"]]) == 0
     assert os.path.exists(os.path.join(trained["cogformer"], "loss.png"))
-    assert cg.main(["--attn-grid", *common, "--prompt", ""]) == 2  # a mistake: one line
+    fails_in_one_line(capsys, cg.main(["--attn-grid", *common, "--prompt", ""]), "needs a non-empty --prompt")
+    args = core.build_parser(cg.PAPER).parse_args(["--neg-mass", "--out", trained["cogformer"]])
+    assert core.configure(cg.PAPER, args, ["neg-mass"])[0].data == os.path.abspath(tutorial)  # the run's own data
+    fails_in_one_line(capsys, cg.main(["--neg-mass", "--out", trained["cogformer"], "--data",
+                                       exo_dataset(tmp_path / "gpt2"), "--device", "cpu"]),
+                      "was trained on bytes tokens")  # numbers of a model on data of another tokenizer: refused
 
 
 @pytest.mark.parametrize("flags, message", [
