@@ -9,8 +9,9 @@ p in {q, k, v, g} (g = the logits of a sigmoid output gate, y <- y * sigmoid(g))
 scalar, one per head, or one per head dimension (--residual-mode) and starts at 0.5. ResFormer-style models take the
 anchor from layer 0's projections; NuResFormer RMS-normalises those anchors; ExoFormer learns dedicated exogenous
 anchor projections of the token embedding outside the layer stack (anchor_proj + per-head RMSNorms) and mixes them in
-every layer; the dynamic ExoFormer scales each coefficient per token by sigmoid(MLP(x)) (C -> 16 -> 8, zero-initialised
-output, coefficients start at 2 x 0.5 so that lam * sigmoid(0) = 0.5: at init it is exactly the static ExoFormer).
+every layer; the dynamic ExoFormer scales each coefficient per token by sigmoid(MLP(x)) (C -> 16 -> 8; coefficients
+start at 2 x 0.5 against sigmoid(~0) = 0.5: near the static ExoFormer at init, exactly with fc2 = 0, which model.py
+means but does not get: its init draws fc2 like every Linear, see ExoGPT.init_weights).
 
   --variant           gate  mixed  anchor            anchor norm  (official model file)
   baseline            -     -      -                 -            model1
@@ -161,7 +162,7 @@ def span(mix):
 
 
 class DynamicMixing(nn.Module):
-    """Per-token scales sigmoid(fc2(GELU(fc1 x))) of (q1, q2, k1, k2, v1, v2[, g1, g2]); fc2 starts at zero."""
+    """Per-token scales sigmoid(fc2(GELU(fc1 x))) of (q1, q2, k1, k2, v1, v2[, g1, g2]) (init: ExoGPT.init_weights)."""
 
     def __init__(self, C, hidden, n_out):
         super().__init__()
@@ -268,15 +269,16 @@ class ExoGPT(core.GPT):
             self.init_weights()
 
     def init_weights(self, std=0.02):
-        """Truncated normal (cutoff 3 std); zero output projections and head; the dynamic fc1 keeps PyTorch's init."""
+        """Truncated normal (cutoff 3 std) for every Linear and embedding; zero output projections and head. The
+        dynamic MLP's fc1 and fc2 weights too: model.py's DynamicMixingModule zeroes fc2, but OBPM's
+        self.apply(_init_weights) then reaches fc1 and fc2 as Linears and draws them; only fc2's bias stays 0."""
         for name, m in self.named_modules():
-            if name.endswith("dynamic_mixing.fc1"):
-                m.reset_parameters()
-            elif name.endswith(("attn.c_proj", "mlp.w_down", "dynamic_mixing.fc2")) or name == "lm_head":
-                for p in m.parameters():
-                    nn.init.zeros_(p)
+            if name.endswith(("attn.c_proj", "mlp.w_down")) or name == "lm_head":
+                nn.init.zeros_(m.weight)
             elif isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, 0.0, std, -3 * std, 3 * std)
+                if name.endswith("dynamic_mixing.fc2"):
+                    nn.init.zeros_(m.bias)
 
     def doc_ids(self, idx):
         if 0 <= self.cfg.doc_sep < self.cfg.vocab_size:  # the separator opens the next document
