@@ -311,7 +311,11 @@ class ExoGPT(core.GPT):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         is_matrix = lambda n, p: (p.dim() >= 2 and "lambda_" not in n  # elementwise lambdas are (H, D): AdamW
                                   and not n.startswith(("transformer.wte", "lm_head")))
-        muon = Muon([p for n, p in named if is_matrix(n, p)], cfg.muon_lr, cfg.muon_wd, cfg.max_iters)
+        mats = {n: p for n, p in named if is_matrix(n, p)}
+        # the official SwiGLU's fc1 is one matrix [w_up; w_gate]: Muon orthogonalises and scales the pair as one
+        units = [(p, mats[n.replace("w_up", "w_gate")]) if n.endswith("mlp.w_up.weight") else p
+                 for n, p in mats.items() if not n.endswith("mlp.w_gate.weight")]
+        muon = Muon(units, cfg.muon_lr, cfg.muon_wd, cfg.max_iters)
         adamw = torch.optim.AdamW([p for n, p in named if not is_matrix(n, p)], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=device_type == "cuda")
         for o, lr in ((muon, cfg.muon_lr), (adamw, cfg.lr)):
@@ -359,34 +363,41 @@ def muon_momentum(step, total):
 
 class Muon(torch.optim.Optimizer):
     """The paper's Muon (muon/muon.py): Nesterov momentum, Polar Express, NorMuon second moment, shape scaling,
-    cautious weight decay (decay only where update and weight agree in sign). Momentum follows muon_momentum."""
+    cautious weight decay (decay only where update and weight agree in sign). Momentum follows muon_momentum.
+    params: matrices, or tuples of matrices updated as one matrix, their rows stacked (SwiGLU's [w_up; w_gate])."""
 
     def __init__(self, params, lr, weight_decay, total_steps):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, total_steps=total_steps, step=0))
+        self.units = [tuple(u) if isinstance(u, (tuple, list)) else (u,) for u in params]
+        super().__init__([p for u in self.units for p in u],
+                         dict(lr=lr, weight_decay=weight_decay, total_steps=total_steps, step=0))
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            m, lr, wd = muon_momentum(group["step"], group["total_steps"]), group["lr"], group["weight_decay"]
-            group["step"] += 1
-            shapes = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    shapes.setdefault(p.shape, []).append(p)
-            for params in shapes.values():  # one batched update per shape: few kernel launches per step
-                self.update(params, m, lr, wd)
+        group = self.param_groups[0]
+        m, lr, wd = muon_momentum(group["step"], group["total_steps"]), group["lr"], group["weight_decay"]
+        group["step"] += 1
+        shapes = {}
+        for unit in self.units:
+            if unit[0].grad is not None:
+                shapes.setdefault(tuple(p.shape for p in unit), []).append(unit)
+        for units in shapes.values():  # one batched update per shape: few kernel launches per step
+            self.update(units, m, lr, wd)
 
-    def update(self, params, m, lr, wd):
-        rows, cols = params[0].shape
+    def update(self, units, m, lr, wd):
+        parts = [p.size(0) for p in units[0]]
+        rows, cols = sum(parts), units[0][0].size(1)
         tall = rows >= cols
-        for p in params:
-            if not self.state[p]:
-                self.state[p].update(momentum_buffer=torch.zeros_like(p),
-                                     variance_buffer=p.new_zeros((rows, 1) if tall else (1, cols)))
-        grads = [p.grad for p in params]
-        bufs, vbufs = ([self.state[p][k] for p in params] for k in ("momentum_buffer", "variance_buffer"))
-        torch._foreach_lerp_(bufs, grads, 1 - m)
-        u = polar_express(torch.stack(grads).lerp_(torch.stack(bufs), m))  # Nesterov; (N, rows, cols)
+        for unit in units:
+            if not self.state[unit[0]]:  # the unit's row (or column) second moment lives with its first matrix
+                self.state[unit[0]]["variance_buffer"] = unit[0].new_zeros((rows, 1) if tall else (1, cols))
+                for p in unit:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        params = [p for unit in units for p in unit]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        vbufs = [self.state[unit[0]]["variance_buffer"] for unit in units]
+        torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - m)
+        stack = lambda ts: torch.stack([torch.cat(ts[i:i + len(parts)]) for i in range(0, len(ts), len(parts))])
+        u = polar_express(stack([p.grad for p in params]).lerp_(stack(bufs), m))  # Nesterov; (N, rows, cols)
         norm = u.norm(dim=(-2, -1), keepdim=True)
         v = torch.stack(vbufs).lerp_(u.square().mean(dim=-1 if tall else -2, keepdim=True).to(vbufs[0].dtype),
                                      1 - MUON_BETA2)
@@ -394,10 +405,11 @@ class Muon(torch.optim.Optimizer):
         u = u * v.clamp(min=1e-10).rsqrt()  # per-row (or column) second-moment normalisation
         u = u * (norm / u.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))  # keep the orthogonal norm
         u = (u * max(1.0, rows / cols) ** 0.5).to(params[0].dtype)
+        u = [piece for x in u for piece in x.split(parts)]  # back to each parameter's rows
         if wd:  # cautious: decay only where update and weight agree in sign
-            torch._foreach_addcmul_(params, (u * torch.stack(params) >= 0).to(u.dtype).unbind(0), params,
+            torch._foreach_addcmul_(params, [(d * p >= 0).to(d.dtype) for d, p in zip(u, params)], params,
                                     value=-lr * wd)
-        torch._foreach_add_(params, u.unbind(0), alpha=-lr)
+        torch._foreach_add_(params, u, alpha=-lr)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2278,6 +2278,27 @@ def test_exoformer_muon_matches_the_published_rule():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_muon_updates_the_swiglu_pair_as_the_official_fc1():
+    """w_up and w_gate (a unit) move as one matrix [w_up; w_gate], the official fc1: orthogonalised, normalised and
+    scaled together. The model's optimizer pairs them."""
+    torch.manual_seed(0)
+    up, gate = torch.randn(24, 16), torch.randn(24, 16)
+    ours = (up.clone().requires_grad_(), gate.clone().requires_grad_())
+    opt = exo.Muon([ours, torch.randn(8, 8, requires_grad=True)], lr=0.02, weight_decay=0.1, total_steps=1000)
+    fc1, state = torch.cat([up, gate]), {}
+    for step in range(3):
+        g = torch.randn(48, 16)
+        ours[0].grad, ours[1].grad = g[:24].clone(), g[24:].clone()
+        opt.step()
+        ref_muon_step(fc1, g, state, lr=0.02, wd=0.1, momentum=0.85 + step / 100 * 0.1)
+        torch.testing.assert_close(torch.cat(ours).detach(), fc1, atol=1e-6, rtol=1e-6)
+    model = exo.ExoGPT(exo_tiny("baseline"))
+    muon = model.configure_optimizers(model.cfg, "cpu")[0]
+    mlp = model.transformer.h[0].mlp
+    assert any(len(u) == 2 and u[0] is mlp.w_up.weight and u[1] is mlp.w_gate.weight for u in muon.units)
+
+
+@pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_muon_state_dict_resumes_exactly():
     """Stopping after 2 of 4 steps, saving the optimizer state and loading it into a fresh Muon changes nothing."""
     torch.manual_seed(0)
