@@ -782,9 +782,11 @@ def seed_summary(runs):
 
 def plot_compare(runs, png, title):
     """One column per script (each its own data and loss unit): val loss against training tokens (top) and training
-    time (bottom); baselines dashed, runs cut short dotted, one line per seed."""
+    time (bottom); baselines dashed, runs cut short dotted, one line per seed. Scripts with nothing to draw: none."""
     pyplot = core.pyplot()
-    names = list(dict.fromkeys(r["script"] for r in runs))
+    names = list(dict.fromkeys(r["script"] for r in runs if r.get("curve")))  # scripts with a run to draw
+    if not names:
+        return
     fig, axes = pyplot.subplots(2, len(names), figsize=(4.5 * len(names) + 1, 7), squeeze=False)
     seeds = len({r.get("seed") for r in runs}) > 1
     for col, name in enumerate(names):
