@@ -534,28 +534,34 @@ def static_lambdas(model):
 
 def analyze(cfg, args):
     """Every checkpoint of --init-from and --runs (run dirs or .pt files) on the first val batch of --data."""
-    paths = [p for p in [cfg.init_from, *args.runs] if p] or [cfg.out]
+    paths = list(dict.fromkeys(p for p in [cfg.init_from, *args.runs] if p)) or [cfg.out]
     paths = [os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p for p in paths]
+    names = [os.path.basename(os.path.dirname(p)) if p.endswith("ckpt.pt") else os.path.basename(p) for p in paths]
+    names = names if len(set(names)) == len(names) else paths  # alike names (published files): their paths
     device = core.resolve_device(cfg)
     data = core.TokenData(cfg.data)
-    windows = list(data.windows("val", cfg.block_size, 4 * cfg.block_size))[:4]  # 4 x T
-    idx = torch.stack(windows)[:, :-1].to(device)
     results = {}
-    for path in paths:
+    for name, path in zip(names, paths):
         model = core.load_model(PAPER, path, device, data=data)
+        T = min(cfg.block_size, model.cfg.block_size)  # the model's own positions at most
+        windows = list(data.windows("val", T, 4 * T))[:4]
+        if not windows:
+            raise core.ConfigError(f"the val split of {cfg.data} is shorter than one window of {T + 1} tokens")
+        idx = torch.stack(windows)[:, :-1].to(device)  # (4, T)
         if int(idx.max()) >= model.cfg.vocab_size:
             raise core.ConfigError(f"{path}: --data has tokens beyond the model's vocabulary ({model.cfg.vocab_size})")
-        name = os.path.basename(os.path.dirname(path)) if path.endswith("ckpt.pt") else os.path.basename(path)
         with core.autocast(device, cfg):
-            results[name] = dict(path=path, variant=model.cfg.variant, **measure(model, idx))
-        r = results[name]
-        mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))
+            r = results[name] = dict(path=path, variant=model.cfg.variant, **measure(model, idx))
+        mean = lambda xs: (sum(x for x in xs if x is not None) / sum(x is not None for x in xs)
+                           if any(x is not None for x in xs) else None)
         gate = mean(r["attention_layers"].get("gate_mean", [None]))
         print(f"{name}: sink {mean(r['attention_layers']['sink']):.4f} | entropy "
-              f"{mean(r['attention_layers']['entropy']):.3f} | gate {gate:.3f} | token sim "
-              f"{mean(r['hidden_layers']['token_sim']):.3f} | PCA core {mean(r['hidden_layers']['pca_core']):.1f}")
+              f"{mean(r['attention_layers']['entropy']):.3f} | gate {'n/a' if gate is None else f'{gate:.3f}'} | "
+              f"token sim {mean(r['hidden_layers']['token_sim']):.3f} | PCA core "
+              f"{mean(r['hidden_layers']['pca_core']):.1f}")
     os.makedirs(cfg.out, exist_ok=True)
-    json.dump(results, open(os.path.join(cfg.out, "analysis.json"), "w"))
+    with core.atomic(os.path.join(cfg.out, "analysis.json"), "w") as f:
+        json.dump(results, f)
     print(plot_analysis(results, os.path.join(cfg.out, "analysis.png")))
 
 

@@ -2567,10 +2567,14 @@ def test_exoformer_analyze(tmp_path):
         core.save_checkpoint(path, dict(format="attnlab", config=dataclasses.asdict(model.cfg),
                                         model=model.state_dict()))
         ckpts.append(path)
+    short = live(exo.ExoGPT(exo_tiny("baseline", n_layer=2, block_size=8)))  # fewer positions than the others
+    core.save_checkpoint(str(tmp_path / "short.pt"), dict(format="attnlab", config=dataclasses.asdict(short.cfg),
+                                                         model=short.state_dict()))
     out = str(tmp_path / "an")
-    assert exo.main(["--analyze", "--init-from", ckpts[0], "--runs", *ckpts[1:], "--data", data, "--out", out,
-                     "--device", "cpu"]) == 0
+    assert exo.main(["--analyze", "--init-from", ckpts[0], "--runs", *ckpts[1:], str(tmp_path / "short.pt"),
+                     "--data", data, "--out", out, "--device", "cpu"]) == 0
     res = json.load(open(os.path.join(out, "analysis.json")))
+    assert all(e <= math.log(8) + 1e-4 for e in res["short.pt"]["attention_layers"]["entropy"])  # its 8 positions
     assert os.path.getsize(os.path.join(out, "analysis.png")) > 10_000
     base, nu, dyn = (res[f"{v}.pt"] for v in ("baseline", "nuresformer", "dynamic_exoformer"))
     for r in (base, nu, dyn):
