@@ -125,6 +125,14 @@ class ExoConfig(core.Config):
                "paper": RECIPE}
     VARIANTS = {v: describe(f) for v, f in VARIANT_FLAGS.items()}
 
+    def label(self):
+        """The variant these axes make (--variant baseline --gate on is the gated model; a published file's name says
+        nothing), or the variant and the axes set apart from it."""
+        axes = {k: getattr(self, k) for k in VARIANT_FLAGS[self.variant]}
+        own = VARIANT_FLAGS[self.variant]
+        return next((v for v in [self.variant, *VARIANT_FLAGS] if VARIANT_FLAGS[v] == axes), None) or \
+            self.variant + " with " + ", ".join(f"{k}={v or 'none'}" for k, v in axes.items() if v != own[k])
+
     def __post_init__(self):
         super().__post_init__()
 

@@ -2541,6 +2541,13 @@ def test_exoformer_published_checkpoint_with_unsupported_options(tmp_path):
 # exoformer: CLI
 
 @pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_label_names_the_model_the_axes_make():
+    assert exo.PAPER.label(exo.ExoConfig(variant="resformer")) == "exoformer/resformer"
+    assert exo.ExoConfig(variant="baseline", gate="on").label() == "gated"  # numbers printed under its real name
+    assert exo.ExoConfig(variant="baseline", gate="on", mix="g", anchor="layer0").label() == \
+        "baseline with gate=on, mix=g, anchor=layer0"
+
+
 def test_exoformer_cli_errors_are_one_line(capsys):
     for args, msg in ((["--train", "--variant", "nope"], "invalid choice"),
                       (["--train", "--family", "gpt2"], "--family must be llama"),
