@@ -189,18 +189,18 @@ def build_model(cfg):
 # __main__.GPTConfig (sizes and model_type 'reflex' / 'original', not the split: model.py hard-codes it). The split
 # lives in the run's name: out_dir 'mini-gpt-5-2-1', wandb name '5-2-1-reflex-1024-False-768-0.0' (cell 5).
 
-SPLIT_IN_NAME = re.compile(r"(?<![\d.])(\d+)[-_](\d+)[-_](\d+)(?![\d.])|(?<![a-z])(all)(?![a-z])", re.IGNORECASE)
-
-
 def split_in_name(path, n_head):
-    """The split a run's file or directory name spells (mini-gpt-5-2-1, 4_2_2, ..._all), or None. A triple that does
-    not sum to n_head (a date) is not a split."""
+    """The split a run's file or directory name spells in parts between - or _ (mini-gpt-5-2-1, reflex-1024-4_2_2,
+    ..._all), or None: three numeric parts in a row that sum to n_head (not v1-5-2 of v1-5-2-1, not a date), and
+    only one such triple (1-5-2-1 could be either)."""
     for name in (os.path.splitext(os.path.basename(path))[0], os.path.basename(os.path.dirname(os.path.abspath(path)))):
-        for m in SPLIT_IN_NAME.finditer(name):
-            if m.group(4):
-                return "all"
-            if sum(map(int, m.group(1, 2, 3))) == n_head:
-                return "-".join(m.group(1, 2, 3))
+        parts = re.split(r"[-_]", name)
+        if "all" in map(str.lower, parts):
+            return "all"
+        found = {"-".join(t) for t in zip(parts, parts[1:], parts[2:])
+                 if all(p.isdigit() for p in t) and sum(map(int, t)) == n_head}
+        if len(found) == 1:
+            return found.pop()
     return None
 
 

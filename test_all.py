@@ -3643,6 +3643,14 @@ def test_reflex_original_checkpoint_reproduces_logits(tmp_path, monkeypatch, run
         torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
 
 
+def test_reflex_split_in_a_run_name():
+    split = lambda name: reflex.split_in_name(f"/runs/{name}/ckpt.pt", 8)
+    names = ("mini-gpt-5-2-1", "v1-5-2-1", "reflex-1024-4_2_2", "e768-t1024-4-2-2", "ab_all",
+             "5-2-1-reflex-1024-False-768-0.0")  # the notebook's out_dir and wandb name among them
+    assert [split(n) for n in names] == ["5-2-1", "5-2-1", "4-2-2", "4-2-2", "all", "5-2-1"]
+    assert [split(n) for n in ("1-5-2-1", "2024-01-05", "mini-gpt")] == [None, None, None]  # ambiguous, a date, none
+
+
 def test_reflex_original_split_from_config_and_user_mistakes(tmp_path, monkeypatch, capsys):
     ref, path = original_run(tmp_path, monkeypatch, "fork", (4, 2, 2), heads="4-2-2")  # a fork saving its split
     assert load_original(path).cfg.heads == "4-2-2"
