@@ -396,7 +396,7 @@ def analyze_model(path, data, tok, seed, device):
     model = core.load_model(PAPER, path, device, data=data).float()
     cfg, L = model.cfg, model.cfg.n_layer
     s = layer_stats(model, [data.batch("val", 1, cfg.block_size, seed, 0, i, device) for i in range(N_WINDOWS)])
-    ids, layer, out = tok.encode(PROMPT), min(5, L - 1), []
+    ids, layer, out = tok.encode(PROMPT)[:cfg.block_size], min(5, L - 1), []  # a model of few positions: its share
     hook = model.transformer.h[layer].register_forward_hook(lambda m, a, o: out.append(o))
     with torch.no_grad():
         model(torch.tensor([ids], device=device))

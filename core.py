@@ -1296,7 +1296,7 @@ def pyplot():
 
 def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not path.endswith(".jsonl"):  # e.g. a checkpoint given for a run folder
         raise ConfigError(f"no training log at {path}")
     lines = [l for l in open(path) if l.strip()]
     recs = []
@@ -1490,7 +1490,7 @@ def main(paper, argv=None):
         cfg, model, ckpt = configure(paper, args, chosen)
         for a in chosen:
             run_action(paper, a, cfg, args, model, ckpt)
-    except ConfigError as e:
+    except (ConfigError, NotImplementedError) as e:  # NotImplementedError: torch's own, e.g. no flex backward on CPU
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

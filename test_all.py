@@ -495,6 +495,9 @@ def test_core_read_log_skips_a_cut_last_line_and_refuses_damage(tmp_path):
     log.write_text('{"step": 0, "loss": 5.5}\n{"step": 5, "lo\n{"step": 10, "loss": 3.0}\n')
     with pytest.raises(core.ConfigError, match="line 2 is not JSON"):
         core.read_log(str(log))
+    (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02binary")  # a checkpoint given where a run folder belongs
+    with pytest.raises(core.ConfigError, match="no training log at .*ckpt.pt"):
+        core.read_log(str(tmp_path / "ckpt.pt"))
 
 
 def test_core_resume_takes_the_optimizer_settings_of_the_flags(tutorial, tmp_path):
@@ -783,6 +786,13 @@ def test_core_cli_user_mistakes_give_one_line(args, msg):
     rc, out, err = run_cli("core.py", *args, "--device", "cpu")
     assert rc == 2
     assert_one_line_error(err, msg)
+
+
+def test_core_cli_torch_limits_give_one_line(tmp_path):
+    rc, _, err = run_cli("core.py", "--train", "--attn-impl", "flex", "--max-iters", "2", "--device", "cpu", "--out",
+                         tmp_path / "run")
+    assert rc == 2
+    assert_one_line_error(err, "FlexAttention does not support backward on CPU")  # torch's NotImplementedError
 
 
 def test_core_cli_train_eval_sample_plot(tutorial, tmp_path):
