@@ -963,7 +963,10 @@ def read_model(paper, path, given=None, ckpt=None):
         if variant not in paper.variants:
             raise ConfigError(f"{path} holds a {variant or 'core'!r} model, not one of {paper.name}.py's")
         return ckpt["config"], strip_prefix(ckpt["model"]), ckpt.get("data"), ckpt
-    got = paper.convert(ckpt, path, given or {}) if paper.convert and isinstance(ckpt, dict) else None
+    try:
+        got = paper.convert(ckpt, path, given or {}) if paper.convert and isinstance(ckpt, dict) else None
+    except KeyError as e:  # a published format's file without a key its reader needs: damaged, or another format
+        raise ConfigError(f"{path}: a file of {paper.formats or 'a published format'} without {e}") from None
     if got is None:
         raise ConfigError(f"{path}: not a checkpoint {paper.name}.py reads (it reads attnlab checkpoints of "
                           f"{paper.name}.py{', ' + paper.formats if paper.formats else ''})")

@@ -1889,6 +1889,10 @@ def test_cogformer_published_checkpoint_reproduces_reference_logits(tmp_path, at
     assert ref.std() > 0.5  # attention and RoPE matter at this scale
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), ref, atol=2e-4, rtol=1e-4)
+    del ckpt["model_cfg"]["head_dim"]  # a damaged file: one line naming what it lacks
+    torch.save(ckpt, path)
+    with pytest.raises(core.ConfigError, match="published checkpoints .* without 'head_dim'"):
+        core.load_model(cg.PAPER, path)
 
 
 def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
