@@ -404,7 +404,8 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         vbufs = [self.state[unit[0]]["variance_buffer"] for unit in units]
         torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - m)
-        stack = lambda ts: torch.stack([torch.cat(ts[i:i + len(parts)]) for i in range(0, len(ts), len(parts))])
+        stack = lambda ts: torch.stack(ts if len(parts) == 1 else  # a unit's matrices, rows stacked
+                                       [torch.cat(ts[i:i + len(parts)]) for i in range(0, len(ts), len(parts))])
         u = polar_express(stack([p.grad for p in params]).lerp_(stack(bufs), m))  # Nesterov; (N, rows, cols)
         norm = u.norm(dim=(-2, -1), keepdim=True)
         v = torch.stack(vbufs).lerp_(u.square().mean(dim=-1 if tall else -2, keepdim=True).to(vbufs[0].dtype),
@@ -549,6 +550,8 @@ def analyze(cfg, args):
     device = core.resolve_device(cfg)
     data = core.TokenData(cfg.data)
     results = {}
+    mean = lambda xs: (sum(x for x in xs if x is not None) / sum(x is not None for x in xs)
+                       if any(x is not None for x in xs) else None)
     for name, path in zip(names, paths):
         model = core.load_model(PAPER, path, device, data=data)
         T = min(cfg.block_size, model.cfg.block_size)  # the model's own positions at most
@@ -560,8 +563,6 @@ def analyze(cfg, args):
             raise core.ConfigError(f"{path}: --data has tokens beyond the model's vocabulary ({model.cfg.vocab_size})")
         with core.autocast(device, cfg):
             r = results[name] = dict(path=path, variant=model.cfg.variant, **measure(model, idx))
-        mean = lambda xs: (sum(x for x in xs if x is not None) / sum(x is not None for x in xs)
-                           if any(x is not None for x in xs) else None)
         gate = mean(r["attention_layers"].get("gate_mean", [None]))
         print(f"{name}: sink {mean(r['attention_layers']['sink']):.4f} | entropy "
               f"{mean(r['attention_layers']['entropy']):.3f} | gate {'n/a' if gate is None else f'{gate:.3f}'} | "

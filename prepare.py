@@ -263,8 +263,9 @@ def open_out(out, source):
             what = ", ".join(filter(None, [old.get("name", "unknown"), " ".join(files), old.get("tokenizer")]))
             raise PrepareError(f"--out {out} already holds another dataset ({what}); choose another folder (or "
                                "delete this one)")
-        for name in ("meta.json", "train.bin", "val.bin", "test.bin"):  # prepared again: until the new one is whole,
-            (out / name).unlink(missing_ok=True)  # the folder is no dataset (shards stay: a download skips them)
+        # prepared again: until the new files are whole the folder is no dataset (shards stay: a download skips them)
+        for name in ("meta.json", "train.bin", "val.bin", "test.bin"):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return False
 
