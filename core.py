@@ -987,14 +987,21 @@ def load_state(model, state, path):
     return model
 
 
+def check_tokenizer(info, data):
+    """Refuse data (TokenData) of another tokenizer than the model's; info: what its checkpoint records of its data
+    (None: nothing, e.g. a published file)."""
+    if info and (info["tokenizer"], info["vocab_size"]) != (data.tokenizer, data.vocab_size):
+        raise ConfigError(f"{data.path} holds {data.tokenizer} tokens ({data.vocab_size}); the model was trained on "
+                          f"{info['tokenizer']} ({info['vocab_size']}): pass --data with its tokenizer")
+
+
 def load_model(paper, path, device="cpu", given=None, data=None):
     """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it. given: flags of
     the command line (read by paper.convert; override fields among them apply). data: the TokenData the model will
     read; a checkpoint that records another tokenizer is refused."""
     src, state, info, _ = read_model(paper, path, given)
-    if data and info and info.get("tokenizer") not in (None, data.tokenizer):
-        raise ConfigError(f"{path} was trained on {info['tokenizer']} tokens, {data.path} holds {data.tokenizer}: "
-                          "pass --data with its tokenizer")
+    if data:
+        check_tokenizer(info, data)
     over = {k: v for k, v in (given or {}).items() if k in field_names(paper.config, override=True)}
     return load_state(paper.build_model(config_from_dict(paper.config, src, **over)), state, path).to(device).eval()
 
@@ -1467,9 +1474,7 @@ def configure(paper, args, chosen):
         cfg.data = cfg.data or DEFAULT_DATA
         data = TokenData(cfg.data)
         cfg.fit_data(data)
-        if info and (info["tokenizer"], info["vocab_size"]) != (data.tokenizer, data.vocab_size):
-            raise ConfigError(f"{cfg.data} holds {data.tokenizer} tokens ({data.vocab_size}); the model was trained "
-                              f"on {info['tokenizer']} ({info['vocab_size']}): pass --data with its tokenizer")
+        check_tokenizer(info, data)
         cfg.vocab_size = cfg.vocab_size or 64 * math.ceil(data.vocab_size / 64)  # padded to a multiple of 64
         if data.vocab_size > cfg.vocab_size:
             raise ConfigError(f"{cfg.data} has {data.vocab_size} token ids, more than the model's vocabulary "

@@ -1952,7 +1952,7 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
     assert core.configure(cg.PAPER, args, ["neg-mass"])[0].data == os.path.abspath(tutorial)  # the run's own data
     fails_in_one_line(capsys, cg.main(["--neg-mass", "--out", trained["cogformer"], "--data",
                                        exo_dataset(tmp_path / "gpt2"), "--device", "cpu"]),
-                      "was trained on bytes tokens")  # numbers of a model on data of another tokenizer: refused
+                      "the model was trained on bytes (256)")  # a model's numbers on another tokenizer's data
 
 
 @pytest.mark.parametrize("flags, message", [
