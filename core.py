@@ -1449,6 +1449,8 @@ def configure(paper, args, chosen):
         base = src if cfg.resume else {**paper.config.PRESETS.get(preset, {}), **{
             k: getattr(mine, k) for k in field_names(paper.config, run=False)}}
         cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})
+        if cfg.init_from and "out" not in given:  # the default folder of the model read, not of the flags' variant
+            cfg.out = paper.default_out(cfg)
         schedule = [k for k in ("max_iters", "lr_decay_iters", "warmup_iters", "cooldown_frac", "schedule", "lr",
                                 "min_lr") if cfg.resume and k in given and given[k] != src.get(k)]
         recorded = (info or {}).get("path") or src.get("data", "")  # older checkpoints: the config's data

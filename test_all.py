@@ -1948,6 +1948,9 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
     assert cg.main(["--plot", "--out", trained["cogformer"], "--runs", trained["transformer"]]) == 0
     assert os.path.exists(os.path.join(trained["cogformer"], "loss.png"))
     fails_in_one_line(capsys, cg.main(["--attn-grid", *common, "--prompt", ""]), "needs a non-empty --prompt")
+    args = core.build_parser(cg.PAPER).parse_args(["--neg-mass", "--init-from", os.path.join(trained["transformer"],
+                                                                                          "ckpt.pt")])
+    assert core.configure(cg.PAPER, args, ["neg-mass"])[0].out == os.path.join("runs", "cogformer", "transformer")
     args = core.build_parser(cg.PAPER).parse_args(["--neg-mass", "--out", trained["cogformer"]])
     assert core.configure(cg.PAPER, args, ["neg-mass"])[0].data == os.path.abspath(tutorial)  # the run's own data
     fails_in_one_line(capsys, cg.main(["--neg-mass", "--out", trained["cogformer"], "--data",
