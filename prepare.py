@@ -113,7 +113,12 @@ def mirror(args, default):
 def download(url, dest, sha256=None, check=None):
     """Fetch url into dest through dest.part: resumed from its current size, retried while a dropped connection
     still made progress, verified (sha256 given or advertised by the server, then check(path)), then renamed."""
-    if dest.exists():
+    if dest.exists():   # whole and verified when it was renamed; check() is cheap, so a file copied in is checked too
+        if check:
+            try:
+                check(dest)
+            except PrepareError as e:
+                raise PrepareError(f"{e}; delete it and run the same command again") from None
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -539,9 +544,13 @@ def cmd_fineweb(args):
     if not 1 <= args.shards <= FINEWEB["shards"]:
         raise PrepareError(f"--shards must be between 1 and {FINEWEB['shards']}")
     source = {"name": "fineweb-edu10b", "shards": args.shards, "from_parquet": args.from_parquet}
+    prefix = FINEWEB["prefix"]
+    extra = sorted(args.out.glob(f"{prefix}_train_*.bin"))[args.shards:]
+    if extra:   # the loader reads every shard in the folder: fewer would be a claim, not the dataset
+        raise PrepareError(f"--out {args.out} holds {args.shards + len(extra)} train shards, more than --shards "
+                           f"{args.shards}; pass --shards {args.shards + len(extra)} or another --out")
     if open_out(args.out, source):
         return
-    prefix = FINEWEB["prefix"]
     if args.from_parquet:
         fineweb_from_parquet(args)
     else:

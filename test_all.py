@@ -1111,6 +1111,25 @@ def test_prepare_fineweb_corrupt_shards_are_rejected(tmp_path, server, capsys):
     assert err.count("\n") == 1 and "sha256" in err and looks_valid(out) == []
 
 
+def test_prepare_fineweb_fewer_shards_than_the_folder_holds_or_a_cut_shard_is_refused(tmp_path, server, capsys):
+    for name, n in (("val_000000", 300), ("train_000001", 500), ("train_000002", 400)):
+        Handler.files[f"/fw/finewebedu_{name}.bin"] = shard(range(n))
+    out = tmp_path / "fw"
+    argv = ["fineweb-edu10b", "--out", str(out), "--base-url", f"{server}/fw", "--shards"]
+    assert prepare.main(argv + ["2"]) == 0 and meta(out)["splits"]["train"]["tokens"] == 900
+    capsys.readouterr()
+    assert prepare.main(argv + ["1"]) == 1   # the loader would read both shards: meta would claim 500 tokens
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 2 train shards" in err and "--shards 2" in err
+    assert meta(out)["source"]["shards"] == 2   # the dataset is left as it was
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "finewebedu_val_000000.bin").write_bytes(shard(range(300))[:-2])   # a cut shard copied in by hand
+    assert prepare.main(argv + ["2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finewebedu_val_000000.bin: not a whole llm.c shard" in err and "delete it" in err
+
+
 def test_prepare_fineweb_from_parquet_without_pyarrow_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
