@@ -473,9 +473,6 @@ def model_and_tokenizer(cfg):
     data = core.TokenData(cfg.data)
     model = core.load_model(PAPER, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"), data=data)
     tok = core.get_tokenizer(data.tokenizer)
-    if tok.n_vocab > model.cfg.vocab_size:
-        raise core.ConfigError(f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than the {tok.name} "
-                               "tokenizer's: published checkpoints need the Llama-2 tokenizer (not bundled)")
     device = core.resolve_device(cfg)
     return model.to(device), device, tok
 
@@ -648,7 +645,7 @@ ACTIONS = {"attn-grid": ("signed attention of the last query, every layer and he
 
 PAPER = core.Paper("cogformer", CogConfig, build_model, baseline="transformer", doc=__doc__, actions=ACTIONS,
                    convert=published_to_ours, formats="the paper's published checkpoints (cog_/vanilla_ckpt_*.pt)",
-                   size_preset="141m-gpt2")
+                   published_tokenizer="llama2", size_preset="141m-gpt2")
 
 
 def main(argv=None):

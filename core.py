@@ -193,6 +193,7 @@ class Paper:
     flags: dict = field(default_factory=dict)    # action-only flags {"--name": argparse kwargs}: not saved in runs
     convert: object = None     # (ckpt, path, given flags) -> (cfg, state_dict) of a published format, or None
     formats: str = ""          # what convert reads, named in load_model's error
+    published_tokenizer: str = "gpt2"  # the tokens the published checkpoints read: their data is refused otherwise
     size_preset: str = "124m"  # the 124m-class preset: bench.py and a GPU's default run
     bench_rows: dict = field(default_factory=dict)  # bench.py rows beside the variants {label: config overrides}
 
@@ -952,9 +953,9 @@ def written_by(ckpt, path):
 
 
 def read_model(paper, path, given=None, ckpt=None):
-    """A checkpoint for `paper` -> (its config dict, state_dict, its dataset or None, the file's object). Ours must
-    come from this script; another format goes through paper.convert; anything else is one line naming what this
-    script reads."""
+    """A checkpoint for `paper` -> (its config dict, state_dict, its dataset (a published file: its tokenizer) or
+    None, the file's object). Ours must come from this script; another format goes through paper.convert; anything
+    else is one line naming what this script reads."""
     ckpt = load_checkpoint(path) if ckpt is None else ckpt  # a caller that read it already
     if isinstance(ckpt, dict) and ckpt.get("format") == "attnlab":
         script, variant = written_by(ckpt, path), ckpt["config"].get("variant", "")
@@ -970,7 +971,7 @@ def read_model(paper, path, given=None, ckpt=None):
     if got is None:
         raise ConfigError(f"{path}: not a checkpoint {paper.name}.py reads (it reads attnlab checkpoints of "
                           f"{paper.name}.py{', ' + paper.formats if paper.formats else ''})")
-    return asdict(got[0]), got[1], None, ckpt
+    return asdict(got[0]), got[1], {"tokenizer": paper.published_tokenizer}, ckpt
 
 
 def load_state(model, state, path):
@@ -989,10 +990,11 @@ def load_state(model, state, path):
 
 def check_tokenizer(info, data):
     """Refuse data (TokenData) of another tokenizer than the model's; info: what its checkpoint records of its data
-    (None: nothing, e.g. a published file)."""
-    if info and (info["tokenizer"], info["vocab_size"]) != (data.tokenizer, data.vocab_size):
+    (None: nothing; a published file: its tokenizer alone)."""
+    if info and (info["tokenizer"], info.get("vocab_size", data.vocab_size)) != (data.tokenizer, data.vocab_size):
+        vocab = f" ({info['vocab_size']})" if "vocab_size" in info else ""
         raise ConfigError(f"{data.path} holds {data.tokenizer} tokens ({data.vocab_size}); the model was trained on "
-                          f"{info['tokenizer']} ({info['vocab_size']}): pass --data with its tokenizer")
+                          f"{info['tokenizer']}{vocab}: pass --data with its tokenizer")
 
 
 def load_model(paper, path, device="cpu", given=None, data=None):

@@ -1064,6 +1064,7 @@ def kernel_bench_action(cfg, args):
 PAPER = core.Paper(
     "sparse_byte", SparseByteConfig, build_model, baseline="dense", doc=__doc__, convert=from_thesis,
     formats="the thesis's model files ({'model_state_dict', 'config', ...}, {'model': ...} or a bare state_dict)",
+    published_tokenizer="bytes",
     actions={"metrics": ("head metrics (entropy, sparsity, distance) of --init-from or <out>/ckpt.pt on the first "
                          "--metric-seqs val windows of --data -> <out>/head_metrics.csv", metrics_action),
              "cluster": ("k-means of the head metrics of --runs (run dirs or CSVs; default --out): silhouettes, "

@@ -114,6 +114,12 @@ def tutorial(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("tutorial"), text_splits(tutorial_bytes(), 0.1))
 
 
+def tutorial_as(path, tokenizer):
+    """The tutorial's bytes labelled as ids of another tokenizer (the tests' published models have 256 ids): data of
+    a published model's tokenizer, which load_model and --init-from refuse any other data for."""
+    return write_dataset(path, text_splits(tutorial_bytes(), 0.1), tokenizer)
+
+
 def cli_runs(main, root, runs, *flags):
     """{name: out dir}: `main --train --preset tiny --device cpu *flags *runs[name] --out root/name`, each exiting 0
     (same seed, so every run sees the same batches)."""
@@ -1520,10 +1526,13 @@ def test_attn_bias_published_default_with_bias_keys_loads_as_attn_bias(tmp_path,
 
 def test_attn_bias_cli_eval_published_and_user_mistakes(tutorial, tmp_path, capsys):
     torch.save(ab_published("sink", Tb=64), tmp_path / "sink.pt")
-    assert ab.main(["--eval", "--init-from", str(tmp_path / "sink.pt"), "--data", tutorial, "--device", "cpu",
-                    "--eval-tokens", "2000"]) == 0
+    argv = ["--eval", "--init-from", str(tmp_path / "sink.pt"), "--device", "cpu", "--eval-tokens", "2000"]
+    assert ab.main(argv + ["--data", tutorial]) == 2   # the paper's models read GPT-2 tokens, not bytes
+    assert_one_line_error(capsys.readouterr().err, "holds bytes tokens (256); the model was trained on gpt2:")
+    gpt2 = tutorial_as(tmp_path / "gpt2", "gpt2")
+    assert ab.main(argv + ["--data", gpt2]) == 0
     out = capsys.readouterr().out
-    assert "ppl" in out and "bits/tok" in out and out.startswith(f"attn_bias/sink on {tutorial}")
+    assert "ppl" in out and "bits/tok" in out and out.startswith(f"attn_bias/sink on {gpt2}")
     loss, ppl, bits = map(float, out.splitlines()[2].split()[2:5])
     assert abs(ppl - math.exp(loss)) < 1e-2 * ppl and abs(bits - loss / math.log(2)) < 1e-3
     bad = dict(state=torch.zeros(1))
@@ -1914,12 +1923,15 @@ def test_cogformer_published_checkpoint_reproduces_reference_logits(tmp_path, at
         core.load_model(cg.PAPER, path)
 
 
-def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial):
+def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial, capsys):
     path = str(tmp_path / "cog_ckpt_100.00_Bi.pt")
     torch.save(published_ckpt("np"), path)
     out = str(tmp_path / "ft")
-    assert cg.main(["--train", "--init-from", path, "--data", tutorial, "--out", out, "--device", "cpu",
-                    "--max-iters", "2", "--batch-size", "2", "--eval-iters", "1", "--log-interval", "1"]) == 0
+    argv = ["--train", "--init-from", path, "--out", out, "--device", "cpu", "--max-iters", "2", "--batch-size", "2",
+            "--eval-iters", "1", "--log-interval", "1"]
+    assert cg.main(argv + ["--data", tutorial]) == 2   # its ids are Llama-2's, not bytes
+    assert_one_line_error(capsys.readouterr().err, "the model was trained on llama2")
+    assert cg.main(argv + ["--data", tutorial_as(tmp_path / "llama2", "llama2")]) == 0
     model = core.load_model(cg.PAPER, os.path.join(out, "ckpt.pt"))
     assert model.cog == [1] and model.cfg.n_embd == 64 and model.cfg.block_size == 32
     ref = core.load_model(cg.PAPER, path)
@@ -3718,7 +3730,8 @@ def test_reflex_original_split_from_config_and_user_mistakes(tmp_path, monkeypat
 
 def test_reflex_original_checkpoint_cli_round_trip(tmp_path, monkeypatch, tutorial, capsys):
     _, path = original_run(tmp_path, monkeypatch, "mini-gpt-run", (4, 2, 2))
-    common = ["--data", tutorial, "--device", "cpu", "--eval-tokens", "512", "--batch-size", "4"]
+    common = ["--data", tutorial_as(tmp_path / "gpt2", "gpt2"), "--device", "cpu", "--eval-tokens", "512",
+              "--batch-size", "4"]
     rc, out, err = run_cli("reflex.py", "--eval", "--init-from", path, "--heads", "4-2-2", *common)
     assert rc == 0 and "val" in out, err
     rc, out, err = cli(capsys, "--eval", "--init-from", path, *common)  # no split anywhere
