@@ -285,8 +285,8 @@ class BiasKeyAttention(torch.autograd.Function):
     """Causal attention over [k'; K] on a stock kernel that only sees the T real keys.
 
     Backward: the kernel's own backward, given out and L' instead of its forward's output and lse, recomputes the
-    (T+1)-key probabilities e^(s_ij − L') and D = rowsum(dO∘out), so it returns the exact dq, dk, dv for the real
-    keys. The bias key adds ds = p (dO·v' − D): dq += ds k'/√D, dk' = Σ ds q/√D, dv' = Σ p dO."""
+    (T+1)-key probabilities e^(s_ij − L') and Δ = rowsum(dO∘out), so it returns the exact dq, dk, dv for the real
+    keys. The bias key adds ds = p (dO·v' − Δ): dq += ds k'/√D, dk' = Σ ds q/√D, dv' = Σ p dO."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_bias, v_bias, kernel):
@@ -305,8 +305,8 @@ class BiasKeyAttention(torch.autograd.Function):
             dout = torch.empty_like(out).copy_(dout)
         dq, dk, dv = KERNELS[ctx.kernel][1](dout, q, k, v, out, lse_b, tensors, ctx.ints, ctx.scale)
         do = dout.float()
-        D = (do * out.float()).sum(-1, keepdim=True)                   # (B, H, T, 1)
-        ds = p * ((do * v_bias.float()).sum(-1, keepdim=True) - D)     # grad of the bias logit s
+        delta = (do * out.float()).sum(-1, keepdim=True)               # (B, H, T, 1)
+        ds = p * ((do * v_bias.float()).sum(-1, keepdim=True) - delta)  # grad of the bias logit s
         dq = dq + (ds * k_bias.float() * ctx.scale).to(dq.dtype)
         dk_bias = (ds * q.float()).sum((0, 2), keepdim=True) * ctx.scale
         dv_bias = (p * do).sum((0, 2), keepdim=True)
@@ -406,10 +406,67 @@ def analyze_model(path, data, tok, seed, device):
     log = core.read_log(run) if os.path.exists(os.path.join(run, "log.jsonl")) else []
     ms = sorted(r["ms"] for r in log[1:] if r.get("ms"))  # the first record includes compilation
     return dict(source=path, variant=cfg.variant, n_layer=L, window_loss=sig(s["loss"]), windows=N_WINDOWS,
-                val_loss_log=last_val_loss(log), step_ms=ms[len(ms) // 2] if ms else None,
+                measured_on=measured_on(data, seed), val_loss_log=last_val_loss(log),
+                step_ms=ms[len(ms) // 2] if ms else None,
                 layerwise=s["layerwise"], attention=s["attention"],
                 prompt=dict(layer=layer, tokens=["<sink>"] * (cfg.variant == "sink") + [tok.decode([t]) for t in ids],
                             abs=[sig(r) for r in grid.tolist()]))
+
+
+def analyze_source(source, data, tok, seed, device):
+    """analyze_model of a checkpoint; a run folder's result is kept in it (activations.json), so that the figure of
+    several runs can be drawn where their checkpoints are gone (logs copied back from a GPU machine, each run
+    trained in its own lease) as long as the kept result is of the run's final model (its log's last val loss)."""
+    if not os.path.isdir(source):
+        return analyze_model(source, data, tok, seed, device)
+    ckpt, kept = os.path.join(source, "ckpt.pt"), os.path.join(source, "activations.json")
+    if os.path.exists(ckpt) or not os.path.exists(kept):
+        res = analyze_model(ckpt, data, tok, seed, device)  # no checkpoint, nothing kept: its one-line error
+        with core.atomic(kept, "w") as f:
+            json.dump(res, f)
+        return res
+    res = json.load(open(kept))
+    if res.get("val_loss_log") != last_val_loss(core.read_log(source)):
+        raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
+    if res.get("measured_on") != measured_on(data, seed):
+        was = res.get("measured_on") or {}
+        raise core.ConfigError(f"{kept} was measured on {was.get('name', 'other data')} (val {was.get('val_tokens')} "
+                               f"tokens, --seed {was.get('seed')}), not on {data.path} with --seed {seed}: pass those")
+    return res
+
+
+def measured_on(data, seed):
+    """Which val windows a kept result read: the dataset (its name and size, as paths differ between machines) and
+    the seed that drew them."""
+    return dict(name=os.path.basename(os.path.normpath(data.path)), tokenizer=data.tokenizer,
+                val_tokens=data.tokens("val"), seed=seed)
+
+
+def analyze(cfg, args):
+    device = core.resolve_device(cfg)
+    data = core.TokenData(cfg.data)
+    tok = core.get_tokenizer(data.tokenizer)
+    results = [analyze_source(s, data, tok, cfg.seed, device) for s in args.runs or [cfg.init_from or cfg.out]]
+    base = next((r["step_ms"] for r in results if r["variant"] == "default" and r["step_ms"]), None)
+    for r in results:
+        r["x_default"] = round(r["step_ms"] / base, 3) if base and r["step_ms"] else None
+    os.makedirs(cfg.out, exist_ok=True)
+    with core.atomic(os.path.join(cfg.out, "analysis.json"), "w") as f:
+        json.dump(dict(results=results), f)
+    print(f"{N_WINDOWS} val windows of {data.path} (--seed {cfg.seed}); val loss: the run's last logged, else of "
+          "these windows")
+    print(f"{'variant':<10} {'val loss':>8} {'top-1':>8} {'layer':>5} {'median':>7} {'ratio':>7} {'key0 attn':>9} "
+          f"{'ms/step':>8} {'x default':>9}")
+    for r in results:
+        top1, median = r["layerwise"]["top1"], r["layerwise"]["median"]
+        peak = max(range(r["n_layer"]), key=top1.__getitem__)
+        ms = f"{r['step_ms']:.1f}" if r["step_ms"] else "n/a"
+        x = f"{r['x_default']:.2f}" if r["x_default"] else "n/a"
+        key0 = sum(r["attention"]["key0"]) / r["n_layer"]
+        print(f"{r['variant']:<10} {r['val_loss_log'] or r['window_loss']:>8.4f} {top1[peak]:>8.1f} {peak + 1:>5} "
+              f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.1f} {key0:>9.3f} {ms:>8} {x:>9}")
+    for p in [os.path.join(cfg.out, "analysis.json"), *plot_analysis(results, cfg.out)]:
+        print(p)
 
 
 def plot_analysis(results, out):
@@ -457,54 +514,12 @@ def layer_ticks(L):
 
 
 def save(fig, out, name):
-    import matplotlib.pyplot as plt
+    plt = core.pyplot()
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
-
-
-def analyze_source(source, data, tok, seed, device):
-    """analyze_model of a checkpoint; a run folder's result is kept in it (activations.json), so that the figure of
-    several runs can be drawn where their checkpoints are gone (logs copied back from a GPU machine, each run
-    trained in its own lease) as long as the kept result is of the run's final model (its log's last val loss)."""
-    if not os.path.isdir(source):
-        return analyze_model(source, data, tok, seed, device)
-    ckpt, kept = os.path.join(source, "ckpt.pt"), os.path.join(source, "activations.json")
-    if os.path.exists(ckpt) or not os.path.exists(kept):
-        res = analyze_model(ckpt, data, tok, seed, device)  # no checkpoint, nothing kept: its one-line error
-        with core.atomic(kept, "w") as f:
-            json.dump(res, f)
-        return res
-    res = json.load(open(kept))
-    if res.get("val_loss_log") != last_val_loss(core.read_log(source)):
-        raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
-    return res
-
-
-def analyze(cfg, args):
-    device = core.resolve_device(cfg)
-    data = core.TokenData(cfg.data)
-    tok = core.get_tokenizer(data.tokenizer)
-    results = [analyze_source(s, data, tok, cfg.seed, device) for s in args.runs or [cfg.init_from or cfg.out]]
-    base = next((r["step_ms"] for r in results if r["variant"] == "default" and r["step_ms"]), None)
-    for r in results:
-        r["x_default"] = round(r["step_ms"] / base, 3) if base and r["step_ms"] else None
-    os.makedirs(cfg.out, exist_ok=True)
-    json.dump(dict(results=results), open(os.path.join(cfg.out, "analysis.json"), "w"))
-    print(f"{'variant':<10} {'val loss':>8} {'top-1':>8} {'layer':>5} {'median':>7} {'ratio':>7} {'key0 attn':>9} "
-          f"{'ms/step':>8} {'x default':>9}")
-    for r in results:
-        top1, median = r["layerwise"]["top1"], r["layerwise"]["median"]
-        peak = max(range(r["n_layer"]), key=top1.__getitem__)
-        ms = f"{r['step_ms']:.1f}" if r["step_ms"] else "n/a"
-        x = f"{r['x_default']:.2f}" if r["x_default"] else "n/a"
-        key0 = sum(r["attention"]["key0"]) / r["n_layer"]
-        print(f"{r['variant']:<10} {r['val_loss_log'] or r['window_loss']:>8.4f} {top1[peak]:>8.1f} {peak + 1:>5} "
-              f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.1f} {key0:>9.3f} {ms:>8} {x:>9}")
-    for p in [os.path.join(cfg.out, "analysis.json"), *plot_analysis(results, cfg.out)]:
-        print(p)
 
 
 def trends(cfg, args):

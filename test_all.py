@@ -1601,12 +1601,17 @@ def test_attn_bias_analyze_keeps_each_runs_result_for_runs_without_a_checkpoint(
     assert json.load(open(tmp_path / "again" / "analysis.json"))["results"] == first
     assert os.path.getsize(tmp_path / "again" / "layerwise.png") > 10_000
     log = runs["sink"] / "log.jsonl"  # the run was trained again: its kept result is of an earlier model
-    recs = core.read_log(str(log))
+    logged, recs = log.read_text(), core.read_log(str(log))
     recs[-1]["val_loss"] += 0.5
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     capsys.readouterr()
     assert analyze("stale") == 2
     assert_one_line_error(capsys.readouterr().err, "earlier model than the run's log")
+    log.write_text(logged)
+    other = write_dataset(tmp_path / "other", text_splits(tutorial_bytes(), 0.2))  # other val windows
+    assert ab.main(["--analyze", "--runs", str(runs["sink"]), "--data", other, "--out", str(tmp_path / "o"),
+                    "--device", "cpu"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "activations.json was measured on tutorial")
     (runs["sink"] / "activations.json").unlink()
     assert analyze("none") == 2
     assert_one_line_error(capsys.readouterr().err, "checkpoint not found")
