@@ -356,6 +356,36 @@ def test_core_rope_matches_complex_rotation():
     assert torch.allclose(core.apply_rope(x, cos, sin), torch.cat((z.real, z.imag), -1), atol=1e-6)
 
 
+def test_core_init_scales_residual_projections_by_depth():
+    """N(0, 0.02) everywhere, the residual stream's output projections N(0, 0.02 / sqrt(2L)) (GPT-2)."""
+    torch.manual_seed(0)
+    for family, res in (("gpt2", ("attn.c_proj.weight", "mlp.c_proj.weight")),
+                        ("llama", ("attn.c_proj.weight", "mlp.w_down.weight"))):
+        model = core.GPT(core.Config(family=family, n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=512))
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                want = 0.02 / math.sqrt(2 * 8) if n.endswith(res) else 0.02
+                assert abs(p.std().item() - want) < 5 * want / math.sqrt(2 * p.numel()), (n, p.std().item(), want)
+
+
+def test_core_mlp_is_gelu_or_swiglu_as_written():
+    """GPT-2's exact (erf) GELU, not the tanh approximation; Llama's SwiGLU w_down(silu(w_gate x) * w_up x)."""
+    torch.manual_seed(0)
+    x = 3 * torch.randn(2, 5, 64)
+    mlp = core.MLP(tiny(family="gpt2"))
+    h = mlp.c_fc(x)
+    assert torch.allclose(mlp(x), mlp.c_proj(0.5 * h * (1 + torch.erf(h / math.sqrt(2)))), atol=1e-6)
+    mlp = core.MLP(tiny(family="llama"))
+    g = mlp.w_gate(x)
+    assert torch.allclose(mlp(x), mlp.w_down(g * torch.sigmoid(g) * mlp.w_up(x)), atol=1e-6)
+
+
+def test_core_adamw_takes_the_configs_betas():
+    cfg = tiny(beta1=0.8, beta2=0.97)
+    opt = core.GPT(cfg).configure_optimizers(cfg, "cpu")[0]
+    assert all(g["betas"] == (0.8, 0.97) for g in opt.param_groups)
+
+
 def test_core_rope_tables_are_made_once_and_equal_the_formula():
     """The llama body keeps RoPE's tables as (non-checkpointed) buffers, sliced to T: the same numbers as computing
     them in the forward, which the compiled step then recomputed in every layer."""
@@ -363,6 +393,9 @@ def test_core_rope_tables_are_made_once_and_equal_the_formula():
     cos, sin = model.context(torch.zeros(1, 40, dtype=torch.long)).rope
     want = core.rope_tables(40, model.cfg.head_dim, model.cfg.rope_theta, "cpu")
     assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]) and cos.shape == (40, model.cfg.head_dim // 2)
+    D = model.cfg.head_dim  # angle t * theta^(-2i/D) of pair i at position t
+    angle = torch.arange(40.0, dtype=torch.float64)[:, None] * model.cfg.rope_theta ** (-torch.arange(0, D, 2) / D)
+    assert torch.allclose(cos.double(), angle.cos(), atol=1e-5) and torch.allclose(sin.double(), angle.sin(), atol=1e-5)
     assert not any("rope" in k for k in model.state_dict())
 
 
@@ -559,20 +592,74 @@ def test_core_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
 
 
 def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
-    args = ["--preset", "tiny", "--device", "cpu", "--data", tutorial, "--max-iters", "8", "--log-interval", "2",
-            "--eval-interval", "8", "--batch-size", "4"]
-    rc, _, err = run_cli("core.py", "--train", *args, "--grad-accum", "2", "--out", tmp_path / "one")
-    assert rc == 0, err
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "core.py"), "--train", *args, "--out", str(tmp_path / "two")],
-                       capture_output=True, text=True, cwd=HERE, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
+    """Two ranks of 2 micro-batches each = one process of 4 (the ranks read disjoint micro-batches); MFU is each
+    process's model FLOPs over one device's peak (a stub peak: the CPU has none)."""
+    script = tmp_path / "core_peak.py"
+    script.write_text(f"import sys; sys.path.insert(0, {HERE!r}); import core\n"
+                      "core.peak_flops = lambda device: 1e10\nsys.exit(core.main(core.PAPER))\n")
+    args = [str(script), "--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial, "--max-iters", "8",
+            "--log-interval", "2", "--eval-interval", "8", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd, accum, out in (([sys.executable], "4", "one"),
+                            ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                             "2", "two")):
+        p = subprocess.run([*cmd, *args, "--grad-accum", accum, "--out", str(tmp_path / out)], capture_output=True,
+                           text=True, cwd=HERE, timeout=600, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
     one, two = core.read_log(str(tmp_path / "one")), core.read_log(str(tmp_path / "two"))
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["tokens"] == b["tokens"]
     assert one[-1]["val_loss"] == pytest.approx(two[-1]["val_loss"], rel=1e-4)
+    flops = core.GPT(tiny()).flops_per_token()
+    for log, world in ((one, 1), (two, 2)):
+        for r in log:
+            assert r["mfu"] == pytest.approx(flops * r["tok_s"] / (1e10 * world), rel=1e-2), (world, r)
+
+
+def test_core_val_loss_is_the_mean_over_fixed_val_batches(tmp_path):
+    """The logged val loss reads val batches (train and val differ here), the same ones at every evaluation."""
+    data = write_dataset(tmp_path / "d", {"train": bytes(range(97, 123)) * 400, "val": b"0123456789" * 1000})
+    cfg = tiny(data=data, eval_iters=3)
+    torch.manual_seed(0)
+    model, d = core.GPT(cfg).eval(), core.TokenData(data)
+    with torch.no_grad():
+        want = sum(model(*d.batch("val", cfg.batch_size, cfg.block_size, cfg.seed, 0, i)).item() for i in range(3)) / 3
+    assert core.estimate_loss(model, d, cfg, torch.device("cpu")) == pytest.approx(want, rel=1e-6)
+
+
+def test_core_evaluate_scores_each_next_token_of_the_split_once(tmp_path):
+    path = write_dataset(tmp_path / "d", text_splits(tutorial_bytes()[:20000], 0.2))
+    cfg = tiny(data=path)
+    torch.manual_seed(0)
+    model, d = core.GPT(cfg).eval(), core.TokenData(path)
+    r = core.evaluate(model, d, cfg, torch.device("cpu"))
+    val, T = torch.from_numpy(np.asarray(d.splits["val"][0], dtype=np.int64)), cfg.block_size
+    n, total = (len(val) - 1) // T, 0.0
+    with torch.no_grad():
+        for w in range(n):  # non-overlapping windows, each token predicted from the ones before it in its window
+            x, y = val[w * T:(w + 1) * T], val[w * T + 1:(w + 1) * T + 1]
+            total += F.cross_entropy(model(x[None])[0], y, reduction="sum").item()
+    assert r["tokens"] == n * T and r["loss"] == pytest.approx(total / (n * T), rel=1e-5)
+
+
+def test_core_bits_per_byte_of_a_bpe_dataset(tmp_path):
+    """bits/byte = bits/token * tokens / bytes: a BPE split of 3.5 bytes a token (every other test's data has 1)."""
+    ids = np.random.default_rng(0).integers(0, 256, 6000)
+    path = write_dataset(tmp_path / "d", {"train": ids, "val": ids[:2000]}, tokenizer="gpt2")
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    meta["splits"]["val"]["bytes"] = 7000
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    cfg = tiny(data=path)
+    r = core.evaluate(core.GPT(cfg), core.TokenData(path), cfg, torch.device("cpu"))
+    assert r["bpb"] == pytest.approx(r["bits_per_token"] * 2000 / 7000)
+
+
+def test_core_bench_mfu_is_model_flops_over_the_peak(monkeypatch):
+    monkeypatch.setattr(core, "peak_flops", lambda device: 1e10)
+    cfg = tiny()
+    r = core.bench(cfg, core.GPT, steps=2, warmup=1)
+    assert r["mfu"] == pytest.approx(core.GPT(cfg).flops_per_token() * r["tok_s"] / 1e10)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1557,6 +1644,35 @@ def test_attn_bias_published_checkpoint_of_other_sizes_is_one_line_error(tmp_pat
 # ----------------------------------------------------------------------------------------------------------------
 # attn_bias: analysis
 
+def test_attn_bias_paper_preset_is_the_repositorys_recipe():
+    c = ab.AttnBiasConfig(**ab.AttnBiasConfig.PRESETS["paper"], vocab_size=50304, device="cpu")
+    assert c.batch_size * c.grad_accum * c.block_size == 491_520  # 12 x 1024 x 40
+    assert (c.max_iters, c.lr_decay_iters, c.warmup_iters, c.lr, c.min_lr) == (50000, 600000, 2000, 6e-4, 6e-5)
+    assert c.lr * core.lr_mult(c.max_iters - 1, c) == pytest.approx(5.91e-4, rel=2e-3)  # never annealed (spec)
+
+
+def test_attn_bias_layer_stats_are_the_direct_statistics():
+    """Median |h| of each block's output, and the mean attention of queries 1..T-1 to key 0 and to the first real
+    token (key 1 when a sink or bias key comes first), from the recorded probabilities."""
+    for v in ("default", "sink", "attn_bias"):
+        torch.manual_seed(0)
+        model = ab.build_model(tiny(ab.AttnBiasConfig, variant=v))
+        x, y = torch.randint(0, 256, (1, 64)), torch.randint(0, 256, (1, 64))
+        s = ab.layer_stats(model, [(x, y)])
+        outs, probs = [], {}
+        hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.transformer.h]
+        with torch.no_grad():
+            model.eval()(x, record=lambda layer, p: probs.__setitem__(layer, p))
+        for h in hooks:
+            h.remove()
+        first = 0 if v == "default" else 1
+        for layer, h in enumerate(outs):
+            assert s["layerwise"]["median"][layer] == pytest.approx(h.abs().flatten().median().item(), rel=1e-3), v
+            assert s["attention"]["key0"][layer] == pytest.approx(probs[layer][:, :, 1:, 0].mean().item(), rel=1e-3)
+            assert s["attention"]["first_token"][layer] == pytest.approx(
+                probs[layer][:, :, 1:, first].mean().item(), rel=1e-3), v
+
+
 def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
     out = str(tmp_path / "ma")
     assert ab.main(["--analyze", "--runs", *ab_runs.values(), "--data", tutorial, "--out", out, "--device", "cpu"]) == 0
@@ -1572,6 +1688,7 @@ def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
         assert len(r["prompt"]["abs"]) == n and len(r["prompt"]["abs"][0]) == 64
         assert r["step_ms"] > 0
     assert res["sink"]["prompt"]["tokens"][0] == "<sink>" and res["default"]["x_default"] == 1.0
+    assert res["sink"]["x_default"] == pytest.approx(res["sink"]["step_ms"] / res["default"]["step_ms"], abs=1e-3)
     # top-1 of the last block, recomputed: max |h| over the same windows (sink included), averaged
     model = core.load_model(ab.PAPER, os.path.join(ab_runs["sink"], "ckpt.pt"))
     data = core.TokenData(tutorial)
@@ -1993,6 +2110,46 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
     fails_in_one_line(capsys, cg.main(["--neg-mass", "--out", trained["cogformer"], "--data",
                                        exo_dataset(tmp_path / "gpt2"), "--device", "cpu"]),
                       "the model was trained on bytes (256)")  # a model's numbers on another tokenizer's data
+
+
+def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial):
+    """--attn-grid: the last query's signed weights; --neg-mass: the mean negative mass per row over the val batches;
+    --probe: the L-inf of the final hidden state's difference within each head's chunk, averaged over heads."""
+    torch.manual_seed(0)
+    model = cg.CogGPT(tiny(cg.CogConfig))
+    path = str(tmp_path / "m.pt")
+    core.save_checkpoint(path, dict(format="attnlab", script="cogformer", config=dataclasses.asdict(model.cfg),
+                                    model=model.state_dict(), data=core.TokenData(tutorial).info()))
+    model.eval()
+    common = ["--init-from", path, "--data", tutorial, "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert cg.main(["--attn-grid", *common]) == 0
+    grid, seen = json.load(open(tmp_path / "o" / "attn_grid.json")), {}
+    with torch.no_grad():
+        model(torch.tensor([grid["tokens"]]), record=lambda layer, w: seen.__setitem__(layer, w[0, :, -1]))
+    for layer, w in seen.items():
+        torch.testing.assert_close(torch.tensor(grid["weights"][str(layer)]), w, atol=1e-6, rtol=1e-5)
+    assert cg.main(["--neg-mass", *common, "--eval-iters", "3", "--batch-size", "2"]) == 0
+    neg = json.load(open(tmp_path / "o" / "neg_mass.json"))["neg_mass"]
+    data, want = core.TokenData(tutorial), torch.zeros(model.cfg.n_layer)
+    for i in range(3):
+        x, _ = data.batch("val", 2, model.cfg.block_size, model.cfg.seed, 0, i)
+        add = lambda layer, w: want.__setitem__(layer, want[layer] + (-w.clamp(max=0)).sum(-1).mean() / 3)
+        with torch.no_grad():
+            model(x, record=add)
+    assert neg == pytest.approx(want.tolist(), rel=1e-5, abs=1e-7)
+    assert cg.main(["--probe", *common]) == 0
+    rep = json.load(open(tmp_path / "o" / "rep_diff.json"))["count_ones"]
+    tok, (prompt, pair) = core.get_tokenizer("bytes"), cg.PROBES["count_ones"]
+    hs = []
+    with torch.no_grad():
+        for digits in pair(rep["n"][0]):
+            out = []
+            hook = model.transformer.norm_f.register_forward_hook(lambda m, a, o: out.append(o[0, -1]))
+            model(torch.tensor([tok.encode(prompt) + tok.encode(digits)]))
+            hook.remove()
+            hs.append(out[0])
+    want = (hs[0] - hs[1]).view(model.cfg.n_head, -1).abs().amax(-1).mean().item()
+    assert rep["diff"][0] == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -2617,6 +2774,44 @@ def test_exoformer_cli_errors_are_one_line(capsys):
         "error: --residual-mode must be scalar, headwise or elementwise, not 'rowwise'"]
 
 
+def test_exoformer_paper_recipe_and_schedule():
+    c = exo.ExoConfig(**exo.ExoConfig.PRESETS["paper"], device="cpu")
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (29, 16, 1024, 2048, 57601)
+    assert c.batch_size * c.grad_accum * c.block_size == 262_144 and c.max_iters == 38147
+    assert (c.lr, c.muon_lr, c.warmup_iters, c.schedule, c.cooldown_frac, c.z_loss) == (
+        3e-3, 0.01, 1000, "wsd", 0.2, 1e-5)
+    assert core.lr_mult(c.max_iters, c) == pytest.approx(0.1)  # the warm-down ends at 0.1x, Muon and AdamW alike
+
+
+def test_exoformer_recorder_on_hand_made_attention_and_gates():
+    rec, n = exo.Recorder(), 8
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    rec(0, ((j <= i).float() / (i + 1))[None, None])  # causal uniform: query i gives 1 / (i + 1) to the first key
+    assert rec.layers[0]["sink"] == pytest.approx((1 / (torch.arange(n) + 1.0)).mean().item(), rel=1e-6)
+    assert rec.layers[0]["entropy"] == pytest.approx(torch.log(torch.arange(n) + 1.0).mean().item(), rel=1e-5)
+    rec.stat(1, "gate", torch.tensor([0.1, 0.19, 0.3, 0.9]))
+    assert rec.layers[1]["gate_sparsity"] == 0.5 and rec.layers[1]["gate_mean"] == pytest.approx(0.3725)
+
+
+def test_exoformer_measure_pca_core_and_lambda_ratios():
+    """PCA core: components for 99% of the hidden states' variance (an eigendecomposition here); lambda ratio
+    lambda1 / lambda2 per pathway."""
+    torch.manual_seed(0)
+    model = live(exo.ExoGPT(exo_tiny("nuresformer", n_layer=2)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lambda_" in n:
+                p.uniform_(0.2, 1.0)
+    idx = tokens(B=4, seed=3)
+    r = exo.measure(model, idx)
+    h = model.transformer.wte(idx).detach().double().reshape(-1, model.cfg.n_embd)
+    c = h - h.mean(0)
+    eig = torch.linalg.eigvalsh(c.T @ c).flip(0).clamp(min=0)
+    assert r["hidden_layers"]["pca_core"][0] == int((eig.cumsum(0) / eig.sum() < 0.99).sum()) + 1
+    a = model.transformer.h[1].attn
+    assert r["lambdas"]["q"][0]["ratio"] == pytest.approx((a.lambda_q1 / a.lambda_q2).flatten().tolist())
+
+
 @pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_analyze(tmp_path):
     data = exo_dataset(tmp_path)
@@ -2941,6 +3136,8 @@ def test_sparse_byte_metrics_threshold_and_renormalisation():
     p = torch.tensor([[1.0, 0.0], [0.99995, 0.00005]])
     m = sb.head_metrics(p[None, None])[0, 0]
     assert m[1].item() == pytest.approx(0.5)  # 0.0 and 5e-5 are sparse
+    p = torch.tensor([[1 - 5.5e-4, 5e-4, 5e-5, 0.0]])
+    assert sb.head_metrics(p[None, None])[0, 0, 1].item() == pytest.approx(0.5)  # 5e-4 is not below 1e-4
     torch.testing.assert_close(sb.head_metrics(3 * p[None, None]), sb.head_metrics(p[None, None]))
 
 
@@ -3257,6 +3454,30 @@ def test_sparse_byte_thesis_files_of_other_kinds_are_one_line(tmp_path):
         core.load_model(sb.PAPER, thesis_file(tmp_path, "dense")[1], given={"inverted_mask": True})
 
 
+def test_sparse_byte_thesis_preset_is_the_train_scripts_recipe():
+    p = sb.SparseByteConfig.PRESETS["thesis"]
+    assert {k: p[k] for k in ("lr", "min_lr", "warmup_iters", "weight_decay", "beta2", "grad_clip", "batch_size",
+                              "grad_accum", "dropout")} == dict(lr=1e-4, min_lr=1e-9, warmup_iters=1000,
+                                                                weight_decay=0.1, beta2=0.999, grad_clip=1.0,
+                                                                batch_size=32, grad_accum=4, dropout=0.05)
+
+
+def test_sparse_byte_thesis_stochastic_depth_and_token_dropout_rates():
+    """Layer i skipped with p = drop_path * i / L per forward; each byte replaced by byte 0 with p = token_dropout."""
+    cfg = sb.SparseByteConfig(**{**sb.SparseByteConfig.PRESETS["thesis-dense"], "n_layer": 4, "n_embd": 64,
+                                 "mlp_hidden": 64, "block_size": 64, "drop_path": 0.4, "token_dropout": 0.25})
+    model = sb.build_model(cfg).train()
+    idx = torch.randint(1, 256, (64, 64))
+    torch.manual_seed(0)
+    skips = torch.tensor([[model.context(idx[:1]).cache["skip"][i] for i in range(4)] for _ in range(2000)])
+    torch.testing.assert_close(skips.float().mean(0), torch.arange(4) * 0.4 / 4, atol=0.03, rtol=0)
+    seen = []
+    hook = model.transformer.wte.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    model.embed(idx, None)
+    hook.remove()
+    assert abs((seen[0] == 0).float().mean().item() - 0.25) < 0.03
+
+
 def test_sparse_byte_thesis_init_and_weight_decay_groups():
     cfg = sb.SparseByteConfig(**{**sb.SparseByteConfig.PRESETS["thesis-dense"], "n_layer": 2, "n_embd": 64,
                                  "mlp_hidden": 512})
@@ -3448,6 +3669,27 @@ def test_reflex_fused_matches_per_group_reference(heads):
     assert torch.allclose(lf, le, atol=1e-5)
     for n in ge:
         assert torch.allclose(gf[n], ge[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("heads", ["5-2-1", "all"])
+def test_reflex_fused_matches_per_group_reference_llama(heads):
+    """The llama body: the reference rotates the cross heads' keys too (RoPE), as the fused path does."""
+    eager, fused = eager_and_fused(heads, family="llama")
+    idx = torch.randint(0, 256, (2, 48))
+    (le, ge), (lf, gf) = reflex_grads(eager, idx), reflex_grads(fused, idx)
+    assert torch.allclose(lf, le, atol=1e-5)
+    for n in ge:
+        assert torch.allclose(gf[n], ge[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_reflex_presets_are_the_originals_recipe():
+    """The original notebook's runs: 6 layers x 8 heads, batch 32, AdamW (0.9, 0.98), eps 1e-6, 5000 iterations."""
+    for name, (C, T) in {"e512-t256": (512, 256), "e512-t1024": (512, 1024), "e768-t1024": (768, 1024)}.items():
+        c = reflex.ReflexConfig(**reflex.ReflexConfig.PRESETS[name], vocab_size=50304, device="cpu")
+        assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size, c.bias, c.dropout) == (
+            6, 8, C, T, 32, False, 0.0), name
+        assert (c.lr, c.min_lr, c.warmup_iters, c.max_iters, c.beta1, c.beta2, c.norm_eps) == (
+            1e-3, 1e-5, 400, 5000, 0.9, 0.98, 1e-6), name
 
 
 def test_reflex_rope_on_gathered_keys_equals_gathering_rotated_keys():
@@ -4219,8 +4461,23 @@ def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
 def test_bench_tokens_to_a_loss_interpolates_between_evaluations():
     curve = [(10, 1.0, 3.0), (20, 2.0, 2.0), (30, 3.0, 1.5)]
     assert bench.tokens_to(curve, 2.5) == 15 and bench.tokens_to(curve, 1.75) == 25
+    assert bench.tokens_to(curve, 2.8) == pytest.approx(12)  # off the midpoint: linear from the first evaluation
     assert bench.tokens_to(curve, 3.5) == 10  # already there at the first evaluation
     assert bench.tokens_to(curve, 1.0) is None
+
+
+def test_bench_seed_summary_means_and_spread():
+    runs = [dict(script="r", variant="v", baseline="b", val_loss=x, d_val=d)
+            for x, d in ((2.0, -0.1), (2.4, -0.3), (2.3, 0.1))]
+    s = bench.seed_summary(runs)["r/v"]
+    assert (s["val_loss"], s["mean"], s["spread"]) == pytest.approx((6.7 / 3, -0.1, 0.4))
+
+
+def test_bench_compare_token_budget_counts_grad_accum():
+    """--tokens counts every micro-batch: the attn_bias paper preset's 12 x 1024 x 40 tokens a step."""
+    args = bench.build_parser().parse_args(["--compare", "--papers", "attn_bias", "--preset", "paper", "--tokens",
+                                            str(491_520 * 3), "--data", "x"])
+    assert bench.compare_cmd(args, bench.script("attn_bias"), "attn_bias.py", "attn_bias", "paper")[1] == 3
 
 
 def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
