@@ -409,6 +409,19 @@ def test_core_lr_schedule():
     assert core.lr_mult(79, wsd) == 1.0 and core.lr_mult(90, wsd) == pytest.approx(0.5)
 
 
+def test_core_lr_schedule_decay_horizon_and_floor():
+    """--lr-decay-iters shorter than the run: cosine stays at min_lr after it (no rise back); WSD's cool-down is
+    cooldown_frac of lr_decay_iters (not of max_iters) and ends at min_lr, linear from lr to min_lr."""
+    cos = tiny(lr=1.0, min_lr=0.1, warmup_iters=0, max_iters=100, lr_decay_iters=50)
+    assert [core.lr_mult(it, cos) for it in (50, 75, 99)] == pytest.approx([0.1, 0.1, 0.1])
+    wsd = tiny(lr=1.0, min_lr=0.0, warmup_iters=0, max_iters=100, lr_decay_iters=50, schedule="wsd",
+                 cooldown_frac=0.2)
+    assert core.lr_mult(39, wsd) == 1.0 and core.lr_mult(45, wsd) == pytest.approx(0.5)
+    assert core.lr_mult(60, wsd) == 0.0
+    floor = tiny(lr=1.0, min_lr=0.1, warmup_iters=0, max_iters=100, schedule="wsd", cooldown_frac=0.2)
+    assert [core.lr_mult(it, floor) for it in (79, 80, 90, 100)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # core: data and tokenizer
 
@@ -475,6 +488,50 @@ def test_core_gpt2_tokenizer_offline(monkeypatch):
     monkeypatch.setenv("ATTNLAB_TIKTOKEN", "/nonexistent/gpt2.tiktoken")
     with pytest.raises(core.ConfigError, match="not found"):
         core.get_tokenizer("gpt2")
+
+
+def test_core_loader_windows_shards_and_micro_batches(tmp_path):
+    """Window starts are uniform over every position of the token files (shards weighted by their window starts, the
+    last start included, a split of exactly T + 1 tokens read); micro-batches of one step are distinct draws."""
+    T = 16
+    long_, short = np.arange(0, 4000) % 200, 200 + np.arange(0, 416) % 50  # shards of 3984 and 400 window starts
+    d = tmp_path / "d"
+    d.mkdir()
+    for i, ids in enumerate((long_, short)):
+        ids.astype(np.uint8).tofile(d / f"x_train_{i:06d}.bin")
+    np.arange(T + 1, dtype=np.uint8).tofile(d / "val.bin")  # one window exactly
+    json.dump(dict(dtype="uint8", vocab_size=256, tokenizer="bytes"), open(d / "meta.json", "w"))
+    data = core.TokenData(str(d))
+    firsts = torch.cat([data.batch("train", 64, T, 0, s)[0][:, 0] for s in range(40)])
+    share = (firsts >= 200).float().mean().item()
+    assert share == pytest.approx(400 / 4384, abs=0.02)  # not 1/2: a shard counts by its window starts
+    x, y = data.batch("val", 4, T, 0, 0)
+    assert torch.equal(x[0], torch.arange(T)) and torch.equal(y[0], torch.arange(1, T + 1))
+    assert not torch.equal(data.batch("train", 8, T, 0, 3, index=0)[0], data.batch("train", 8, T, 0, 3, index=1)[0])
+
+
+def greedy(model, idx, n):
+    for _ in range(n):
+        nxt = model(idx[:, -model.cfg.block_size:])[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat((idx, nxt), 1)
+    return idx
+
+
+@torch.no_grad()
+def test_core_generate_temperature_top_k_and_context_crop():
+    """top_k=1 and a near-zero temperature are both greedy decoding; a context longer than block_size is cropped to its
+    last block_size tokens (the next token follows from the most recent ones)."""
+    torch.manual_seed(0)
+    cfg = tiny(block_size=16)
+    model = core.GPT(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # peaked logits: sampling at temperature 1 is far from greedy
+    idx = torch.randint(0, 256, (2, 24))  # longer than block_size
+    want = greedy(model, idx, 6)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(idx, 6, temperature=1.0, top_k=1), want)
+    torch.manual_seed(2)
+    assert torch.equal(model.generate(idx, 6, temperature=1e-4), want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -852,6 +909,115 @@ def test_core_plots_refuse_runs_of_different_tokenizers(core_run, tutorial, tmp_
     assert core_main("--plot", "--out", core_run) == 0
     assert os.path.getsize(os.path.join(core_run, "loss.png")) > 1000
     assert core.run_label(core_run) == (f"run (core, {os.path.basename(tutorial)})", "bytes")  # model and dataset
+
+
+def test_core_decay_groups_are_matrices_and_embeddings_only():
+    model = core.GPT(tiny(bias=True))
+    decay, no_decay = model.configure_optimizers(model.cfg, "cpu")[0].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert "transformer.norm_f.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+class SGDGPT(core.GPT):
+    """Plain SGD: the update is lr x the (clipped) gradient, so clipping is visible in the weights (AdamW's first
+    step is not)."""
+    def configure_optimizers(self, cfg, device_type):
+        opt = torch.optim.SGD(self.parameters(), lr=cfg.lr)
+        opt.param_groups[0]["base_lr"] = cfg.lr
+        return [opt]
+
+
+def test_core_gradients_are_clipped_to_grad_clip_before_the_step(tutorial, tmp_path):
+    torch.manual_seed(0)
+    for clip in (1e-3, 0.0):
+        cfg = tiny(data=tutorial, out=str(tmp_path / str(clip)), max_iters=1, warmup_iters=0, lr=1.0, min_lr=1.0,
+                     grad_clip=clip, eval_interval=1, eval_iters=1)
+        model = SGDGPT(cfg)
+        before = [p.detach().clone() for p in model.parameters()]
+        core.train(core.PAPER, cfg, model)
+        moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+        logged = core.read_log(cfg.out)[-1]["grad_norm"]  # the norm before clipping
+        assert logged > 0.05
+        assert moved == pytest.approx(clip if clip else logged, rel=1e-3)
+
+
+def test_core_log_records_of_a_run_that_stops_between_intervals(tutorial, tmp_path):
+    """max_iters 23 with log 5 / eval 10: the last step is evaluated and checkpointed, its loss is the mean of its 3
+    steps; tokens count every micro-batch from step 0, also after a resume; tokens/s x ms/step = tokens per step."""
+    kw = dict(lr=1e-7, min_lr=0.0, grad_accum=2, log_interval=5, eval_interval=10)
+    train_tiny(tutorial, tmp_path, max_iters=13, **kw)
+    _, _, log = train_tiny(tutorial, tmp_path, max_iters=23, resume=True, **kw)
+    per_step = 8 * 2 * 64
+    assert [r["step"] for r in log] == [5, 10, 13, 15, 20, 23]
+    assert [r["tokens"] for r in log] == [r["step"] * per_step for r in log]
+    assert log[-1].get("val_loss") is not None and core.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 23
+    losses = [r["loss"] for r in log]  # lr ~0: every step's loss is about the same
+    assert max(losses) / min(losses) < 1.05
+    for r in log:
+        assert r["tok_s"] * r["ms"] / 1e3 == pytest.approx(per_step, rel=0.02)
+
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_core_nan_gradient_with_a_finite_loss_stops_before_its_checkpoint(tutorial, tmp_path):
+    """A finite loss with a non-finite gradient norm (fp16/bf16 overflow) is divergence too: the step-20 evaluation is
+    not written, the step-10 checkpoint stays."""
+    class Exploding(core.GPT):
+        def loss_fn(self, logits, targets):
+            loss = super().loss_fn(logits, targets)
+            return NanGrad.apply(loss) if self.training and self.it == 19 else loss
+    cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=40, eval_interval=10, log_interval=5)
+    model = Exploding(cfg)
+    real = core.lr_mult
+    core.lr_mult = lambda it, c: (setattr(model, "it", it), real(it, c))[1]
+    try:
+        with pytest.raises(core.ConfigError, match="diverged.*before step 20.*step 10"):
+            core.train(core.PAPER, cfg, model)
+    finally:
+        core.lr_mult = real
+    ckpt = core.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_core_dropout_masks_change_every_step(tutorial, tmp_path):
+    cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=4, dropout=0.5, eval_interval=4, log_interval=4)
+    model, masks = core.GPT(cfg), []
+    model.transformer.drop.register_forward_hook(lambda m, i, o: masks.append(o == 0) if m.training else None)
+    core.train(core.PAPER, cfg, model)
+    assert len(masks) == 4 and 0.4 < masks[0].float().mean() < 0.6
+    assert all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))
+
+
+@torch.no_grad()
+def test_core_dropout_on_embeddings_in_training_and_nowhere_in_eval():
+    torch.manual_seed(0)
+    model, plain = core.GPT(tiny(dropout=0.5)), core.GPT(tiny())
+    plain.load_state_dict(model.state_dict())
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    idx = torch.randint(0, 256, (4, 64))
+    model.train()(idx)
+    assert 0.45 < (seen[0] == 0).float().mean() < 0.55  # the block stack reads dropped embeddings
+    model.eval()
+    assert torch.equal(model(idx), plain.eval()(idx)) and torch.equal(model(idx, idx), plain(idx, idx))
+
+
+def test_core_resume_applies_the_weight_decay_given_now(tutorial, tmp_path):
+    train_tiny(tutorial, tmp_path, max_iters=10, eval_interval=10)
+    train_tiny(tutorial, tmp_path, max_iters=20, eval_interval=10, weight_decay=0.0, resume=True)
+    groups = core.load_checkpoint(str(tmp_path / "ckpt.pt"))["optimizers"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1651,6 +1817,13 @@ def test_attn_bias_paper_preset_is_the_repositorys_recipe():
     assert c.lr * core.lr_mult(c.max_iters - 1, c) == pytest.approx(5.91e-4, rel=2e-3)  # never annealed (spec)
 
 
+def test_attn_bias_short_preset_is_a_full_cosine_over_800_steps():
+    """The docstring's one-GPU minute: 124M at T=1024, 12,288 tokens a step, a full cosine over 800 steps."""
+    c = ab.AttnBiasConfig(**ab.AttnBiasConfig.PRESETS["short"], device="cpu")
+    assert c.batch_size * c.grad_accum * c.block_size == 12_288 and (c.max_iters, c.warmup_iters) == (800, 100)
+    assert core.lr_mult(799, c) > 0.1 + 1e-6 and core.lr_mult(800, c) == pytest.approx(0.1)
+
+
 def test_attn_bias_layer_stats_are_the_direct_statistics():
     """Median |h| of each block's output, and the mean attention of queries 1..T-1 to key 0 and to the first real
     token (key 1 when a sink or bias key comes first), from the recorded probabilities."""
@@ -2044,6 +2217,16 @@ def test_cogformer_published_checkpoint_reproduces_reference_logits(tmp_path, at
     torch.save(ckpt, path)
     with pytest.raises(core.ConfigError, match="published checkpoints .* without 'head_dim'"):
         core.load_model(cg.PAPER, path)
+
+
+def test_cogformer_published_checkpoint_without_norm_eps_takes_the_class_default():
+    """Spec: RMSNorm eps = the checkpoint config's norm_eps, else the released class default 1e-6."""
+    ckpt = published_ckpt("np")
+    del ckpt["model_cfg"]["norm_eps"]
+    cfg, _ = cg.published_to_ours(ckpt)
+    assert cfg.norm_eps == 1e-6
+    model = cg.build_model(cfg)
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
 
 
 def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial, capsys):
@@ -2774,6 +2957,24 @@ def test_exoformer_cli_errors_are_one_line(capsys):
         "error: --residual-mode must be scalar, headwise or elementwise, not 'rowwise'"]
 
 
+@torch.no_grad()
+def test_exoformer_nuresformer_normalises_every_layer0_anchor(monkeypatch):
+    """NuResFormer (official model2): layer 0's q, k, v and g anchors are all RMS-normalised (q/k by its QK-norm,
+    v/g by v_res_norm / g_res_norm; weights 1 at init): unit RMS per head vector. nuresformer_oqkrn normalises none."""
+    seen = []
+    real = exo.ExoAttention.layer0_anchor
+    monkeypatch.setattr(exo.ExoAttention, "layer0_anchor", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    for variant, normed in (("nuresformer", True), ("nuresformer_oqkrn", False)):
+        seen.clear()
+        model = live(exo.ExoGPT(exo_tiny(variant, n_layer=2)))
+        for n, p in model.named_parameters():
+            if n.endswith(("norm.weight", "norm_1.weight", "norm_2.weight")):
+                p.fill_(1.0)
+        model(tokens())
+        rms = seen[0].float().pow(2).mean(-1).sqrt()  # (B, T, P, H)
+        assert rms.shape[2] == 4 and torch.allclose(rms, torch.ones_like(rms), atol=1e-3) == normed
+
+
 def test_exoformer_paper_recipe_and_schedule():
     c = exo.ExoConfig(**exo.ExoConfig.PRESETS["paper"], device="cpu")
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (29, 16, 1024, 2048, 57601)
@@ -3197,6 +3398,36 @@ def test_sparse_byte_silhouette_matches_direct_computation():
         assert s[i] == pytest.approx((b - a) / max(a, b), rel=1e-10)
 
 
+def inertia(X, labels):
+    return sum(((X[labels == c] - X[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels))
+
+
+def test_sparse_byte_kmeans_plus_plus_seeding_and_best_of_n_init():
+    """k-means++ seeds one center per far-apart cluster (one init suffices; uniform seeding puts two in one cluster
+    and Lloyd keeps them there); of n_init runs the one of least inertia is returned."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(8), 10)
+    Y = 1000 * np.eye(8)[truth] + rng.normal(0, 1, (80, 8))
+    for s in range(5):
+        assert len(set(zip(truth, sb.kmeans(Y, 8, s, n_init=1)[0]))) == 8
+    truth = np.repeat(np.arange(8), 20)
+    X = rng.uniform(0, 10, (8, 2))[truth] + rng.normal(0, 0.8, (160, 2))
+    best, first = zip(*[(inertia(X, sb.kmeans(X, 8, s)[0]), inertia(X, sb.kmeans(X, 8, s, n_init=1)[0]))
+                        for s in range(5)])
+    assert all(b <= f + 1e-9 for b, f in zip(best, first)) and sum(best) < sum(first) - 1
+
+
+def test_sparse_byte_distance_is_absolute_under_the_inverted_mask():
+    """The thesis's as-run sparse models attend to later keys (--inverted-mask): distance = sum A |i - j| / sum A
+    is a distance there too (each query on the next key: 1, not -1)."""
+    T = 16
+    nxt = torch.zeros(T, T)
+    nxt[torch.arange(T - 1), torch.arange(1, T)] = 1.0
+    nxt[T - 1, T - 2] = 1.0
+    m = sb.head_metrics(nxt[None, None])[0, 0]
+    assert m[2].item() == pytest.approx(1.0)
+
+
 # ---- sparse_byte: command line
 
 def test_sparse_byte_thesis_knobs_map_onto_core(tmp_path):
@@ -3476,6 +3707,16 @@ def test_sparse_byte_thesis_stochastic_depth_and_token_dropout_rates():
     model.embed(idx, None)
     hook.remove()
     assert abs((seen[0] == 0).float().mean().item() - 0.25) < 0.03
+
+
+def test_sparse_byte_num_epochs_counts_the_thesis_batches(tmp_path):
+    """create_batches: (train tokens - 1) // (batch_size x seq_length) batches per epoch (inputs and targets
+    shifted by one), then // grad_accum."""
+    path = write_dataset(tmp_path / "d", {"train": bytes(10 * 4 * 16), "val": bytes(100)})
+    for epochs, accum, want in ((1, 1, 9), (2, 1, 18), (2, 2, 9)):
+        cfg = sb.SparseByteConfig(vocab_size=256, batch_size=4, block_size=16, grad_accum=accum, num_epochs=epochs)
+        cfg.fit_data(core.TokenData(path))
+        assert cfg.max_iters == want
 
 
 def test_sparse_byte_thesis_init_and_weight_decay_groups():
@@ -3796,6 +4037,11 @@ def test_reflex_cli_charts(reflex_runs, tutorial, tmp_path, capsys):
     assert "tok/s" in stdout and "MFU n/a" in stdout and "521 (reflex/reflex 5-2-1, " in stdout  # each run named
     (tmp_path / "log.jsonl").write_text("")  # a run killed before its first log line
     assert cli(capsys, "--charts", "--out", reflex_runs["base"], "--runs", tmp_path)[0] == 2
+
+
+def test_reflex_speed_skips_the_first_logged_interval():
+    log = [dict(tok_s=1.0, mfu=0.01), dict(tok_s=100.0, mfu=0.5), dict(tok_s=110.0, mfu=0.6)]
+    assert reflex.speed_of(log) == (105.0, pytest.approx(0.55))
 
 
 def test_reflex_bench_rows_are_every_split():
@@ -4471,6 +4717,60 @@ def test_bench_seed_summary_means_and_spread():
             for x, d in ((2.0, -0.1), (2.4, -0.3), (2.3, 0.1))]
     s = bench.seed_summary(runs)["r/v"]
     assert (s["val_loss"], s["mean"], s["spread"]) == pytest.approx((6.7 / 3, -0.1, 0.4))
+
+
+def test_bench_compare_seeds_are_compared_with_the_baseline_of_their_seed(tmp_path, bytes_data, monkeypatch):
+    """--seeds: each run's difference is to the baseline trained with the same seed; epochs are of one run; the
+    schedule is a tenth warm-up and --evals evaluations (trainings stubbed: logs written directly)."""
+    val = {("baseline", "1"): 3.0, ("baseline", "2"): 2.0, ("reflex", "1"): 2.9, ("reflex", "2"): 1.95}
+    cmds = {}
+
+    def fake(cmd, out, env=None):
+        os.makedirs(out, exist_ok=True)
+        n, seed = int(cmd[cmd.index("--max-iters") + 1]), cmd[cmd.index("--seed") + 1]
+        variant = "reflex" if "reflex-reflex" in out else "baseline"
+        cmds[variant, seed] = cmd
+        recs = [dict(step=s, tokens=s * 512, ms=10.0, tok_s=51200, mfu=None, mem_gb=None, loss=3.0,
+                     val_loss=val[variant, seed] + (0.5 if s < n else 0)) for s in (n // 2, n)]
+        open(os.path.join(out, "log.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in recs)
+    monkeypatch.setattr(bench, "train_run", fake)
+    args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
+                                            "--data", bytes_data, "--max-iters", "40", "--evals", "2", "--seeds",
+                                            "1,2", "--out", str(tmp_path)])
+    assert bench.compare(args, gpu=False) == 0
+    runs = {(r["variant"], r["seed"]): r for r in json.load(open(tmp_path / "compare.json"))["runs"]}
+    assert runs["reflex", 1]["d_val"] == pytest.approx(-0.1) and runs["reflex", 2]["d_val"] == pytest.approx(-0.05)
+    train = core.TokenData(bytes_data).tokens("train")
+    assert runs["reflex", 2]["epochs"] == pytest.approx(40 * 512 / train)
+    cmd = cmds["reflex", "1"]
+    assert [cmd[cmd.index(f) + 1] for f in ("--warmup-iters", "--eval-interval")] == ["4", "20"]
+
+
+def test_bench_speed_ratios_prefer_the_baselines_auto_row():
+    rows = [dict(script="reflex", variant="baseline", baseline="baseline", T=64, impl="eager", tok_s=50.0),
+            dict(script="reflex", variant="baseline", baseline="baseline", T=64, impl="auto", tok_s=100.0),
+            dict(script="reflex", variant="reflex", baseline="baseline", T=64, impl="auto", tok_s=80.0),
+            dict(script="core", variant="", baseline="", T=64, impl="eager", tok_s=40.0),
+            dict(script="core", variant="", baseline="", T=64, impl="auto", tok_s=160.0)]
+    bench.add_ratios(rows)
+    assert rows[2]["x_baseline"] == pytest.approx(0.8) and rows[2]["x_core"] == pytest.approx(0.5)
+
+
+def test_bench_summarize_counts_the_first_interval_at_the_median_step():
+    """The first logged interval holds the compilation (and warm-up): counted at the median step time even when it
+    is not 3x slower."""
+    log = [dict(step=s, tokens=s, ms=ms, tok_s=1.0) for s, ms in ((5, 25.0), (10, 10.0), (15, 10.0), (20, 10.0))]
+    assert bench.summarize(log)["train_s"] == pytest.approx(20 * 10 / 1e3)
+
+
+def test_bench_parity_flags_a_slightly_wrong_fp32_fast_path(monkeypatch):
+    """fp32 tolerance 2e-3: a fast path whose softmax scale is 20% off (a 1.4e-2 error) is a FAIL, not ok."""
+    s = bench.script("core")
+    cfg = bench.make_cfg(s, "", "tiny", device="cpu")
+    monkeypatch.setattr(core.Attention, "attend_sdpa", lambda self, q, k, v, ctx: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=1.2 / math.sqrt(q.size(-1))))
+    r = bench.check_parity(s, cfg)
+    assert r["tol"] == 2e-3 and 5e-3 < r["err"] < 0.1 and r["status"] == "FAIL"
 
 
 def test_bench_compare_token_budget_counts_grad_accum():
