@@ -629,25 +629,6 @@ def test_core_checkpoint_is_written_beside_training_and_holds_its_steps_state(tu
     assert all(torch.equal(state[k], v) for k, v in at10.state_dict().items())
 
 
-def test_core_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path):
-    class Exploding(core.GPT):
-        def loss_fn(self, logits, targets):
-            loss = super().loss_fn(logits, targets)
-            return loss * float("nan") if self.training and self.exploded else loss
-    model = Exploding(tiny(data=tutorial))
-    model.exploded = False
-    cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=40, eval_interval=10, log_interval=5)
-    real = core.lr_mult
-    core.lr_mult = lambda it, c: (setattr(model, "exploded", it >= 23), real(it, c))[1]
-    try:
-        with pytest.raises(core.ConfigError, match="diverged.*last good checkpoint"):
-            core.train(core.PAPER, cfg, model)
-    finally:
-        core.lr_mult = real
-    ckpt = core.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert ckpt["step"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
 def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
     """Two ranks of 2 micro-batches each = one process of 4 (the ranks read disjoint micro-batches); MFU is each
     process's model FLOPs over one device's peak (a stub peak: the CPU has none)."""
@@ -970,19 +951,22 @@ class NanGrad(torch.autograd.Function):
         return g * float("nan")
 
 
-def test_core_nan_gradient_with_a_finite_loss_stops_before_its_checkpoint(tutorial, tmp_path):
-    """A finite loss with a non-finite gradient norm (fp16/bf16 overflow) is divergence too: the step-20 evaluation is
-    not written, the step-10 checkpoint stays."""
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_core_nan_guard_keeps_last_good_checkpoint(tutorial, tmp_path, poison):
+    """A NaN loss, or a finite loss with a NaN gradient (bf16 overflow), at the step before the step-20 evaluation:
+    training stops before that evaluation writes anything, and the step-10 checkpoint stays."""
     class Exploding(core.GPT):
         def loss_fn(self, logits, targets):
             loss = super().loss_fn(logits, targets)
-            return NanGrad.apply(loss) if self.training and self.it == 19 else loss
+            if not (self.training and self.it == 19):
+                return loss
+            return loss * float("nan") if poison == "loss" else NanGrad.apply(loss)
     cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=40, eval_interval=10, log_interval=5)
     model = Exploding(cfg)
     real = core.lr_mult
     core.lr_mult = lambda it, c: (setattr(model, "it", it), real(it, c))[1]
     try:
-        with pytest.raises(core.ConfigError, match="diverged.*before step 20.*step 10"):
+        with pytest.raises(core.ConfigError, match="diverged.*before step 20.*last good checkpoint.*step 10"):
             core.train(core.PAPER, cfg, model)
     finally:
         core.lr_mult = real
