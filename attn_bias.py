@@ -429,9 +429,10 @@ def analyze_source(source, data, tok, seed, device):
     if res.get("val_loss_log") != last_val_loss(core.read_log(source)):
         raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
     if res.get("measured_on") != measured_on(data, seed):
-        was = res.get("measured_on") or {}
-        raise core.ConfigError(f"{kept} was measured on {was.get('name', 'other data')} (val {was.get('val_tokens')} "
-                               f"tokens, --seed {was.get('seed')}), not on {data.path} with --seed {seed}: pass those")
+        was = res.get("measured_on")
+        was = f"{was['name']} (val {was['val_tokens']} tokens, --seed {was['seed']})" if was else "unrecorded data"
+        raise core.ConfigError(f"{kept} was measured on {was}, not on {data.path} with --seed {seed}: pass those, or "
+                               "analyze its checkpoint again")
     return res
 
 
