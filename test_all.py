@@ -2902,6 +2902,16 @@ def test_exoformer_published_checkpoint_reproduces_reference(name, tmp_path):
         torch.testing.assert_close(model(idx), ref_forward(sd, args, version, idx), atol=2e-5, rtol=2e-5)
 
 
+def test_exoformer_published_model4_without_its_hidden_size_takes_the_official_default(tmp_path):
+    """model_args of a dynamic model without dynamic_mixing_hidden_dim: the official default, 16."""
+    args, sd = exo_published("model4", decouple=True, dynamic=True)
+    del args["dynamic_mixing_hidden_dim"]
+    path = str(tmp_path / "ckpt_step:38146.pt")
+    torch.save(dict(step=38146, model=sd, config=dict(batch_size=16), model_args=args), path)
+    model = core.load_model(exo.PAPER, path)
+    assert model.cfg.dynamic_hidden == 16 and model.transformer.h[1].attn.dynamic_mixing.fc1.weight.shape[0] == 16
+
+
 @pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_published_checkpoint_with_unsupported_options(tmp_path):
     args, sd = exo_published("model1")
@@ -3314,6 +3324,11 @@ def test_sparse_byte_metrics_on_hand_made_attention():
     ]
     torch.testing.assert_close(m, torch.tensor([[float(x) for x in row] for row in expect], dtype=torch.float64),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_byte_head_counts_without_a_table_fill_clusters_in_id_order():
+    """n_head without a thesis table: heads dealt to the clusters in id order (local, strided, global, wide, ...)."""
+    assert sb.head_clusters(7) == [0, 0, 1, 1, 2, 2, 3]
 
 
 def test_sparse_byte_metrics_threshold_and_renormalisation():
