@@ -3899,22 +3899,13 @@ def test_reflex_s00_equals_baseline_exactly():
     assert all(torch.equal(gb[n], gr[n]) for n in gb)
 
 
-@pytest.mark.parametrize("heads", ["5-2-1", "4-2-2", "all", "0-5-3"])
-def test_reflex_fused_matches_per_group_reference(heads):
+@pytest.mark.parametrize("heads, family", [("5-2-1", "gpt2"), ("4-2-2", "gpt2"), ("all", "gpt2"), ("0-5-3", "gpt2"),
+                                           ("5-2-1", "llama"), ("all", "llama")])
+def test_reflex_fused_matches_per_group_reference(heads, family):
     """One fused SDPA call on gathered K/V == one eager call per head group: logits and every gradient, including
-    the earlier layers' c_attn (their K/V projections receive gradient through later cross heads)."""
-    eager, fused = eager_and_fused(heads)
-    idx = torch.randint(0, 256, (2, 48))
-    (le, ge), (lf, gf) = reflex_grads(eager, idx), reflex_grads(fused, idx)
-    assert torch.allclose(lf, le, atol=1e-5)
-    for n in ge:
-        assert torch.allclose(gf[n], ge[n], atol=1e-6, rtol=1e-4), n
-
-
-@pytest.mark.parametrize("heads", ["5-2-1", "all"])
-def test_reflex_fused_matches_per_group_reference_llama(heads):
-    """The llama body: the reference rotates the cross heads' keys too (RoPE), as the fused path does."""
-    eager, fused = eager_and_fused(heads, family="llama")
+    the earlier layers' c_attn (their K/V projections receive gradient through later cross heads). The llama body:
+    the reference rotates the cross heads' keys too (RoPE), as the fused path does."""
+    eager, fused = eager_and_fused(heads, family=family)
     idx = torch.randint(0, 256, (2, 48))
     (le, ge), (lf, gf) = reflex_grads(eager, idx), reflex_grads(fused, idx)
     assert torch.allclose(lf, le, atol=1e-5)
