@@ -17,6 +17,8 @@ import json
 import lzma
 import math
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -1012,6 +1014,49 @@ def test_core_cli_help_lists_every_field():
     assert rc == 0
     for f in core.field_names(core.Config):
         assert "--" + f.replace("_", "-") in out
+
+
+def readme_commands():
+    """Every `python <script>.py ...` line of the README's bash blocks as (script, argv): `<script>` stands for each
+    script, `[...]` (optional flags) and `<...>` (a value to fill in) are dropped or filled, shell loops unrolled."""
+    text = Path(HERE, "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"python3? (\S+)\.py\b([^#]*)", line.split("; done")[0])
+            if not m or "--lm-eval" in line:  # --lm-eval: the rest is lm-eval's own command line
+                continue
+            rest = re.sub(r"\[[^]]*\]", "", m.group(2)).replace("$v", "default").replace("{default,sink,attn_bias}", "")
+            rest = re.sub(r"<[^>]*>", "X", rest)
+            for s in (("core", *bench.PAPERS) if m.group(1) == "<script>" else (m.group(1),)):
+                yield s, shlex.split(rest)
+
+
+def test_core_readme_commands_parse():
+    """The README's commands are ones the scripts accept: flags, presets, variants, papers and config values."""
+    def check(s, argv):
+        if s == "prepare":
+            prepare.parser().parse_args(argv)
+        elif s == "bench":
+            args = bench.build_parser().parse_args(argv)
+            names = bench.papers(args.papers, with_core=not args.compare)
+            bench.check_variants(args.variants, names)
+            presets = bench.parse_presets(args.preset)
+            for n in names:
+                bench.make_cfg(bench.script(n), "", bench.preset_for(n, presets, gpu=True))
+        else:
+            paper = bench.script(s)
+            args = core.build_parser(paper).parse_args(argv)
+            given = {k: v for k, v in vars(args).items() if k in core.field_names(paper.config)}
+            paper.config(**{**paper.config.PRESETS.get(args.preset, {}), **given})  # its checks of the values
+
+    seen = set()
+    for s, argv in readme_commands():
+        seen.add(s)
+        try:
+            check(s, argv)
+        except (SystemExit, core.ConfigError) as e:  # argparse exits; the config's checks raise
+            pytest.fail(f"README: {s}.py {' '.join(argv)}: {e}")
+    assert seen == {"core", "prepare", "bench", *bench.PAPERS}
 
 
 @pytest.mark.parametrize("args,msg", [
