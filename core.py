@@ -1423,14 +1423,15 @@ def configure(paper, args, chosen):
     checkpoint's model, or a dataset of another tokenizer, is refused here, before any work."""
     given = {k: v for k, v in vars(args).items() if k in field_names(paper.config)}
     preset = args.preset
-    bare = not (preset or {"data", "resume", "init_from"} & set(given)) and chosen == ["train"]
+    bare = not (preset or {"data", "resume", "init_from"} & set(given)) and chosen in (["train"], ["bench"])
     gpu = bare and resolve_device(paper.config(**given)).type == "cuda"
     if bare:  # what suits the machine: tiny on a CPU; on a GPU the 124m class, ten passes over the embedded data
         preset = paper.size_preset if gpu else "tiny"
-        print(f"no --preset or --data: preset {preset} on the embedded Python tutorial; for a real run, prepare a "
-              "dataset (prepare.py text ...) and pass --data", flush=True)
+        if chosen == ["train"]:
+            print(f"no --preset or --data: preset {preset} on the embedded Python tutorial; for a real run, prepare a "
+                  "dataset (prepare.py text ...) and pass --data", flush=True)
     cfg = paper.config(**{**paper.config.PRESETS.get(preset, {}), **given})
-    if gpu and "max_iters" not in given:
+    if gpu and chosen == ["train"] and "max_iters" not in given:
         steps = math.ceil(10 * TokenData(DEFAULT_DATA).tokens("train") / (cfg.batch_size * cfg.block_size))
         cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=min(cfg.warmup_iters, steps // 10),
                                   eval_interval=min(cfg.eval_interval, steps // 5))

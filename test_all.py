@@ -1077,6 +1077,14 @@ def test_core_cli_user_mistakes_give_one_line(args, msg):
     assert_one_line_error(err, msg)
 
 
+def test_core_cli_bench_without_preset_is_tiny_on_cpu():
+    """--help's promise: with neither --preset nor --data, tiny on a CPU (it timed the 124m model: minutes a step)."""
+    rc, out, err = run_cli("core.py", "--bench", "--device", "cpu")
+    assert rc == 0, err
+    assert "timing 5 + 20 training steps of 8 x 64 random tokens" in out and "ms/step" in out
+    assert "embedded Python tutorial" not in out  # the note of a bare --train: --bench reads no dataset
+
+
 def test_core_cli_torch_limits_give_one_line(tmp_path):
     rc, _, err = run_cli("core.py", "--train", "--attn-impl", "flex", "--max-iters", "2", "--device", "cpu", "--out",
                          tmp_path / "run")
