@@ -323,7 +323,10 @@ def speed_specs(args, gpu):
                         B = args.batch or max(1, cfg0.batch_size * cfg0.block_size // T)  # the preset's tokens/step
                         spec.update(T=T, B=B, over=dict(block_size=T, batch_size=B, attn_impl=impl, device=args.device,
                                                        dtype=args.dtype, compile=args.compile))
-                        make_cfg(s, variant, preset, **spec["over"])
+                        cfg = make_cfg(s, variant, preset, **spec["over"])
+                        if cfg.residual_dtype != "float32" and core.amp_dtype(core.resolve_device(cfg), cfg) == \
+                                torch.float32:  # the same model as the core row: its time would be noise
+                            raise core.ConfigError("--residual-dtype has no effect in a float32 run")
                     except core.ConfigError as e:
                         spec.update(T=T, B=args.batch or None, status=f"skip: {e}")
                     specs.append(spec)

@@ -766,9 +766,14 @@ def resolve_device(cfg):
     return torch.device(cfg.device)
 
 
+def amp_dtype(device, cfg):
+    """The dtype the run computes in: --dtype, where auto is bf16 on a GPU and fp32 on a CPU."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
 def autocast(device, cfg):
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = amp_dtype(device, cfg)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -4350,12 +4350,12 @@ def test_bench_speed_table_core_and_a_paper(tmp_path):
     res = json.load(open(tmp_path / "bench.json"))
     assert res["device"] == "cpu" and res["torch"] == torch.__version__ and "git" in res
     rows = {bench.label(r): r for r in res["rows"]}
+    # in fp32 (CPU) the bf16 residual row would time the core's model again: no number for it
+    assert rows.pop("core/bf16 residual")["status"] == "skip: --residual-dtype has no effect in a float32 run"
     for r in rows.values():
         assert r["status"] == "ok" and r["T"] == 64 and r["tok_s"] > 0 and r["ms"] > 0
         assert r["parity"]["status"] == "ok" and r["parity"]["err"] < 1e-4 and r["parity"]["impls"] == ["sdpa"]
     assert rows["reflex/baseline"]["x_baseline"] == 1.0 and rows["core"]["x_core"] == 1.0
-    bf16 = rows["core/bf16 residual"]  # against the core; in fp32 (CPU) the same model
-    assert bf16["x_baseline"] == bf16["x_core"] == pytest.approx(bf16["tok_s"] / rows["core"]["tok_s"])
     assert rows["reflex/reflex"]["x_core"] == pytest.approx(rows["reflex/reflex"]["tok_s"] / rows["core"]["tok_s"])
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
