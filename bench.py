@@ -646,9 +646,11 @@ def compare(args, gpu):
                 paper_of[out] = s
     lock = threading.Lock()
 
+    scored = data if args.whole_val and not args.report else None  # None: only a score already in eval.json
+
     def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk
         with lock:
-            whole_val(paper_of[run["out"]], run["out"], data)
+            whole_val(paper_of[run["out"]], run["out"], scored)
     train_runs(todo, args.jobs, gpu, then=score)
     for run in runs:
         recorded = core.read_run(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
@@ -660,7 +662,7 @@ def compare(args, gpu):
         if run["missing"]:  # cut: its curve so far
             run["curve"] = summary["curve"]
             continue
-        run.update(summary, val_whole=whole_val(paper_of[run["out"]], run["out"], None if args.report else data))
+        run.update(summary, val_whole=whole_val(paper_of[run["out"]], run["out"], scored))
         train = recorded.get("train_tokens") or (data and data.tokens("train"))
         run["epochs"] = run["tokens"] / train if train else None
     if args.append:
@@ -1116,6 +1118,8 @@ def build_parser():
                                            "the same flags and resume cut ones)")
     a("--report", action="store_true", help="--compare: train nothing; tabulate and plot the runs already in --out "
                                             "(cut or missing ones are named)")
+    a("--whole-val", action=argparse.BooleanOptionalAction, default=True, help="--compare: score each trained run "
+                                                                            "on the whole val split (minutes on a CPU)")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
     a("--evals", type=int, default=6, help="--compare: evaluations (each a checkpoint and a point of the curve) per "
                                            "run")

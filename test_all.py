@@ -4848,6 +4848,10 @@ def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     rc, _, err = bench_run_cli(*args[:-4], "--seeds", "1", "--fresh", "--out", tmp_path)
     assert rc == 0, err
     assert json.load(open(os.path.join(first, "eval.json")))["loss"] < 99  # scored again, the new model
+    rc, _, err = bench_run_cli(*args[:-4], "--seeds", "1", "--fresh", "--no-whole-val", "--out", tmp_path)
+    assert rc == 0, err  # no whole-split score, and none of the replaced model left behind
+    assert not os.path.exists(os.path.join(first, "eval.json"))
+    assert [r["val_whole"] for r in json.load(open(tmp_path / "compare.json"))["runs"]] == [None, None]
 
 
 def test_bench_compare_resumes_a_run_cut_short(tmp_path):
