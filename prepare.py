@@ -345,10 +345,11 @@ def prepare_text(inputs, out, tokenizer="gpt2", val=(), workers=None):
     if not val:
         docs["train"], docs["val"] = holdout(docs["train"], 0.05)
     dtype = "uint8" if tok.n_vocab <= 256 else "uint16"
+    empty = [split for split, ds in docs.items() if not any(ds)]
+    if empty:  # before any file is written
+        raise PrepareError(f"the {empty[0]} split is empty: give more text (or --val)")
     splits = {}
     for split, ds in docs.items():
-        if not any(ds):
-            raise PrepareError(f"the {split} split is empty: give more text (or --val)")
         ids = encode_docs(ds, tok, workers or os.cpu_count(), np.dtype(dtype), f"tokenize {split}")
         with core.atomic(out / f"{split}.bin") as f:
             f.write(ids.tobytes())

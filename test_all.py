@@ -1551,6 +1551,14 @@ def test_prepare_truncated_xz_is_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out" / "meta.json")
 
 
+def test_prepare_text_too_short_for_a_val_split_writes_nothing(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("ten chars.")  # its last 5% is no character: no val split
+    assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--tokenizer", "bytes", "--out",
+                         str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "the val split is empty: give more text (or --val)")
+    assert os.listdir(tmp_path / "out") == []  # no train.bin that looks like a dataset's
+
+
 # ================================================================================================================
 # attn_bias
 # Tests of attn_bias.py (Massive Activations sec. 5.2). The GPU-only tests (private cuDNN / flash kernels,
