@@ -702,7 +702,8 @@ class TokenData:
             if files:
                 self.splits[split] = [read_tokens(f, dtype) for f in files]
         if "train" not in self.splits or "val" not in self.splits:
-            raise ConfigError(f"{path} needs train and val token files (train.bin/val.bin or *_train_/*_val_ shards)")
+            raise ConfigError(f"{path} needs train and val token files (train.bin/val.bin or *_train_/*_val_ shards): "
+                              "prepare.py makes them (run its command again if it stopped)")
         self.vocab_size = self.meta.get("vocab_size") or 50257
         self.tokenizer = self.meta.get("tokenizer", "gpt2")
         self.path = path
