@@ -1451,7 +1451,8 @@ def configure(paper, args, chosen):
         wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
             paper.config, run=False)})
         for k in sorted(field_names(paper.config, run=False, override=False)):
-            shorter = k == "block_size" and wanted.block_size < mine.block_size and not cfg.resume  # eval windows
+            shorter = k == "block_size" and wanted.block_size < mine.block_size and not (  # eval windows only:
+                cfg.resume or "train" in chosen)  # a model trained on saves the flag's block_size with its weights
             if getattr(wanted, k) != getattr(mine, k) and not shorter:
                 raise ConfigError(f"--{k.replace('_', '-')} {getattr(wanted, k)} contradicts {path} ({k} "
                                   f"{getattr(mine, k)}): the model's settings come from its checkpoint")

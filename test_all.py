@@ -695,6 +695,25 @@ def test_core_bits_per_byte_of_a_bpe_dataset(tmp_path):
     assert r["bpb"] == pytest.approx(r["bits_per_token"] * 2000 / 7000)
 
 
+def test_core_evaluate_reaches_the_splits_last_token(tmp_path):
+    """A split of exactly 3 windows + 1 tokens is scored whole: the last window's last target is the last token."""
+    path = write_dataset(tmp_path / "d", {"train": tutorial_bytes()[:5000], "val": bytes(range(65, 129)) * 3 + b"!"})
+    cfg, d = tiny(data=path), core.TokenData(path)
+    windows = list(d.windows("val", 64))
+    assert len(windows) == 3 and windows[-1][-1].item() == ord("!")
+    assert [w[0].item() for w in windows] == [65, 65, 65]  # non-overlapping: each starts 64 tokens on
+    assert core.evaluate(core.GPT(cfg), d, cfg, torch.device("cpu"))["tokens"] == 192
+
+
+def test_core_eval_tokens_are_rounded_up_to_whole_windows(tutorial, monkeypatch, capsys):
+    clock = itertools.count(0, 11)  # every reading 11 s later: a progress line after each batch
+    monkeypatch.setattr(core.time, "time", lambda: next(clock))
+    cfg = tiny(data=tutorial, eval_tokens=1500)  # 23.4 windows of 64: 24 are scored
+    r = core.evaluate(core.GPT(cfg), core.TokenData(tutorial), cfg, torch.device("cpu"))
+    lines = capsys.readouterr().err.splitlines()
+    assert r["tokens"] == 1536 and lines[-1].startswith("val: 1,536 of 1,536 tokens | ETA 0m00s")
+
+
 def test_core_bench_mfu_is_model_flops_over_the_peak(monkeypatch):
     monkeypatch.setattr(core, "peak_flops", lambda device: 1e10)
     cfg = tiny()
@@ -1004,6 +1023,160 @@ def test_core_resume_applies_the_weight_decay_given_now(tutorial, tmp_path):
     train_tiny(tutorial, tmp_path, max_iters=20, eval_interval=10, weight_decay=0.0, resume=True)
     groups = core.load_checkpoint(str(tmp_path / "ckpt.pt"))["optimizers"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+
+
+def test_core_checksum_covers_each_tensors_dtype_and_shape(tmp_path):
+    """The same bytes read as another shape or dtype are another checkpoint: load_checkpoint refuses the file."""
+    path = str(tmp_path / "ckpt.pt")
+    for change in (lambda w: w.view(3, 2), lambda w: w.view(torch.int32)):
+        core.save_checkpoint(path, dict(format="attnlab", model={"w": torch.zeros(2, 3)}, step=1))
+        obj = torch.load(path)
+        obj["model"]["w"] = change(obj["model"]["w"])  # all-zero bytes either way
+        torch.save(obj, path)
+        with pytest.raises(core.ConfigError, match="checksum mismatch: the file is corrupt"):
+            core.load_checkpoint(path)
+    core.save_checkpoint(path, dict(format="attnlab", model={"w": torch.zeros(2, 3)}, step=1))
+    assert core.load_checkpoint(path)["step"] == 1
+
+
+def test_core_atomic_write_interrupted_keeps_the_old_file_and_no_tmp(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the old checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        with core.atomic(path) as f:
+            f.write(b"half a new one")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+    assert path.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_core_checkpoint_writer_names_the_checkpoint_kept_after_a_failed_write(tmp_path, monkeypatch):
+    path, real = str(tmp_path / "ckpt.pt"), core.save_checkpoint
+
+    def save(p, obj):
+        if obj["step"] == 6:
+            raise OSError(28, "No space left on device")
+        real(p, obj)
+    monkeypatch.setattr(core, "save_checkpoint", save)
+    with core.CheckpointWriter(path, 2) as writer:  # a run resumed from its step-2 checkpoint
+        assert writer.wait() == 2
+        writer.save(4, dict(step=4, model={"w": torch.ones(2)}))
+        writer.save(6, dict(step=6))  # waits for the step-4 write first
+        assert core.load_checkpoint(path)["step"] == 4
+        with pytest.raises(core.ConfigError, match=r"could not save .*ckpt.pt \(No space left on device\); the last "
+                                                   r"good one \(step 4\) is kept"):
+            writer.wait()
+    with core.CheckpointWriter(path, None) as writer:
+        writer.save(6, dict(step=6))
+        with pytest.raises(core.ConfigError, match="; none was written before"):
+            writer.wait()
+    assert core.load_checkpoint(path)["step"] == 4
+
+
+def test_core_resume_interrupted_before_its_first_save_names_the_checkpoint_it_came_from(tutorial, tmp_path,
+                                                                                         monkeypatch):
+    train_tiny(tutorial, tmp_path, max_iters=10, eval_interval=10)
+    real = core.lr_mult
+
+    def killed(it, cfg):
+        if it == 13:
+            raise KeyboardInterrupt
+        return real(it, cfg)
+    monkeypatch.setattr(core, "lr_mult", killed)
+    with pytest.raises(KeyboardInterrupt, match="ckpt.pt holds step 10: --resume continues from there"):
+        train_tiny(tutorial, tmp_path, max_iters=20, eval_interval=10, resume=True)
+
+
+def test_core_check_tokenizer_compares_the_tokenizer_and_its_vocabulary():
+    data = SimpleNamespace(path="data/x", tokenizer="gpt2", vocab_size=50304)
+    core.check_tokenizer(None, data)  # nothing recorded
+    core.check_tokenizer(dict(tokenizer="gpt2"), data)  # a published file records its tokenizer alone
+    core.check_tokenizer(dict(path="/elsewhere", tokenizer="gpt2", vocab_size=50304), data)
+    with pytest.raises(core.ConfigError, match=r"^data/x holds gpt2 tokens \(50304\); the model was trained on gpt2 "
+                                               r"\(50257\): pass --data"):
+        core.check_tokenizer(dict(tokenizer="gpt2", vocab_size=50257), data)
+    with pytest.raises(core.ConfigError, match=r"the model was trained on bytes: pass --data"):
+        core.check_tokenizer(dict(tokenizer="bytes"), data)
+
+
+def test_core_read_model_takes_the_script_from_the_checkpoint_or_its_run_json(tmp_path):
+    cfg = tiny()
+    ckpt = dict(format="attnlab", config=dataclasses.asdict(cfg), model=core.GPT(cfg).state_dict())  # no script
+    path = str(tmp_path / "ckpt.pt")
+    assert core.written_by(ckpt, path) is None
+    assert core.read_model(core.PAPER, path, ckpt=ckpt)[0] == ckpt["config"]  # no script named: nothing to refuse
+    json.dump(dict(argv=["/elsewhere/cogformer.py", "--train"]), open(tmp_path / "run.json", "w"))
+    assert core.written_by(ckpt, path) == "cogformer"  # an older file: the run.json beside it
+    with pytest.raises(core.ConfigError, match="was written by cogformer.py: use python cogformer.py"):
+        core.read_model(core.PAPER, path, ckpt=ckpt)
+    assert core.written_by({**ckpt, "script": "reflex"}, path) == "reflex"  # the checkpoint's own record first
+    os.remove(tmp_path / "run.json")
+    other = {**ckpt, "config": {**ckpt["config"], "variant": "cogformer"}}
+    with pytest.raises(core.ConfigError, match="holds a 'cogformer' model, not one of core.py's"):
+        core.read_model(core.PAPER, path, ckpt=other)
+
+
+def test_core_load_model_refuses_data_of_another_tokenizer(core_run, tutorial, tmp_path):
+    """load_model(data=...) (the papers' analyses, sparse_byte's thesis eval): a model of bytes reads no gpt2 ids."""
+    ckpt = os.path.join(core_run, "ckpt.pt")
+    gpt2_ids = write_dataset(tmp_path / "gpt2", {"train": np.arange(500), "val": np.arange(300)}, tokenizer="gpt2",
+                             vocab_size=50257)
+    with pytest.raises(core.ConfigError, match=r"holds gpt2 tokens \(50257\); the model was trained on bytes \(256\)"):
+        core.load_model(core.PAPER, ckpt, data=core.TokenData(gpt2_ids))
+    assert core.load_model(core.PAPER, ckpt, data=core.TokenData(tutorial)).cfg.vocab_size == 256
+
+
+def test_core_out_needs_room_for_two_copies_of_the_checkpoint(tmp_path, monkeypatch):
+    """An atomic save holds the old checkpoint and the new one at once: room for one copy is refused."""
+    cfg = tiny(out=str(tmp_path / "run"))
+    model = core.GPT(cfg)
+    one = 12 * model.num_params(False)  # fp32 weights and two AdamW moments
+    for free, ok in ((int(1.5 * one), False), (2 * one, True)):
+        monkeypatch.setattr(core.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 40, used=0, free=free))
+        if ok:
+            core.prepare_out(cfg, model, overwrite=False)
+        else:
+            with pytest.raises(core.ConfigError, match="MiB free; saving this model's checkpoint atomically needs"):
+                core.prepare_out(cfg, model, overwrite=False)
+
+
+def test_core_init_from_refuses_training_at_a_shorter_block_size(core_run, tmp_path, capsys):
+    """Only --eval may shorten the windows: a model trained on from --init-from at a shorter --block-size saved
+    that block_size with the checkpoint's longer position table, a file that neither --eval nor --resume could load."""
+    ckpt = os.path.join(core_run, "ckpt.pt")
+    fails_in_one_line(capsys, core_main("--train", "--init-from", ckpt, "--block-size", 32, "--out", tmp_path / "ft",
+                                        "--max-iters", 2, "--eval-interval", 2, "--eval-iters", 1),
+                      "--block-size 32 contradicts")
+    assert not os.path.exists(tmp_path / "ft")
+    assert core_main("--sample", "--init-from", ckpt, "--block-size", 32, "--max-new-tokens", 3) == 0
+
+
+def test_core_eval_scores_the_test_split_beside_val(core_run, tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", text_splits(tutorial_bytes(), 0.05, 0.05))
+    assert core_main("--eval", "--init-from", os.path.join(core_run, "ckpt.pt"), "--data", data, "--eval-tokens",
+                     640) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["val", "640"], ["test", "640"]] and rows[0][2:] != rows[1][2:]
+
+
+def test_core_resume_accepts_its_dataset_by_a_relative_path_and_notes_schedule_changes(core_run, tutorial, tmp_path,
+                                                                                        capsys):
+    out = shutil.copytree(core_run, tmp_path / "run")
+    rel = os.path.relpath(tutorial)  # the same folder, named from the working directory
+    assert not os.path.isabs(rel)
+    assert core_main("--train", "--resume", "--out", out, "--data", rel, "--max-iters", 8, "--min-lr", 1e-5,
+                     "--eval-interval", 2, "--eval-iters", 1) == 0
+    assert re.search(r"^note: --max-iters, --min-lr differ from the run's: its learning-rate schedule changes from "
+                     r"step \d+ on$", capsys.readouterr().err, re.M)
+    assert core.read_log(str(out))[-1]["step"] == 8
+
+
+def test_core_older_checkpoint_without_a_dataset_record_reads_its_configs_data(core_run, tutorial, tmp_path, capsys):
+    ck = core.load_checkpoint(os.path.join(core_run, "ckpt.pt"))
+    del ck["data"], ck["checksum"]  # written before checkpoints recorded their dataset
+    assert ck["config"]["data"] == tutorial
+    core.save_checkpoint(str(tmp_path / "old.pt"), ck)
+    assert core_main("--eval", "--init-from", tmp_path / "old.pt") == 0, capsys.readouterr().err
+    assert f"core/gpt on {tutorial}:" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4879,6 +5052,105 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
     (out / "log.jsonl").write_text(json.dumps(dict(step=4)) + "\n")
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "cut"  # nothing to resume from: trained again
     assert bench.prior_run(str(out), [*cmd[:-1], "moved/run"], 8, fresh=False) == "cut"  # --out: where, not how
+
+
+def test_bench_last_step_is_the_logs_last_whole_record(tmp_path):
+    assert bench.last_step(str(tmp_path)) == 0  # no log
+    (tmp_path / "log.jsonl").write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "lo')  # the last write cut off
+    assert bench.last_step(str(tmp_path)) == 4
+    (tmp_path / "log.jsonl").write_text('{"step": 0, "lo')
+    assert bench.last_step(str(tmp_path)) == 0
+
+
+def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_without_it_again(tmp_path, bytes_data,
+                                                                                            monkeypatch):
+    args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
+                                            "--data", bytes_data, "--max-iters", "4", "--evals", "2", "--out",
+                                            str(tmp_path)])
+    rec = lambda step: json.dumps(dict(step=step, tokens=512 * step, ms=10.0, tok_s=51200, mfu=None, mem_gb=None,
+                                       loss=3.0, val_loss=3.0 - 0.1 * step)) + "\n"
+    for variant, ckpt in (("baseline", True), ("reflex", False)):  # both cut at step 2 of 4, one kept its checkpoint
+        out = tmp_path / f"reflex-{variant}"
+        out.mkdir()
+        cmd, _ = bench.compare_cmd(args, bench.script("reflex"), os.path.join(bench.HERE, "reflex.py"), variant, "tiny")
+        argv = [*cmd[1:], "--seed", "1337", "--out", str(out), "--overwrite"]  # as the cut run recorded it
+        json.dump(dict(argv=argv), open(out / "run.json", "w"))
+        (out / "log.jsonl").write_text(rec(2))
+        if ckpt:
+            (out / "ckpt.pt").write_bytes(b"")
+    cmds = {}
+
+    def fake(cmd, out, env=None):
+        cmds[os.path.basename(out)] = cmd
+        open(os.path.join(out, "log.jsonl"), "a").write(rec(4))
+    monkeypatch.setattr(bench, "train_run", fake)
+    monkeypatch.setattr(bench, "whole_val", lambda paper, out, data: None)
+    assert bench.compare(args, gpu=False) == 0
+    assert cmds["reflex-baseline"][-1] == "--resume" and cmds["reflex-reflex"][-1] == "--overwrite"
+
+
+def test_bench_compare_append_keeps_the_runs_of_other_seeds(tmp_path, bytes_data, monkeypatch):
+    """--append of another seed's runs: compare.json then holds both seeds of each variant (trainings stubbed)."""
+    def fake(cmd, out, env=None):
+        os.makedirs(out, exist_ok=True)
+        n, seed = int(cmd[cmd.index("--max-iters") + 1]), int(cmd[cmd.index("--seed") + 1])
+        rec = dict(step=n, tokens=n * 512, ms=10.0, tok_s=51200, mfu=None, mem_gb=None, loss=3.0, val_loss=3.0 - seed)
+        open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(rec) + "\n")
+    monkeypatch.setattr(bench, "train_run", fake)
+    for seed in ("1", "2"):
+        args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device",
+                                                "cpu", "--data", bytes_data, "--max-iters", "4", "--evals", "2",
+                                                "--seeds", seed, "--append", "--out", str(tmp_path)])
+        assert bench.compare(args, gpu=False) == 0
+    runs = json.load(open(tmp_path / "compare.json"))["runs"]
+    assert sorted((r["variant"], r["seed"], r["val_loss"]) for r in runs) == [
+        ("baseline", 1, 2.0), ("baseline", 2, 1.0), ("reflex", 1, 2.0), ("reflex", 2, 1.0)]
+
+
+def test_bench_compare_cmd_of_a_short_run_and_its_eval_iters():
+    """More --evals than steps: an evaluation at every step, never an interval of 0; --eval-iters is passed on;
+    'auto' values are left to the script."""
+    args = bench.build_parser().parse_args(["--compare", "--max-iters", "4", "--evals", "6", "--eval-iters", "3",
+                                            "--data", "d", "--device", "cpu"])
+    cmd, n = bench.compare_cmd(args, bench.script("reflex"), "reflex.py", "reflex", "tiny")
+    value = lambda flag: cmd[cmd.index(flag) + 1]
+    assert n == 4 and [value(f) for f in ("--max-iters", "--warmup-iters", "--eval-interval", "--log-interval",
+                                          "--eval-iters", "--device")] == ["4", "1", "1", "1", "3", "cpu"]
+    assert "--attn-impl" not in cmd and "--dtype" not in cmd
+
+
+def test_bench_summarize_peak_memory_is_the_largest_record():
+    rec = lambda step, mem: dict(step=step, ms=10.0, tok_s=100.0, tokens=100 * step, mem_gb=mem)
+    assert bench.summarize([rec(10, 1.0), rec(20, 3.5), rec(30, 2.0)])["mem_gb"] == 3.5
+    assert bench.summarize([rec(10, None), rec(20, None)])["mem_gb"] is None
+
+
+def test_bench_whole_val_reuses_its_kept_score_and_needs_the_checkpoint(tmp_path, bytes_data):
+    json.dump(dict(loss=2.5, tokens=1000), open(tmp_path / "eval.json", "w"))
+    assert bench.whole_val(reflex.PAPER, str(tmp_path), None) == 2.5  # kept: neither data nor checkpoint needed
+    os.remove(tmp_path / "eval.json")
+    assert bench.whole_val(reflex.PAPER, str(tmp_path), core.TokenData(bytes_data)) is None  # logs copied back alone
+    assert not os.path.exists(tmp_path / "eval.json")
+
+
+def test_bench_seed_summary_leaves_out_baselines_and_the_spread_of_one_seed():
+    runs = [dict(script="r", variant="b", baseline="b", val_loss=3.0, d_val=None),
+            dict(script="r", variant="v", baseline="b", val_loss=2.9, d_val=-0.1)]
+    assert bench.seed_summary(runs) == {"r/v": dict(val_loss=2.9, d_val=[-0.1], mean=-0.1, spread=None)}
+
+
+def test_bench_append_computes_ratios_against_the_rows_in_the_file(tmp_path):
+    """--append of one variant's row: its x baseline is against the baseline row already in bench.json; a row of
+    another batch size is another row, not a replacement."""
+    row = lambda script, variant, tok_s, B=8: dict(script=script, variant=variant, baseline=variant and "baseline",
+                                                   impl="auto", T=64, B=B, tok_s=tok_s, status="ok")
+    path = str(tmp_path / "bench.json")
+    bench.save_rows(path, [row("core", "", 200.0), row("reflex", "baseline", 100.0)], append=False)
+    rows, _ = bench.save_rows(path, [row("reflex", "reflex", 80.0), row("core", "", 400.0, B=16)], append=True)
+    assert [(r["script"], r["variant"], r["B"]) for r in rows] == [("core", "", 8), ("core", "", 16),
+                                                                   ("reflex", "baseline", 8), ("reflex", "reflex", 8)]
+    saved = json.load(open(path))["rows"]
+    assert saved[3]["x_baseline"] == pytest.approx(0.8) and saved[3]["x_core"] == pytest.approx(0.4)
 
 
 def test_bench_summarize_counts_compilations_at_the_median_step_time():
