@@ -4943,6 +4943,11 @@ def test_bench_seed_summary_means_and_spread():
     assert (s["val_loss"], s["mean"], s["spread"]) == pytest.approx((6.7 / 3, -0.1, 0.4))
 
 
+def log_record(step, val_loss):
+    """One record of a stubbed training's log.jsonl (tiny preset: 512 tokens a step)."""
+    return dict(step=step, tokens=step * 512, ms=10.0, tok_s=51200, mfu=None, mem_gb=None, loss=3.0, val_loss=val_loss)
+
+
 def test_bench_compare_seeds_are_compared_with_the_baseline_of_their_seed(tmp_path, bytes_data, monkeypatch):
     """--seeds: each run's difference is to the baseline trained with the same seed; epochs are of one run; the
     schedule is a tenth warm-up and --evals evaluations (trainings stubbed: logs written directly)."""
@@ -4954,8 +4959,7 @@ def test_bench_compare_seeds_are_compared_with_the_baseline_of_their_seed(tmp_pa
         n, seed = int(cmd[cmd.index("--max-iters") + 1]), cmd[cmd.index("--seed") + 1]
         variant = "reflex" if "reflex-reflex" in out else "baseline"
         cmds[variant, seed] = cmd
-        recs = [dict(step=s, tokens=s * 512, ms=10.0, tok_s=51200, mfu=None, mem_gb=None, loss=3.0,
-                     val_loss=val[variant, seed] + (0.5 if s < n else 0)) for s in (n // 2, n)]
+        recs = [log_record(s, val[variant, seed] + (0.5 if s < n else 0)) for s in (n // 2, n)]
         open(os.path.join(out, "log.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in recs)
     monkeypatch.setattr(bench, "train_run", fake)
     args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
@@ -5067,8 +5071,7 @@ def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_with
     args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
                                             "--data", bytes_data, "--max-iters", "4", "--evals", "2", "--out",
                                             str(tmp_path)])
-    rec = lambda step: json.dumps(dict(step=step, tokens=512 * step, ms=10.0, tok_s=51200, mfu=None, mem_gb=None,
-                                       loss=3.0, val_loss=3.0 - 0.1 * step)) + "\n"
+    rec = lambda step: json.dumps(log_record(step, 3.0 - 0.1 * step)) + "\n"
     for variant, ckpt in (("baseline", True), ("reflex", False)):  # both cut at step 2 of 4, one kept its checkpoint
         out = tmp_path / f"reflex-{variant}"
         out.mkdir()
@@ -5094,8 +5097,7 @@ def test_bench_compare_append_keeps_the_runs_of_other_seeds(tmp_path, bytes_data
     def fake(cmd, out, env=None):
         os.makedirs(out, exist_ok=True)
         n, seed = int(cmd[cmd.index("--max-iters") + 1]), int(cmd[cmd.index("--seed") + 1])
-        rec = dict(step=n, tokens=n * 512, ms=10.0, tok_s=51200, mfu=None, mem_gb=None, loss=3.0, val_loss=3.0 - seed)
-        open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(rec) + "\n")
+        open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(log_record(n, 3.0 - seed)) + "\n")
     monkeypatch.setattr(bench, "train_run", fake)
     for seed in ("1", "2"):
         args = bench.build_parser().parse_args(["--compare", "--papers", "reflex", "--preset", "tiny", "--device",
