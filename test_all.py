@@ -5190,6 +5190,30 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
 
 
+def test_bench_readme_results_are_the_runs_own_numbers():
+    """Every number in the README's claims table is what bench.py makes of the run named beside it: results/claims'
+    compare.json (the last --report) against each row and seed, and compare.json against the run's own log."""
+    runs = {Path(r["out"]).name: r for r in json.load(open(ROOT / "results/claims/compare.json"))["runs"]}
+    for name, r in runs.items():
+        s = bench.summarize(core.read_log(ROOT / "results/claims" / name))
+        assert (s["val_loss"], s["tokens"], s["train_s"]) == (r["val_loss"], r["tokens"], pytest.approx(r["train_s"]))
+    text = (ROOT / "README.md").read_text().split("### The papers' claims")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in bench.PAPERS and line.split("|")[3].strip()]
+    assert len(rows) == 12  # a paper not run yet has a row without seeds
+    names = {"reflex (5-2-1)": "reflex", "reflex 4-2-2": "reflex_4-2-2", "reflex all": "reflex_all"}
+    minus = lambda x: x.replace("−", "-").replace("*", "")
+    for paper, run, seeds, tokens, epochs, val, d_val, to_base, wall, mfu, _ in rows:
+        for i, seed in enumerate(seeds.split(" / ")):
+            r = runs[f"{paper}-{names.get(run, run)}-seed{seed}"]
+            cell = lambda c: minus(c.split(" (")[0]).split(" / ")[i if " / " in c else 0].rstrip("x%s ")
+            got = [f"{r['tokens'] / 1e6:.1f}M", f"{r['epochs']:.2f}", f"{r['val_loss']:.4f}", f"{r['train_s']:.0f}",
+                   f"{100 * r['mfu']:.1f}"]
+            assert [tokens, epochs, cell(val), cell(wall), cell(mfu)] == got, (paper, run, seed)
+            if r["d_val"] is not None:
+                assert cell(d_val) == f"{r['d_val']:+.3f}", (paper, run, seed)
+                assert cell(to_base) == (r["to_base"] if isinstance(r["to_base"], str) else f"{r['to_base']:.2f}")
+
 def test_bench_ddp_scaling_efficiency_on_two_cpu_processes(tmp_path, bytes_data):
     rc, out, err = bench_run_cli("bench.py", "--ddp", 2, "--device", "cpu", "--preset", "tiny", "--data", bytes_data,
                            "--max-iters", 6, "--out", tmp_path)
