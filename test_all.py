@@ -8,6 +8,7 @@ import collections
 import copy
 import csv
 import dataclasses
+import errno
 import hashlib
 import http.server
 import importlib.util
@@ -33,6 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import requests
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
@@ -329,7 +331,7 @@ def test_core_gpu_host_batch_does_not_wait_for_queued_kernels():
     assert torch.equal(x.cpu(), xy[:, :-1]) and torch.equal(y.cpu(), xy[:, 1:])
 
 
-def test_core_flash_fallback_when_not_installed(monkeypatch, capsys):
+def test_core_flash_falls_back_when_not_installed_or_given_documents(monkeypatch, capsys):
     monkeypatch.setattr(core, "flash_attn_func", None)
     torch.manual_seed(0)
     model = core.GPT(tiny(attn_impl="flash")).eval()
@@ -340,6 +342,11 @@ def test_core_flash_fallback_when_not_installed(monkeypatch, capsys):
         if isinstance(m, core.Attention):
             m.cfg = tiny(attn_impl="eager")
     assert torch.allclose(out, model(idx), atol=1e-5)
+    monkeypatch.setattr(core, "flash_attn_func", lambda *a, **kw: pytest.fail("flash-attn has no document mask"))
+    attn = core.Attention(tiny(attn_impl="flash"), 0)
+    q, k, v = torch.randn(3, 1, attn.n_head, 8, attn.head_dim, dtype=torch.bfloat16).unbind(0)
+    ctx = core.Ctx(doc=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    torch.testing.assert_close(attn.attend_flash(q, k, v, ctx), attn.attend_eager(q, k, v, ctx), atol=1e-2, rtol=0)
 
 
 def test_core_record_reports_probabilities():
@@ -449,9 +456,20 @@ def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
     json.dump(dict(dtype="uint8", vocab_size=256), open(plain / "meta.json", "w"))
     x, _ = core.TokenData(str(plain)).batch("val", 4, 16, 1, 0)
     assert x.dtype == torch.int64 and int(x.max()) < 256
+    nanogpt = tmp_path / "nanogpt"  # nanoGPT's prepare.py writes no meta.json: uint16 GPT-2 ids
+    nanogpt.mkdir()
+    for split in ("train", "val"):
+        np.arange(40000, 40300, dtype=np.uint16).tofile(nanogpt / f"{split}.bin")
+    data = core.TokenData(str(nanogpt))
+    assert (data.tokens("val"), data.tokenizer, data.vocab_size) == (300, "gpt2", 50257)
+    assert int(data.batch("val", 4, 16, 1, 0)[0].min()) >= 40000
     with open(tmp_path / "fineweb_val_000001.bin", "r+b") as f:  # truncated shard
         f.truncate(1024 + 100)
     with pytest.raises(core.ConfigError, match="truncated"):
+        core.TokenData(str(tmp_path))
+    header[1] = 2
+    (tmp_path / "fineweb_val_000001.bin").write_bytes(header.tobytes() + toks.tobytes())
+    with pytest.raises(core.ConfigError, match="fineweb_val_000001.bin: unsupported shard version 2"):
         core.TokenData(str(tmp_path))
 
 
@@ -486,6 +504,8 @@ def test_core_gpt2_tokenizer_offline(monkeypatch):
     monkeypatch.setenv("ATTNLAB_TIKTOKEN", TIKTOKEN)
     tok = core.get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995] and tok.eot_token == 50256
+    text = "It's 2024: we'll see  x\n\n <|endoftext|>"  # contractions, digits, spaces; the EOT's text is only text
+    assert tok.encode(text) == [1026, 338, 48609, 25, 356, 1183, 766, 220, 2124, 628, 1279, 91, 437, 1659, 5239, 91, 29]
     assert tok.decode(tok.encode("attention is all")) == "attention is all"
     monkeypatch.setenv("ATTNLAB_TIKTOKEN", "/nonexistent/gpt2.tiktoken")
     with pytest.raises(core.ConfigError, match="not found"):
@@ -509,6 +529,11 @@ def test_core_loader_windows_shards_and_micro_batches(tmp_path):
     assert share == pytest.approx(400 / 4384, abs=0.02)  # not 1/2: a shard counts by its window starts
     x, y = data.batch("val", 4, T, 0, 0)
     assert torch.equal(x[0], torch.arange(T)) and torch.equal(y[0], torch.arange(1, T + 1))
+    with pytest.raises(core.ConfigError, match="shorter than one window of block_size \\+ 1 = 18 tokens"):
+        data.batch("val", 4, T + 1, 0, 0)
+    ids = bytes(np.arange(3000, dtype=np.uint8))  # train and val alike: each split draws its own windows
+    same = core.TokenData(write_dataset(tmp_path / "same", {"train": ids, "val": ids}))
+    assert not torch.equal(same.batch("train", 8, T, 0, 0)[0], same.batch("val", 8, T, 0, 0)[0])
     assert not torch.equal(data.batch("train", 8, T, 0, 3, index=0)[0], data.batch("train", 8, T, 0, 3, index=1)[0])
 
 
@@ -534,6 +559,28 @@ def test_core_generate_temperature_top_k_and_context_crop():
     assert torch.equal(model.generate(idx, 6, temperature=1.0, top_k=1), want)
     torch.manual_seed(2)
     assert torch.equal(model.generate(idx, 6, temperature=1e-4), want)
+
+
+@torch.no_grad()
+def test_core_generate_samples_softmax_over_temperature_of_the_top_k_from_the_cropped_context():
+    """With fixed logits: token frequencies are softmax(logits / temperature) over the top k (top_k 0 or above the
+    vocabulary: all); the model sees the last block_size tokens; max_new_tokens tokens are appended."""
+    model = core.GPT(tiny(block_size=8))
+    logits, seen = torch.tensor([0.0, 1.0, 2.0, 3.0, 2.99] + [-1.0] * 251), []
+    model.forward = lambda idx: seen.append(idx) or logits.expand(*idx.shape, -1)
+    torch.manual_seed(0)
+    draws = model.generate(torch.zeros(20000, 1, dtype=torch.long), 1, temperature=2.0, top_k=3)[:, 1]
+    freq = torch.bincount(draws, minlength=256) / 20000
+    want = torch.zeros(256)
+    want[[2, 3, 4]] = (logits[[2, 3, 4]] / 2).softmax(-1)
+    assert torch.allclose(freq, want, atol=0.015) and freq[[0, 1, 5]].sum() == 0
+    for top_k in (0, 1000):
+        assert model.generate(torch.zeros(20000, 1, dtype=torch.long), 1, top_k=top_k).unique().numel() == 256
+    assert (model.generate(torch.zeros(200, 1, dtype=torch.long), 1, temperature=1e-4)[:, 1] == 3).all()
+    seen.clear()
+    out = model.generate(torch.arange(5)[None], 6)
+    assert out.shape == (1, 11) and [x.tolist() for x in seen] == [out[:, max(0, n - 8):n].tolist()
+                                                                   for n in range(5, 11)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -794,6 +841,26 @@ def test_core_eval_sample_and_init_from_use_the_checkpoints_dataset(core_run, tm
     del ck["checksum"]
     core.save_checkpoint(str(moved), ck)
     fails_in_one_line(capsys, core_main("--eval", "--init-from", moved), "which is not here: pass --data")
+
+
+@torch.no_grad()
+def test_core_sample_is_seeded_and_takes_top_k_and_max_new_tokens(core_run, capsys):
+    ckpt = os.path.join(core_run, "ckpt.pt")
+    texts = []
+    for seed in ("1337", "1337", "1"):
+        assert core_main("--sample", "--init-from", ckpt, "--max-new-tokens", "40", "--temperature", "2",
+                         "--seed", seed) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2]  # --seed, not whatever ran before, decides the draws
+    model, tok = core.load_model(core.PAPER, ckpt), core.get_tokenizer("bytes")
+    assert core_main("--sample", "--init-from", ckpt, "--prompt", "def ", "--max-new-tokens", "8", "--top-k", "1") == 0
+    want = greedy(model, torch.tensor([tok.encode("def ")]), 8)[0].tolist()
+    assert capsys.readouterr().out == tok.decode(want) + "\n"  # top-k 1 is greedy, whatever the temperature
+    assert core_main("--sample", "--init-from", ckpt, "--prompt", "def ", "--max-new-tokens", "0") == 0
+    assert capsys.readouterr().out == "def \n"
+    fails_in_one_line(capsys, core_main("--sample", "--init-from", ckpt, "--temperature", "0"),
+                      "--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, --temperature > 0")
+    assert tok.decode([0xff, 65]) == "\ufffdA"  # a byte model may sample invalid UTF-8: printed, not raised
 
 
 def test_core_train_never_overwrites_a_run(core_run, capsys, tutorial):
@@ -1324,11 +1391,19 @@ DOCS_VAL = ROOT.parent / "shared" / "data" / "docs_val.txt.xz"
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves `files` with Range support (unless `ranges` is off); `cut[path] = n` drops the connection after n body
-    bytes, once; `seen` lists (path, Range header) of each request."""
-    files, headers_for, cut, seen, ranges = {}, {}, {}, [], True
+    bytes, once; `moved[path] = target` redirects (302 with path's headers_for, as Hugging Face's redirect to its CDN);
+    `seen` lists (path, Range header) of each request."""
+    files, headers_for, cut, moved, seen, ranges = {}, {}, {}, {}, [], True
 
     def do_GET(self):
         self.seen.append((self.path, self.headers.get("Range")))
+        if self.path in self.moved:
+            self.send_response(302)
+            self.send_header("Location", self.moved[self.path])
+            self.send_header("Content-Length", "0")
+            for k, v in self.headers_for.get(self.path, {}).items():
+                self.send_header(k, v)
+            return self.end_headers()
         data = self.files.get(self.path)
         if data is None:
             return self.send_error(404)
@@ -1361,7 +1436,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def clean_server():
-    for d in (Handler.files, Handler.headers_for, Handler.cut):
+    for d in (Handler.files, Handler.headers_for, Handler.cut, Handler.moved):
         d.clear()
     Handler.seen.clear()
     Handler.ranges = True
@@ -1443,6 +1518,8 @@ def test_prepare_text_bytes_holds_out_last_5_percent(tmp_path, capsys):
         assert prepare.main(other) == 1  # another tokenizer, another file: the dataset stays as it is
         assert_one_line_error(capsys.readouterr().err, "already holds another dataset (text, a.txt.xz, bytes)")
     assert meta(out) == m
+    os.utime(tmp_path / "a.txt.xz", ns=(0, 0))  # the same size, another time: changed, prepared again
+    assert prepare.main(argv) == 0 and "nothing to do" not in capsys.readouterr().out
     with lzma.open(tmp_path / "a.txt.xz", "wt") as f:  # the same input, changed: prepared again
         f.write("".join(lines[:200]))
     assert prepare.main(argv) == 0 and meta(out)["splits"] != m["splits"]
@@ -1529,12 +1606,26 @@ def test_prepare_enwik8_corrupt_download_is_rejected_and_removed(tmp_path, enwik
 
 
 def test_prepare_full_disk_is_one_line_and_leaves_nothing(tmp_path, enwik8, monkeypatch, capsys):
+    raw, blob = enwik8
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: SimpleNamespace(total=100, used=90, free=10))
     out = tmp_path / "enwik8"
     assert prepare.main(["enwik8", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "free" in err
     assert looks_valid(out) == []
+    (out / "download" / "enwik8.zip.part").write_bytes(blob[:-10])   # a resume needs room for the rest only
+    assert prepare.main(["enwik8", "--out", str(out)]) == 0
+
+
+def test_prepare_disk_full_while_writing_is_one_line(tmp_path, monkeypatch, capsys):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(prepare, "encode_docs", full)
+    (tmp_path / "a.txt").write_text("some text\n" * 100)
+    assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--tokenizer", "bytes", "--out",
+                         str(tmp_path / "out")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "No space left on device; free some space and run the same "
+                                                   "command again")
 
 
 # ----------------------------------------------------------------------------- prepare: fineweb-edu10b
@@ -1553,6 +1644,7 @@ def test_prepare_fineweb_shards_download_and_loader(tmp_path, server, capsys):
     for name, ids in shards.items():
         Handler.files[f"/fw/{name}"] = shard(ids)
         Handler.headers_for[f"/fw/{name}"] = {"X-Linked-ETag": f'"{hashlib.sha256(shard(ids)).hexdigest()}"'}
+    Handler.headers_for["/fw/finewebedu_train_000002.bin"] = {"X-Linked-ETag": '"' + "e" * 40 + '"'}  # no sha256
     out = tmp_path / "fw"
     argv = ["fineweb-edu10b", "--out", str(out), "--shards", "2", "--base-url", f"{server}/fw"]
     assert prepare.main(argv) == 0
@@ -1579,6 +1671,9 @@ def test_prepare_fineweb_corrupt_shards_are_rejected(tmp_path, server, capsys):
     assert prepare.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sha256" in err and looks_valid(out) == []
+    Handler.files["/cdn/val"] = Handler.files.pop("/fw/finewebedu_val_000000.bin")   # the hash sent on the redirect
+    Handler.moved["/fw/finewebedu_val_000000.bin"] = "/cdn/val"
+    assert prepare.main(argv) == 1 and "sha256 differs" in capsys.readouterr().err and looks_valid(out) == []
 
 
 def test_prepare_fineweb_fewer_shards_than_the_folder_holds_or_a_cut_shard_is_refused(tmp_path, server, capsys):
@@ -1730,6 +1825,121 @@ def test_prepare_text_too_short_for_a_val_split_writes_nothing(tmp_path, capsys)
                          str(tmp_path / "out"), "--workers", "1"]) == 1
     assert_one_line_error(capsys.readouterr().err, "the val split is empty: give more text (or --val)")
     assert os.listdir(tmp_path / "out") == []  # no train.bin that looks like a dataset's
+
+
+def test_prepare_text_holdout_cuts_at_the_next_line_start_inside_the_document_at_the_cut():
+    a = "aaaa\n"
+    assert prepare.holdout([a, "bbbb\n"], 0.5) == ([a], ["bbbb\n"])  # documents ending or starting at the cut: whole
+    assert prepare.holdout([a, "bb\nbb\n", "cccc\n"], 0.55) == ([a, "bb\n"], ["bb\n", "cccc\n"])
+    assert prepare.holdout([a, "bbbbb\n"], 0.3) == ([a, "bbb"], ["bb\n"])  # no line start after the cut: mid-line
+
+
+def test_prepare_text_pieces_end_after_a_newline_between_two_non_spaces():
+    assert list(prepare.pieces("aa\nbb\ncc\ndd", 4)) == ["aa\nbb\n", "cc\ndd"]  # the first such newline past 4
+    assert list(prepare.pieces("a\n\nb c\n d", 1)) == ["a\n\nb c\n d"]  # none: GPT-2 may join around it
+
+
+def test_prepare_text_eot_ends_each_document_an_empty_one_too(monkeypatch):
+    tok = gpt2()  # skips without the vocabulary
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 4)  # the first document in two pieces
+    ids = prepare.encode_docs(["aa\nbb\ncc", "", "dd"], tok, 1, np.dtype(np.uint16), "tokenize")
+    assert ids.tolist() == tok.encode("aa\nbb\ncc") + [50256, 50256] + tok.encode("dd") + [50256]
+
+
+def test_prepare_download_retries_only_while_a_dropped_connection_makes_progress(tmp_path, monkeypatch):
+    """Each retry resumes the .part file, which a run that gives up keeps; a drop that added no bytes, the sixth drop,
+    or an HTTP error is reported at once."""
+    calls, naps = [], []
+    monkeypatch.setattr(prepare.time, "sleep", naps.append)
+
+    def dropping(step, error):   # _get: appends `step` bytes, then fails
+        def get(url, part, have):
+            calls.append(have)
+            with open(part, "ab") as f:
+                f.write(b"x" * step)
+            raise error
+        return get
+    http_503 = requests.HTTPError(response=SimpleNamespace(status_code=503, reason="Service Unavailable"))
+    for step, error, have, why in (
+            (10, requests.exceptions.ChunkedEncodingError(), [0, 10, 20, 30, 40, 50], "connection broken; run the "
+             "same command again"),
+            (0, requests.ConnectionError("[Errno 111] Connection refused"), [60], "Connection refused; run the same "
+             "command again"),
+            (10, http_503, [60], "HTTP 503 Service Unavailable")):
+        calls.clear()
+        monkeypatch.setattr(prepare, "_get", dropping(step, error))
+        with pytest.raises(prepare.PrepareError) as e:
+            prepare.download("http://host/f.bin", tmp_path / "f.bin")
+        assert str(e.value) == f"http://host/f.bin: {why}" and calls == have
+    assert naps == [0, 1, 2, 3, 4] and (tmp_path / "f.bin.part").stat().st_size == 70
+    assert prepare._why(requests.ReadTimeout("Read timed out. (read timeout=60)")) == "timed out"
+
+
+def test_prepare_download_shorter_than_the_server_said_is_kept_to_resume(tmp_path, monkeypatch):
+    """A body that ends early without an error (urllib3 1.x does not check Content-Length)."""
+    monkeypatch.setattr(prepare, "_get", lambda url, part, have: (part.write_bytes(b"abc"), (5, None))[1])
+    with pytest.raises(prepare.PrepareError, match="^f.bin: got 3 of 5 bytes; run the same command again to resume$"):
+        prepare.download("http://host/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin.part").read_bytes() == b"abc" and not (tmp_path / "f.bin").exists()
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+def test_prepare_enwik8_part_file_already_whole_is_kept_and_a_longer_one_deleted(tmp_path, enwik8, capsys, extra):
+    """The server answers 416 (nothing past the part's end): a whole part is checked and renamed, one longer than
+    the file deleted."""
+    raw, blob = enwik8
+    out = tmp_path / "enwik8"
+    part = out / "download" / "enwik8.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(blob + b"x" * extra)
+    assert prepare.main(["enwik8", "--out", str(out)]) == (1 if extra else 0)
+    assert Handler.seen == [("/enwik8/enwik8.zip", f"bytes={len(blob) + extra}-")] and not part.exists()
+    if extra:
+        assert_one_line_error(capsys.readouterr().err, f"enwik8.zip: {len(blob) + 5:,} bytes, larger than the "
+                              f"server's {len(blob):,}; deleted it, run the same command again to download it anew")
+    else:
+        assert (out / "download" / "enwik8.zip").read_bytes() == blob and core.TokenData(str(out)).tokens("val")
+
+
+def test_prepare_fineweb_write_shards_keeps_the_last_partial_shard_and_stops_after_max_train(tmp_path, monkeypatch):
+    monkeypatch.setitem(prepare.FINEWEB, "shard_tokens", 4)
+    for max_train, names in ((9, ["val_000000", "train_000001", "train_000002", "train_000003", "train_000004"]),
+                             (1, ["val_000000", "train_000001"])):
+        out = tmp_path / str(max_train)
+        out.mkdir()
+        prepare.write_shards((np.arange(a, b, dtype=np.uint16) for a, b in ((0, 10), (10, 19))), out, max_train)
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"finewebedu_{n}.bin" for n in names)
+        for i, n in enumerate(names):
+            assert (out / f"finewebedu_{n}.bin").read_bytes() == shard(range(4 * i, min(4 * i + 4, 19)))
+            prepare.check_shard(out / f"finewebedu_{n}.bin")
+    for at, bad in ((0, 20240521), (1, 2)):   # another magic, another version
+        blob = bytearray(shard(range(4)))
+        blob[4 * at:4 * at + 4] = np.int32(bad).tobytes()
+        (tmp_path / "x.bin.part").write_bytes(blob)
+        with pytest.raises(prepare.PrepareError, match=r"^x.bin: not a whole llm.c shard \(bad header or size\)$"):
+            prepare.check_shard(tmp_path / "x.bin.part")
+
+
+def test_prepare_openwebtext_archive_without_documents_is_one_line(tmp_path, capsys):
+    gpt2()  # skips without the vocabulary
+    archive = tmp_path / "owt" / "download" / "openwebtext.tar.xz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(tar_xz([]))   # downloaded already: not fetched again
+    assert prepare.main(["openwebtext", "--out", str(tmp_path / "owt"), "--workers", "1"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "openwebtext.tar.xz: no documents found in it")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["text", "--input", "missing.txt", "--out", "o"], "error: missing.txt: no such file"),
+    (["text", "--input", "a.txt", "--out", "o", "--workers", "0"], "error: --workers must be at least 1"),
+    (["fineweb-edu10b", "--out", "o", "--shards", "0"], "error: --shards must be between 1 and 99"),
+])
+def test_prepare_cli_mistakes_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATTNLAB_MIRROR", "http://127.0.0.1:9")  # nothing is fetched, even where a check is missing
+    assert prepare.main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, message)
+    assert os.listdir(tmp_path) == []
 
 
 # ================================================================================================================
@@ -1985,6 +2195,22 @@ def test_attn_bias_published_checkpoint_reproduces_nanogpt(variant, prefix, tmp_
         for impl in ("sdpa", "flex", "cudnn")[:3 if variant == "attn_bias" else 2]:
             model.cfg.attn_impl = impl
             assert torch.allclose(model(idx), ref, atol=1e-4), impl
+
+
+def test_attn_bias_published_checkpoint_takes_its_biases_and_dropout_and_ties_a_missing_head(tmp_path):
+    ckpt = ab_published("default")
+    ckpt["model_args"].update(bias=True, dropout=0.1)
+    sd = ckpt["model"]
+    for k in [k for k in sd if k.endswith(".weight") and k.startswith(("transformer.h.", "transformer.ln_f."))]:
+        sd[k[:-len("weight")] + "bias"] = torch.randn(len(sd[k]))
+    del sd["lm_head.weight"]  # tied: the head is wte
+    torch.save(ckpt, tmp_path / "c.pt")
+    model = core.load_model(ab.PAPER, str(tmp_path / "c.pt"))
+    assert (model.cfg.bias, model.cfg.dropout) == (True, 0.1)
+    h = model.transformer.h[1]
+    assert torch.equal(h.mlp.c_fc.bias, sd["transformer.h.1.mlp.c_fc.bias"])
+    assert torch.equal(h.norm_1.bias, sd["transformer.h.1.ln_1.bias"])
+    assert torch.equal(model.lm_head.weight, sd["transformer.wte.weight"])
 
 
 def test_attn_bias_published_default_with_bias_keys_loads_as_attn_bias(tmp_path, capsys):
@@ -2447,6 +2673,14 @@ def test_cogformer_published_checkpoint_without_norm_eps_takes_the_class_default
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
 
 
+def test_cogformer_published_checkpoint_of_an_unknown_attention_type_is_refused():
+    ckpt = published_ckpt("np")
+    for attn_type in (None, "linear"):
+        ckpt["model_cfg"]["attn_type"] = attn_type
+        with pytest.raises(core.ConfigError, match=f"unknown attn_type {attn_type!r} in the published checkpoint"):
+            cg.published_to_ours(ckpt)
+
+
 def test_cogformer_init_from_published_then_our_checkpoint_round_trip(tmp_path, tutorial, capsys):
     path = str(tmp_path / "cog_ckpt_100.00_Bi.pt")
     torch.save(published_ckpt("np"), path)
@@ -2719,6 +2953,12 @@ def test_exoformer_causal_and_document_masking(variant):
     past_doc[:, :8] = change(idx[:, :8], 3)
     torch.testing.assert_close(model(past_doc)[:, 8:], out[:, 8:])  # nor the previous document
     assert not torch.allclose(model(past_doc)[:, :8], out[:, :8])
+
+
+def test_exoformer_doc_sep_is_any_id_of_the_vocabulary_or_off():
+    idx = torch.tensor([[5, 0, 7, 0, 9]])
+    assert exo.ExoGPT(exo_tiny(doc_sep=0)).doc_ids(idx).tolist() == [[0, 1, 1, 2, 2]]  # id 0 too
+    assert [exo.ExoGPT(exo_tiny(doc_sep=sep)).doc_ids(idx) for sep in (-1, V)] == [None, None]
 
 
 @pytest.mark.parametrize("variant", ["dynamic_exoformer", "nuresformer", "baseline"])
@@ -3116,6 +3356,7 @@ PUBLISHED = {  # name: (model file, exo_published() arguments, our variant name)
     "nuresformer": ("model2", dict(), "nuresformer"),
     "internal-model3": ("model3", dict(mode="headwise"), "nuresformer"),
     "exoformer": ("model3", dict(decouple=True, mode="scalar"), "exoformer"),
+    "exoformer-unnormed": ("model3", dict(decouple=True, norms=False, mode="scalar"), "exoformer"),
     "dynamic": ("model4", dict(decouple=True, dynamic=True), "dynamic_exoformer"),
     "model.py": ("model.py", dict(decouple=True, dynamic=True, mode="headwise"), "dynamic_exoformer"),
 }
@@ -3147,13 +3388,33 @@ def test_exoformer_published_model4_without_its_hidden_size_takes_the_official_d
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_exoformer_published_checkpoint_with_unsupported_options(tmp_path):
-    args, sd = exo_published("model1")
-    args["per_layer_backout"] = True
+def test_exoformer_published_checkpoint_takes_its_rope_theta_norm_eps_and_mlp_width(tmp_path):
+    """model_args the other tests leave at their defaults; gate_res_enabled without the gate is moot (the official
+    model mixes no gate it does not have)."""
+    args, sd = exo_published("model1", gated=False, res="v", mode="scalar")
+    args.update(rope_theta=10000.0, rmsnorm_eps=1e-3, mlp_hidden_dim=96, gate_res_enabled=True)  # fc1: x, gate halves
+    for k in sd:
+        if k.endswith("mlp.fc1.weight"):
+            sd[k] = sd[k][:96]
+        elif k.endswith("mlp.fc2.weight"):
+            sd[k] = sd[k][:, :48]
     path = str(tmp_path / "ckpt.pt")
     torch.save(dict(model=sd, model_args=args), path)
-    with pytest.raises(core.ConfigError, match="per_layer_backout"):
-        core.load_model(exo.PAPER, path)
+    model = core.load_model(exo.PAPER, path)
+    assert (model.cfg.variant, model.cfg.mix, model.cfg.mlp_hidden) == ("resformer", "v", 48)
+    idx = tokens(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref_forward(sd, args, "model1", idx), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_published_checkpoint_with_unsupported_options(tmp_path):
+    args, sd = exo_published("model1")
+    for option, value in (("per_layer_backout", True), ("qk_norm", False), ("weight_tying", True),
+                          ("logit_soft_cap", 30.0), ("act_type", "relu2"), ("norm_pos", "after")):
+        with pytest.raises(core.ConfigError, match=f"^p.pt: the published model uses {option}, which exoformer.py"):
+            exo.from_published(dict(model=sd, model_args={**args, option: value}), "p.pt")
+    path = str(tmp_path / "ckpt.pt")
     torch.save(dict(model={"something": torch.zeros(1)}), path)
     with pytest.raises(core.ConfigError, match="not a checkpoint exoformer.py reads .*train.py checkpoints"):
         core.load_model(exo.PAPER, path)
@@ -3903,6 +4164,19 @@ def test_sparse_byte_thesis_sparse_file_reproduces_both_attention_paths(tmp_path
         torch.testing.assert_close(intended(later)[:, :40], intended(idx)[:, :40])
 
 
+def test_sparse_byte_thesis_file_settings_block_size_from_positions_mask_subset_and_other_dropouts(tmp_path, capsys):
+    _, path = thesis_file(tmp_path, "sparse")
+    ckpt = torch.load(path)
+    assert sb.from_thesis(dict(model=ckpt["model_state_dict"]), path)[0].block_size == 64  # no config: its pe's
+    ckpt["config"]["mask_subset"] = "13"  # patterns 1 and 3 only
+    assert sb.from_thesis(ckpt, path)[0].mask_subset == "13"
+    _, path = thesis_file(tmp_path, "dense")
+    ckpt = torch.load(path)
+    ckpt["config"]["attention_dropout"] = 0.2
+    assert sb.from_thesis(ckpt, path)[0].dropout == 0.1
+    assert "attention and activation dropout differ from dropout; --body thesis uses dropout" in capsys.readouterr().err
+
+
 def test_sparse_byte_thesis_files_of_other_kinds_are_one_line(tmp_path):
     _, path = thesis_file(tmp_path, "sparse")
     ckpt = torch.load(path)
@@ -4444,6 +4718,24 @@ def test_reflex_original_split_from_config_and_user_mistakes(tmp_path, monkeypat
     torch.save({"state": {}}, tmp_path / "other.pt")
     with pytest.raises(core.ConfigError, match="not a checkpoint reflex.py reads .*original notebook's"):
         load_original(str(tmp_path / "other.pt"))
+
+
+def test_reflex_original_checkpoint_reads_dropout_sizes_and_a_forks_bias_from_its_config(tmp_path, monkeypatch):
+    ref, path = original_run(tmp_path, monkeypatch, "mini-gpt-4-2-2", (4, 2, 2), bias=True)
+    ckpt = core.load_checkpoint(path)
+    ckpt["config"] = vars(ckpt["config"])  # a fork's model_args without bias: the config's
+    ckpt["model_args"]["dropout"] = 0.1
+    del ckpt["model_args"]["bias"]
+    torch.save(ckpt, tmp_path / "fork.pt")
+    model = load_original(str(tmp_path / "fork.pt"), "4-2-2")
+    assert (model.cfg.bias, model.cfg.dropout) == (True, 0.1)
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+    del ckpt["model_args"]["n_embd"], ckpt["config"]["n_embd"]
+    torch.save(ckpt, tmp_path / "fork.pt")
+    with pytest.raises(core.ConfigError, match="fork.pt: model_args lacks n_embd$"):
+        load_original(str(tmp_path / "fork.pt"), "4-2-2")
 
 
 def test_reflex_original_checkpoint_cli_round_trip(tmp_path, monkeypatch, tutorial, capsys):
