@@ -512,6 +512,21 @@ def test_core_gpt2_tokenizer_offline(monkeypatch):
         core.get_tokenizer("gpt2")
 
 
+def test_core_gpt2_vocabulary_file_damaged_or_cut_short_is_one_line(tmp_path, monkeypatch, capsys):
+    """The file is checked against GPT-2's sha256: one cut at a line end would parse into a smaller vocabulary (other
+    ids), a damaged one failed with a traceback."""
+    if not os.path.exists(TIKTOKEN):
+        pytest.skip("no ../shared/data/gpt2.tiktoken")
+    good = Path(TIKTOKEN).read_bytes()
+    (tmp_path / "cut.tiktoken").write_bytes(good[:good.index(b"\n", len(good) // 2) + 1])
+    (tmp_path / "bad.tiktoken").write_bytes(b"garbage\n")
+    (tmp_path / "a.txt").write_text("some text\n" * 100)
+    for name in ("cut", "bad"):
+        monkeypatch.setenv("ATTNLAB_TIKTOKEN", str(tmp_path / f"{name}.tiktoken"))
+        assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")]) == 1
+        assert_one_line_error(capsys.readouterr().err, f"{name}.tiktoken: not GPT-2's gpt2.tiktoken (sha256 differs)")
+
+
 def test_core_loader_windows_shards_and_micro_batches(tmp_path):
     """Window starts are uniform over every position of the token files (shards weighted by their window starts, the
     last start included, a split of exactly T + 1 tokens read); micro-batches of one step are distinct draws."""
