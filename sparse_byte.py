@@ -417,9 +417,10 @@ def from_thesis(ckpt, path, given=None):
     (SparseByteTransformer: q/k/v_proj stacked into c_attn), told apart by their keys. A sparse file loads with
     --inverted-mask, the mask its weights were trained and evaluated with (its default SDPA path)."""
     sd = ckpt.get("model_state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    sd = core.strip_prefix(sd) if isinstance(sd, dict) else None  # a compiled model's keys
     first = {"dense": "transformer_blocks.0.self_attn.in_proj_weight",
              "sparse": "transformer_encoder.0.self_attn.q_proj.weight"}
-    variant = next((v for v, k in first.items() if isinstance(sd, dict) and k in sd), None)
+    variant = next((v for v, k in first.items() if sd and k in sd), None)
     if variant is None:
         return None
     # files without a config: the train scripts' values (extract_head_metrics.py builds the dense model with nhead 8)
@@ -428,7 +429,7 @@ def from_thesis(ckpt, path, given=None):
             "token_dropout": p["token_dropout"], "stochastic_depth_prob": p.get("drop_path", 0.0),
             **(ckpt.get("config") or {})}
     state = {}
-    for k, v in core.strip_prefix(sd).items():
+    for k, v in sd.items():
         for pattern, ours in THESIS_KEYS:
             k = re.sub(pattern, ours, k)
         state[k] = v

@@ -4138,9 +4138,10 @@ def thesis_file(tmp_path, variant, L=2, C=64, ff=48, T=64):
 def test_sparse_byte_thesis_dense_file_reproduces_logits_and_probabilities(tmp_path):
     ref, path = thesis_file(tmp_path, "dense")
     idx = torch.randint(0, 256, (2, 64))
-    for ckpt in (None, "model", "bare"):  # the train script's dict; extract_head_metrics.py's other two forms
-        if ckpt:
+    for ckpt in (None, "model", "bare", "compiled"):  # the train script's dict; extract_head_metrics.py's other two
+        if ckpt:                                          # forms; a compiled model's (keys under _orig_mod.)
             sd = torch.load(path)["model_state_dict"]
+            sd = {"_orig_mod." + k: v for k, v in sd.items()} if ckpt == "compiled" else sd
             torch.save(dict(model=sd) if ckpt == "model" else sd, tmp_path / f"{ckpt}.pt")
         model = core.load_model(sb.PAPER, str(tmp_path / f"{ckpt}.pt") if ckpt else path)
         cfg = model.cfg
