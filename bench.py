@@ -674,11 +674,11 @@ def compare(args, gpu):
         diff = lambda k: r[k] - base[k] if r.get(k) is not None and base and base.get(k) is not None else None
         r["d_val"], r["d_whole"] = diff("val_loss"), diff("val_whole")
         r["to_base"] = None  # the share of the baseline's tokens this run needed to reach its final val loss
+        at = {tokens: loss for tokens, _, loss in base.get("curve") or ()} if base else {}
+        r["d_curve"] = [(tokens, loss - at[tokens]) for tokens, _, loss in r.get("curve") or () if tokens in at]
         r["d_cut"] = None  # a cut run: (share of the baseline's tokens, difference) at its last evaluation
-        if r.get("missing") and r.get("curve") and base and base.get("tokens"):  # a finished baseline
-            at = {tokens: loss for tokens, _, loss in base["curve"]}
-            both = [(tokens, loss - at[tokens]) for tokens, _, loss in r["curve"] if tokens in at]
-            r["d_cut"] = (both[-1][0] / base["tokens"], both[-1][1]) if both else None
+        if r.get("missing") and r["d_curve"] and base.get("tokens"):  # a finished baseline
+            r["d_cut"] = (r["d_curve"][-1][0] / base["tokens"], r["d_curve"][-1][1])
         if base and r["variant"] != r["baseline"] and base.get("val_loss") and r.get("curve") and not r.get("missing"):
             reach = tokens_to(r["curve"], base["val_loss"])
             r["to_base"] = "not reached" if reach is None else reach / base["tokens"]
@@ -786,17 +786,20 @@ def seed_summary(runs):
 
 
 def plot_compare(runs, png, title):
-    """One column per script (each its own data and loss unit): val loss against training tokens (top) and training
-    time (bottom); baselines dashed, runs cut short dotted, one line per seed. Scripts with nothing to draw: none."""
+    """One column per script (each its own data and loss unit): val loss against training tokens (top), its
+    difference to the baseline of the same seed at the same tokens (middle: the claims are differences of a few
+    hundredths, invisible on the top row) and val loss against training time (bottom); baselines dashed, runs cut
+    short dotted, one line per seed. Scripts with nothing to draw: none."""
     pyplot = core.pyplot()
     names = list(dict.fromkeys(r["script"] for r in runs if r.get("curve")))  # scripts with a run to draw
     if not names:
         return
-    fig, axes = pyplot.subplots(2, len(names), figsize=(4.5 * len(names) + 1, 7), squeeze=False)
+    fig, axes = pyplot.subplots(3, len(names), figsize=(4.5 * len(names) + 1, 10), squeeze=False)
     seeds = len({r.get("seed") for r in runs}) > 1
     for col, name in enumerate(names):
         mine = [r for r in runs if r["script"] == name]
         colors = {v: pyplot.cm.tab10(i % 10) for i, v in enumerate(dict.fromkeys(r["variant"] for r in mine))}
+        late = [0.0]  # differences past a quarter of the tokens set the middle row's scale (early ones are large)
         for r in mine:
             if r.get("curve"):
                 tokens, times, loss = zip(*r["curve"])
@@ -804,12 +807,21 @@ def plot_compare(runs, png, title):
                              r["variant"] == r["baseline"] else "-", label=(r["variant"] or name) + (
                                  f" seed {r['seed']}" if seeds else "") + (" (cut)" if r.get("missing") else ""))
                 axes[0, col].plot(tokens, loss, **style)
-                axes[1, col].plot(times, loss, **style)
+                axes[2, col].plot(times, loss, **style)
+                if r["d_curve"]:  # none for a baseline
+                    axes[1, col].plot(*zip(*r["d_curve"]), **style)
+                    late += [d for t, d in r["d_curve"] if t >= max(tokens) / 4]
+        axes[1, col].axhline(0, color="gray", ls="--", lw=1)  # the baselines
+        pad = 0.1 * (max(late) - min(late)) + 1e-3
+        axes[1, col].set_ylim(min(late) - pad, max(late) + pad)
         axes[0, col].set_title(f"{name} ({os.path.basename(os.path.normpath(mine[0].get('data') or ''))})",
                                fontsize=9)
-        for row, x in enumerate(("training tokens", "training time (s, compilation and evaluation excluded)")):
-            unit = "byte" if mine[0].get("tokenizer") == "bytes" else "token"
-            axes[row, col].set(xlabel=x, ylabel=f"val loss (nats per {unit})")
+        unit = "byte" if mine[0].get("tokenizer") == "bytes" else "token"
+        labels = ((f"val loss (nats per {unit})", "training tokens"), (f"val loss - baseline's (nats per {unit})",
+                  "training tokens"), (f"val loss (nats per {unit})", "training time (s, compilation and evaluation "
+                                                                        "excluded)"))
+        for row, (y, x) in enumerate(labels):
+            axes[row, col].set(xlabel=x, ylabel=y)
             axes[row, col].grid(alpha=0.3)
         axes[0, col].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -5478,6 +5478,9 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", data,
             "--max-iters", 4, "--out", tmp_path]
     assert bench_run_cli(*args)[0] == 0
+    b, v = json.load(open(tmp_path / "compare.json"))["runs"]  # the plot's middle row: v's curve minus b's
+    assert b["d_curve"] == [] and len(v["curve"]) == 4 and v["d_curve"] == [
+        [t, pytest.approx(loss - base)] for (t, _, loss), (_, _, base) in zip(v["curve"], b["curve"])]
     shutil.rmtree(data)  # the logs copied back from a GPU machine, without the data: run.json records its size
     base, var = tmp_path / "reflex-baseline", tmp_path / "reflex-reflex"
     (base / "ckpt.pt").unlink()
