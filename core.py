@@ -622,7 +622,7 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer and data (prepare.py writes what TokenData reads)
 
-GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken checks it too
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base
 R50K_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER = 20240520, 1, 256  # llm.c: 256 int32 (magic, version, count), uint16 ids
 
@@ -652,10 +652,10 @@ def get_tokenizer(name):
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"GPT-2 vocabulary file not found: {path}")
-        try:
-            ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_TIKTOKEN_SHA256)
-        except ValueError:  # a damaged file, one cut short (it would parse), or another vocabulary
-            raise ConfigError(f"{path}: not GPT-2's gpt2.tiktoken (sha256 differs)") from None
+        with open(path, "rb") as f:  # a damaged file, one cut short (it would parse), or another vocabulary
+            if hashlib.sha256(f.read()).hexdigest() != GPT2_TIKTOKEN_SHA256:
+                raise ConfigError(f"{path}: not GPT-2's gpt2.tiktoken (sha256 differs)")
+        ranks = tiktoken.load.load_tiktoken_bpe(path)
         enc = tiktoken.Encoding(name="gpt2", pat_str=R50K_PATTERN, mergeable_ranks=ranks,
                                 special_tokens={"<|endoftext|>": 50256})
     else:
