@@ -597,10 +597,12 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    made = [d for d in (args.out / "download", args.out) if not d.exists()]
     try:
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")
         args.func(args)
+        made = []
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue", file=sys.stderr)
         return 130
@@ -611,6 +613,10 @@ def main(argv=None):
     except core.ConfigError as e:   # PrepareError, or a tokenizer that cannot load
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:   # a failed command leaves no empty folder of its own behind
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
     return 0
 
 

@@ -1627,7 +1627,8 @@ def test_prepare_full_disk_is_one_line_and_leaves_nothing(tmp_path, enwik8, monk
     assert prepare.main(["enwik8", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "free" in err
-    assert looks_valid(out) == []
+    assert not out.exists()
+    (out / "download").mkdir(parents=True)
     (out / "download" / "enwik8.zip.part").write_bytes(blob[:-10])   # a resume needs room for the rest only
     assert prepare.main(["enwik8", "--out", str(out)]) == 0
 
@@ -1798,10 +1799,13 @@ def test_prepare_openwebtext_download_tokenize_split(tmp_path, server, monkeypat
 
 # ----------------------------------------------------------------------------- prepare: errors from the CLI
 
-def test_prepare_http_404_is_one_line(tmp_path, server):
+def test_prepare_http_404_is_one_line_and_leaves_no_empty_folder(tmp_path, server):
     code, out, err = run("enwik8", "--out", tmp_path / "e", "--base-url", f"{server}/nowhere")
     assert code == 1 and err.count("\n") == 1 and "HTTP 404" in err and "nowhere/enwik8.zip" in err
-    assert looks_valid(tmp_path / "e") == []
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "e").mkdir()   # a folder the user made stays, an empty download folder of ours goes
+    assert run("enwik8", "--out", tmp_path / "e", "--base-url", f"{server}/nowhere")[0] == 1
+    assert os.listdir(tmp_path / "e") == []
 
 
 def test_prepare_refused_connection_is_one_line(tmp_path):
@@ -1839,7 +1843,7 @@ def test_prepare_text_too_short_for_a_val_split_writes_nothing(tmp_path, capsys)
     assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--tokenizer", "bytes", "--out",
                          str(tmp_path / "out"), "--workers", "1"]) == 1
     assert_one_line_error(capsys.readouterr().err, "the val split is empty: give more text (or --val)")
-    assert os.listdir(tmp_path / "out") == []  # no train.bin that looks like a dataset's
+    assert not (tmp_path / "out").exists()  # no train.bin that looks like a dataset's
 
 
 def test_prepare_text_holdout_cuts_at_the_next_line_start_inside_the_document_at_the_cut():
