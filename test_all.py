@@ -443,6 +443,7 @@ def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
             with open(tmp_path / f"fineweb_{split}_{i:06d}.bin", "wb") as f:
                 f.write(header.tobytes())
                 f.write((toks + i * 5000).tobytes())
+    (tmp_path / "fineweb_val_notes.bin").write_bytes(b"no shard")  # not *_val_NNNNNN.bin: not read
     data = core.TokenData(str(tmp_path))
     assert data.tokens("train") == 10000 and len(data.splits["val"]) == 2
     x, y = data.batch("train", 8, 32, 0, 3)
@@ -4735,9 +4736,10 @@ def test_reflex_original_split_from_config_and_user_mistakes(tmp_path, monkeypat
     with pytest.raises(core.ConfigError, match="missing transformer.h.0.attn.c_attn.weight, unexpected transformer"
                                                ".h.0.attn.query.weight, unexpected transformer.h.0.attn.value.weight"):
         load_original(str(tmp_path / "mini-gpt-5-2-1.pt"))
-    torch.save({"state": {}}, tmp_path / "other.pt")
-    with pytest.raises(core.ConfigError, match="not a checkpoint reflex.py reads .*original notebook's"):
-        load_original(str(tmp_path / "other.pt"))
+    for other in ({"state": {}}, {"model": torch.zeros(2), "model_args": ckpt["model_args"]}):  # a whole model saved
+        torch.save(other, tmp_path / "other.pt")
+        with pytest.raises(core.ConfigError, match="not a checkpoint reflex.py reads .*original notebook's"):
+            load_original(str(tmp_path / "other.pt"))
 
 
 def test_reflex_original_checkpoint_reads_dropout_sizes_and_a_forks_bias_from_its_config(tmp_path, monkeypatch):
