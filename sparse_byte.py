@@ -837,8 +837,11 @@ def write_metrics_csv(path, m):
 
 def read_metrics_csv(path):
     """-> list of (layer, head), (N, 3) float array."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error):  # e.g. a checkpoint given for a run folder
+        rows = []
     if not rows or any(c not in rows[0] for c in ("layer", "head", *METRICS)):
         raise core.ConfigError(f"{path}: not a head_metrics.csv (columns layer,head,{','.join(METRICS)})")
     return [(int(r["layer"]), int(r["head"])) for r in rows], np.array([[float(r[c]) for c in METRICS] for r in rows])

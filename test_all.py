@@ -4004,6 +4004,15 @@ def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
     assert_one_line_error(capsys.readouterr().err, message)
 
 
+def test_sparse_byte_cluster_of_a_checkpoint_gives_one_line(tmp_path, capsys):
+    """--cluster --runs given a checkpoint instead of a run folder or its CSV: one line (it was a UnicodeDecodeError
+    traceback), nothing written."""
+    torch.save({"model": torch.arange(300)}, tmp_path / "ckpt.pt")
+    assert sb.main(["--cluster", "--runs", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "heads")]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{tmp_path / 'ckpt.pt'}: not a head_metrics.csv")
+    assert not (tmp_path / "heads").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_sparse_byte_kernel_bench_refused_on_cpu(capsys):
     assert sb.main(["--kernel-bench", "--device", "cpu"]) == 2
