@@ -619,7 +619,7 @@ def compare(args, gpu):
     seeds = int_list(args.seeds, "--seeds", 0) if args.seeds else [args.seed]
     if args.seq and len(int_list(args.seq, "--block-size")) > 1:
         raise core.ConfigError("--compare trains at one --block-size")
-    presets, runs, todo, paper_of = parse_presets(args.preset), [], [], {}
+    presets, runs, todo, paper_of, plan = parse_presets(args.preset), [], [], {}, []
     check_variants(args.variants, papers(args.papers))
     for name in papers(args.papers):
         s = script(name)
@@ -635,7 +635,7 @@ def compare(args, gpu):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(out, "eval.json"))
                 shown = "not run" if args.report and state == "new" else state  # --report trains nothing
-                print(f"[{len(runs) + 1}] {shown}: {' '.join(run_cmd[1:])}", file=sys.stderr, flush=True)
+                plan.append(f"[{len(runs) + 1}] {shown}: {' '.join(run_cmd[1:])}")
                 run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
                            data=args.data, error=None, missing=None)
                 if args.report and state != "done":  # tabulate what is there, train nothing
@@ -644,6 +644,10 @@ def compare(args, gpu):
                     todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
                 paper_of[out] = s
+    if args.report and all(r["missing"] == "not run" for r in runs):  # a table of nothing would replace compare.json
+        raise core.ConfigError(f"--report: none of these runs is in {args.out} ({', '.join(r['out'] for r in runs)}): "
+                               "pass the comparison's own --papers, --variants and --seeds")
+    print("\n".join(plan), file=sys.stderr, flush=True)
     lock = threading.Lock()
 
     scored = data if args.whole_val and not args.report else None  # None: only a score already in eval.json

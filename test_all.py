@@ -5516,6 +5516,18 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
 
 
+def test_bench_compare_report_of_runs_not_in_out_changes_nothing(tmp_path, capsys):
+    """--report with the flags of no run in --out (another paper, a typo) is one line and leaves compare.json as it
+    was (it was replaced by a table of "not run" rows, exit 0)."""
+    (tmp_path / "compare.json").write_text("{}")
+    (tmp_path / "cogformer-transformer").mkdir()  # another comparison's run
+    assert bench.main(["--compare", "--report", "--papers", "reflex", "--device", "cpu", "--data", str(tmp_path / "d"),
+                       "--out", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"--report: none of these runs is in {tmp_path} (")
+    assert (tmp_path / "compare.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == [
+        "cogformer-transformer", "compare.json"]
+
+
 def test_bench_readme_results_are_the_runs_own_numbers():
     """Every number in the README's claims table is what bench.py makes of the run named beside it: results/claims'
     compare.json (the last --report) against each row and seed, and compare.json against the run's own log."""
