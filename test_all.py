@@ -5516,6 +5516,29 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
 
 
+def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, monkeypatch):
+    """compare.png: no panel's tick labels or axis label reach into another panel (a middle-row label ran into the
+    panel to its left: the layout was computed for the ticks the axes had before it resized them)."""
+    def run(script, variant, baseline, losses, d=()):
+        tokens = (5120, 10240, 15360)
+        return dict(script=script, variant=variant, baseline=baseline, seed=1337, data="data/docs", tokenizer="gpt2",
+                    curve=[(t, 5.0 * i, loss) for i, (t, loss) in enumerate(zip(tokens, losses))],
+                    d_curve=list(zip(tokens, d)))
+    runs = [run("cogformer", "transformer", "transformer", (10.376, 9.927, 9.771)),
+            run("cogformer", "cogformer", "transformer", (10.4, 9.96, 9.804), (0.0237, 0.0327, 0.0333)),
+            run("reflex", "baseline", "baseline", (10.317, 9.876, 9.718)),
+            run("reflex", "reflex", "baseline", (10.322, 9.89, 9.733), (0.0053, 0.0139, 0.0152))]
+    plt, seen = core.pyplot(), []
+
+    def savefig(fig, *a, **k):
+        r = fig.canvas.get_renderer()
+        seen.append([(i, j) for i, a in enumerate(fig.axes) for j, b in enumerate(fig.axes)
+                     if i != j and a.get_tightbbox(r).overlaps(b.bbox)])
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    bench.plot_compare(runs, str(tmp_path / "compare.png"), "val loss, cpu")
+    assert seen == [[]]
+
+
 def test_bench_compare_report_of_runs_not_in_out_changes_nothing(tmp_path, capsys):
     """--report with the flags of no run in --out (another paper, a typo) is one line and leaves compare.json as it
     was (it was replaced by a table of "not run" rows, exit 0)."""
