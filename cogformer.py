@@ -28,6 +28,7 @@ zeros s = 0 get weight 0 in every path, but flex2x also drops them from the deno
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -471,18 +472,28 @@ PROBE_LENGTHS = (200, 400, 600, 800, 1000, 2000)
 def model_and_tokenizer(cfg):
     """The model (--init-from or <out>/ckpt.pt), its device and the dataset's tokenizer."""
     data = core.TokenData(cfg.data)
-    model = core.load_model(PAPER, cfg.init_from or os.path.join(cfg.out, "ckpt.pt"), data=data)
+    model = core.load_model(PAPER, checkpoint(cfg), data=data)
     tok = core.get_tokenizer(data.tokenizer)
     device = core.resolve_device(cfg)
     return model.to(device), device, tok
 
 
+def checkpoint(cfg):
+    return cfg.init_from or os.path.join(cfg.out, "ckpt.pt")
+
+
+def source(cfg, model):
+    """Which model and data a figure is of: 'cogformer: runs/x/ckpt.pt, data docs', in lines that fit a title."""
+    name = os.path.basename(os.path.normpath(cfg.data))
+    return textwrap.fill(f"{model.cfg.variant}: {checkpoint(cfg)}, data {name}", 60, break_on_hyphens=False)
+
+
 def _save(cfg, name, fig, result):
     os.makedirs(cfg.out, exist_ok=True)
     base = os.path.join(cfg.out, name)
-    fig.savefig(base + ".png", dpi=80)
-    json.dump(result, open(base + ".json", "w"))
-    print(f"wrote {base}.png and {base}.json")
+    fig.savefig(base + ".png", dpi=120)
+    json.dump(dict(result, checkpoint=checkpoint(cfg), data=cfg.data), open(base + ".json", "w"))
+    print(f"{result['variant']} ({checkpoint(cfg)}): wrote {base}.png and {base}.json")
 
 
 @torch.no_grad()
@@ -503,7 +514,7 @@ def attn_grid(cfg, args):
             axs[l, h].bar(range(T), grid[l][h].numpy(), width=1.0, color="tab:red" if l in model.cog else "tab:blue")
             axs[l, h].set_title(f"L{l}H{h}", fontsize=7)
             axs[l, h].tick_params(labelsize=5)
-    fig.suptitle(f"{model.cfg.variant}: the last query's weight on each of the {T} key positions (x)\nrows: layers, "
+    fig.suptitle(f"{source(cfg, model)}\nthe last query's weight on each of the {T} key positions (x)\nrows: layers, "
                  "columns: heads; red: cog layers (signed), blue: softmax", fontsize=8 + H // 2)
     fig.tight_layout()
     _save(cfg, "attn_grid", fig, dict(variant=model.cfg.variant, cog_layers=model.cog, tokens=idx[0].tolist(),
@@ -543,6 +554,7 @@ def probe(cfg, args):
         ax.bar([str(n) for n in lengths], rel, color="tab:red" if model.cog else "tab:blue", edgecolor="black")
         ax.set(title=task, xlabel="n", ylabel=f"representation difference / n={lengths[0]}")
     handle.remove()
+    fig.suptitle(source(cfg, model))
     fig.tight_layout()
     _save(cfg, "rep_diff", fig, dict(variant=model.cfg.variant, **result))
     plt.close(fig)
@@ -566,7 +578,7 @@ def neg_mass(cfg, args):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(range(len(mass)), mass.tolist(), color=["tab:red" if l in model.cog else "tab:blue"
                                                     for l in range(len(mass))])
-    ax.set(xlabel="layer", ylabel="negative share of Σ|W|", title=model.cfg.variant)
+    ax.set(xlabel="layer", ylabel="negative share of Σ|W|", title=source(cfg, model))
     ax.set_xticks(range(len(mass)))
     fig.tight_layout()
     _save(cfg, "neg_mass", fig, dict(variant=model.cfg.variant, neg_mass=mass.tolist(), tokens_per_batch=T,

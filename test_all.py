@@ -2767,6 +2767,34 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
                       "the model was trained on bytes (256)")  # a model's numbers on another tokenizer's data
 
 
+def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained, tutorial, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Every figure's title, JSON and printed line name the checkpoint and data it is of (rep_diff.png named nothing,
+    the others the variant only), inside the figure; PNGs at 120 dpi (at 80, the grid's 5-point ticks were 6 pixels
+    tall)."""
+    plt, titles = core.pyplot(), []
+    save = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        titles.append(" ".join([fig.get_suptitle(), *(a.get_title() for a in fig.axes)]))
+        r, width = fig.canvas.get_renderer(), fig.bbox.width
+        assert all(0 <= t.get_window_extent(r).x0 and t.get_window_extent(r).x1 <= width
+                   for t in [*fig.texts, *(a.title for a in fig.axes)]), titles[-1]
+        assert kw["dpi"] >= 120
+        return save(fig, path, **kw)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    for variant, out in trained.items():
+        ckpt = os.path.join(out, "ckpt.pt")
+        for action, name in (("--attn-grid", "attn_grid"), ("--probe", "rep_diff"), ("--neg-mass", "neg_mass")):
+            assert cg.main([action, "--init-from", ckpt, "--data", tutorial, "--out", str(tmp_path), "--device", "cpu",
+                            "--eval-iters", "1", "--batch-size", "2"]) == 0
+            assert f"{variant} ({ckpt}): wrote {tmp_path / name}.png" in capsys.readouterr().out
+            saved = json.load(open(tmp_path / f"{name}.json"))
+            assert (saved["variant"], saved["checkpoint"], saved["data"]) == (variant, ckpt, tutorial)
+            squeeze = lambda text: "".join(text.split())  # a title's lines break where they must
+            assert squeeze(f"{variant}: {ckpt}, data {os.path.basename(tutorial)}") in squeeze(titles.pop())
+
+
 def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial):
     """--attn-grid: the last query's signed weights; --neg-mass: the mean negative mass per row over the val batches;
     --probe: the L-inf of the final hidden state's difference within each head's chunk, averaged over heads."""
