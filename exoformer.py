@@ -562,11 +562,13 @@ def analyze(cfg, args):
         if int(idx.max()) >= model.cfg.vocab_size:
             raise core.ConfigError(f"{path}: --data has tokens beyond the model's vocabulary ({model.cfg.vocab_size})")
         with core.autocast(device, cfg):
-            r = results[name] = dict(path=path, variant=model.cfg.variant, **measure(model, idx))
+            r = results[name] = dict(path=path, variant=model.cfg.variant, data=cfg.data, windows=list(idx.shape),
+                                     **measure(model, idx))
         gate = mean(r["attention_layers"].get("gate_mean", [None]))
-        print(f"{name}: sink {mean(r['attention_layers']['sink']):.4f} | entropy "
+        print(f"{name} ({model.cfg.label()}, {len(idx)} x {T} val tokens of {cfg.data}), means over the layers: sink "
+              f"{mean(r['attention_layers']['sink']):.4f} | entropy "
               f"{mean(r['attention_layers']['entropy']):.3f} | gate {'n/a' if gate is None else f'{gate:.3f}'} | "
-              f"token sim {mean(r['hidden_layers']['token_sim']):.3f} | PCA core "
+              f"and the embedding: token sim {mean(r['hidden_layers']['token_sim']):.3f} | PCA core "
               f"{mean(r['hidden_layers']['pca_core']):.1f}")
     os.makedirs(cfg.out, exist_ok=True)
     with core.atomic(os.path.join(cfg.out, "analysis.json"), "w") as f:
@@ -601,6 +603,8 @@ def plot_analysis(results, png):
         ax.grid(alpha=0.3)
     fig.legend([plt.Line2D([], [], color=c, marker="o", ms=3) for c in color.values()], list(color),
                loc="lower center", ncol=min(len(color), 6))  # every run, once
+    data = dict.fromkeys(os.path.basename(os.path.normpath(r["data"])) for r in results.values() if r.get("data"))
+    fig.suptitle(f"the first val windows of {', '.join(data) or 'unrecorded data'} (one batch of each model's length)")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -3551,7 +3551,7 @@ def test_exoformer_measure_pca_core_and_lambda_ratios():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_exoformer_analyze(tmp_path):
+def test_exoformer_analyze(tmp_path, capsys, monkeypatch):
     data = exo_dataset(tmp_path)
     ckpts = []
     for variant in ("baseline", "nuresformer", "dynamic_exoformer"):
@@ -3564,10 +3564,21 @@ def test_exoformer_analyze(tmp_path):
     short = live(exo.ExoGPT(exo_tiny("baseline", n_layer=2, block_size=8)))  # fewer positions than the others
     core.save_checkpoint(str(tmp_path / "short.pt"), dict(format="attnlab", config=dataclasses.asdict(short.cfg),
                                                          model=short.state_dict()))
-    out = str(tmp_path / "an")
+    out, plt, titles = str(tmp_path / "an"), core.pyplot(), []
+    save = plt.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        titles.append(fig.get_suptitle())
+        return save(fig, *a, **k)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     assert exo.main(["--analyze", "--init-from", ckpts[0], "--runs", *ckpts[1:], str(tmp_path / "short.pt"),
                      "--data", data, "--out", out, "--device", "cpu"]) == 0
     res = json.load(open(os.path.join(out, "analysis.json")))
+    printed = capsys.readouterr().out  # each run's numbers name its model and data, as the figure and JSON do
+    assert f"nuresformer.pt (nuresformer, 4 x 16 val tokens of {data}), means over the layers: sink" in printed
+    assert f"short.pt (baseline, 4 x 8 val tokens of {data})" in printed
+    assert titles == [f"the first val windows of {os.path.basename(data)} (one batch of each model's length)"]
+    assert res["short.pt"]["data"] == data and res["short.pt"]["windows"] == [4, 8]
     assert all(e <= math.log(8) + 1e-4 for e in res["short.pt"]["attention_layers"]["entropy"])  # its 8 positions
     assert os.path.getsize(os.path.join(out, "analysis.png")) > 10_000
     base, nu, dyn = (res[f"{v}.pt"] for v in ("baseline", "nuresformer", "dynamic_exoformer"))
