@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -457,7 +458,7 @@ def analyze(cfg, args):
     print(f"{N_WINDOWS} val windows of {data.path} (--seed {cfg.seed}); val loss: the run's last logged, else of "
           "these windows")
     print(f"{'variant':<10} {'val loss':>8} {'top-1':>8} {'layer':>5} {'median':>7} {'ratio':>7} {'key0 attn':>9} "
-          f"{'ms/step':>8} {'x default':>9}")
+          f"{'ms/step':>8} {'x default':>9}  model")
     for r in results:
         top1, median = r["layerwise"]["top1"], r["layerwise"]["median"]
         peak = max(range(r["n_layer"]), key=top1.__getitem__)
@@ -465,7 +466,7 @@ def analyze(cfg, args):
         x = f"{r['x_default']:.2f}" if r["x_default"] else "n/a"
         key0 = sum(r["attention"]["key0"]) / r["n_layer"]
         print(f"{r['variant']:<10} {r['val_loss_log'] or r['window_loss']:>8.4f} {top1[peak]:>8.1f} {peak + 1:>5} "
-              f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.1f} {key0:>9.3f} {ms:>8} {x:>9}")
+              f"{median[peak]:>7.3f} {top1[peak] / median[peak]:>7.1f} {key0:>9.3f} {ms:>8} {x:>9}  {r['source']}")
     for p in [os.path.join(cfg.out, "analysis.json"), *plot_analysis(results, cfg.out)]:
         print(p)
 
@@ -473,8 +474,14 @@ def analyze(cfg, args):
 def plot_analysis(results, out):
     """Three PNGs rebuilt from the analysis JSON: layerwise magnitudes, one block over the prompt, attention."""
     plt = core.pyplot()
-    n, paths = len(results), []
-    titles = [TITLES[r["variant"]] + (f"\n{r['source']}" if n > len(TITLES) else "") for r in results]
+    n, paths, on = len(results), [], results[0]["measured_on"]
+    alike = len({r["variant"] for r in results}) < n  # a model twice: which run each is (its folder, else its file)
+    runs = [os.path.basename(os.path.dirname(p) if os.path.basename(p) == "ckpt.pt" else p) for p in
+            (r["source"] for r in results)]
+    runs = runs if len(set(runs)) == n else [r["source"] for r in results]
+    names = [r["variant"] + (f" ({run})" if alike else "") for r, run in zip(results, runs)]
+    titles = [TITLES[r["variant"]] + (f"\n{textwrap.fill(run, 36)}" if alike else "") for r, run in zip(results, runs)]
+    where = f"{results[0]['windows']} val windows of {on['name']} (--seed {on['seed']})"
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
     for ax, r, title in zip(axes[0], results, titles):
         x = range(1, r["n_layer"] + 1)
@@ -484,6 +491,7 @@ def plot_analysis(results, out):
         ax.set(title=title, xlabel="Layers", ylabel="Magnitudes", xticks=layer_ticks(r["n_layer"]))
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"|block output| over {where}")
     paths.append(save(fig, out, "layerwise.png"))
     fig = plt.figure(figsize=(5 * n, 4.5))
     for i, (r, title) in enumerate(zip(results, titles)):
@@ -496,13 +504,12 @@ def plot_analysis(results, out):
     paths.append(save(fig, out, "prompt_layer.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     key0 = {"default": "first token", "sink": "sink token", "attn_bias": "bias key k'"}
-    for r in results:
+    for r, name in zip(results, names):
         x = range(1, r["n_layer"] + 1)
-        line, = ax.plot(x, r["attention"]["key0"], marker="o", label=f"{r['variant']}: {key0[r['variant']]}")
+        line, = ax.plot(x, r["attention"]["key0"], marker="o", label=f"{name}: {key0[r['variant']]}")
         if r["variant"] != "default":
-            ax.plot(x, r["attention"]["first_token"], ls="--", color=line.get_color(),
-                    label=f"{r['variant']}: first token")
-    ax.set(xlabel="Layers", ylabel="mean attention weight", title="Attention to key 0 (queries 1..T-1)",
+            ax.plot(x, r["attention"]["first_token"], ls="--", color=line.get_color(), label=f"{name}: first token")
+    ax.set(xlabel="Layers", ylabel="mean attention weight", title=f"Attention to key 0 (queries 1..T-1)\n{where}",
            xticks=layer_ticks(max(r["n_layer"] for r in results)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

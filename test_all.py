@@ -2341,6 +2341,37 @@ def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
     assert abs(res["sink"]["layerwise"]["top1"][-1] - top) < 1e-3 * top
 
 
+def test_attn_bias_analyze_names_its_data_and_tells_runs_of_one_variant_apart(ab_runs, tutorial, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The figures name the val windows they average; two runs of one variant are told apart by their folders in the
+    panels (inside them) and the legend, by their checkpoints in the table (both were 'GPT-2 Default', 'default')."""
+    twin = str(shutil.copytree(ab_runs["default"], tmp_path / "a_long_folder_name_for_the_second_run_of_default"))
+    plt, texts = core.pyplot(), {}
+    save = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        r = fig.canvas.get_renderer()
+        boxes = [a.title.get_window_extent(r) for a in fig.axes if a.get_title()]
+        assert all(0 <= t.x0 and t.x1 <= fig.bbox.width for t in boxes), path  # inside the figure, apart
+        assert not any(t.overlaps(u) for i, t in enumerate(boxes) for u in boxes[i + 1:]), path
+        legends = [t.get_text() for a in fig.axes if a.get_legend() for t in a.get_legend().get_texts()]
+        text = " ".join([fig.get_suptitle(), *(a.get_title() for a in fig.axes), *legends])
+        texts[os.path.basename(path)] = "".join(text.split())  # a title's lines break where they must
+        return save(fig, path, **kw)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    assert ab.main(["--analyze", "--runs", ab_runs["default"], twin, "--data", tutorial, "--out", str(tmp_path / "o"),
+                    "--device", "cpu"]) == 0
+    where = "".join(f"{ab.N_WINDOWS} val windows of {os.path.basename(tutorial)} (--seed 1337)".split())
+    assert where in texts["layerwise.png"] and where in texts["attention.png"]
+    twin_name = os.path.basename(twin)
+    assert "default(default):firsttoken" in texts["attention.png"]  # the legend: each run's folder
+    assert f"default({twin_name}):firsttoken" in texts["attention.png"] and len(texts) == 3
+    assert all(f"GPT-2Default{twin_name}" in texts[f] for f in ("layerwise.png", "prompt_layer.png"))  # the panels
+    a, b = (os.path.join(run, "ckpt.pt") for run in (ab_runs["default"], twin))
+    rows = capsys.readouterr().out.splitlines()[2:4]  # the table: each run's checkpoint
+    assert rows[0].startswith("default") and rows[0].endswith(a) and rows[1].endswith(b)
+
+
 def test_attn_bias_analyze_keeps_each_runs_result_for_runs_without_a_checkpoint(ab_runs, tutorial, tmp_path, capsys):
     """Each run trained in its own GPU lease: its result kept in its folder draws the three-model figure later."""
     runs = {v: shutil.copytree(p, tmp_path / v) for v, p in ab_runs.items()}
