@@ -29,7 +29,7 @@ position in the 3-D plot (analyze.py's labels crash on it); our GPU runs use dat
     python attn_bias.py --train --preset paper --variant attn_bias --data data/openwebtext --out runs/owt_bias
     python attn_bias.py --train --preset short --variant sink --data data/docs --out runs/docs_sink
     python attn_bias.py --eval --init-from pretrained/attn_bias/ckpt_50000.pt --data data/openwebtext
-    python attn_bias.py --analyze --runs runs/docs_default runs/docs_sink runs/docs_attn_bias --data data/docs \
+    python attn_bias.py --analyze --runs runs/docs_default runs/docs_sink runs/docs_attn_bias --data data/docs \\
         --out runs/docs_analysis
     python attn_bias.py --bench --preset 124m --batch-size 12 --variant attn_bias
 """

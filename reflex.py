@@ -52,11 +52,11 @@ Deviations from the original:
 
 Usage:
     python reflex.py --train --preset tiny --device cpu --heads 5-2-1 --out runs/rx_521
-    python reflex.py --train --preset e768-t1024 --data data/owt --heads all --out runs/rx_all
+    python reflex.py --train --preset e768-t1024 --data data/openwebtext --heads all --out runs/rx_all
     python reflex.py --train --preset e512-t256 --data data/docs --variant baseline --out runs/rx_base
     python bench.py --papers reflex                # tokens/s of 5-2-1, 4-2-2, all vs baseline (124m-8h on a GPU)
     python reflex.py --charts --out runs/rx_base --runs runs/rx_521 runs/rx_all  # loss + speed figures
-    python reflex.py --eval --init-from mini-gpt-5-2-1/ckpt.pt --data data/owt  # the original notebook's checkpoint
+    python reflex.py --eval --init-from mini-gpt-5-2-1/ckpt.pt --data data/openwebtext  # the notebook's checkpoint
 """
 import os
 import re

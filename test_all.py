@@ -1315,6 +1315,18 @@ def test_core_readme_commands_parse():
     assert seen == {"core", "prepare", "bench", *bench.PAPERS}
 
 
+def test_core_help_examples_are_one_command_a_line_on_folders_prepare_writes():
+    """The examples of every script's --help: each line one command (attn_bias's backslash ran two lines into one, a
+    gap of spaces between them), and --data names a folder the README's prepare.py commands write (reflex's: owt)."""
+    made = {str(prepare.parser().parse_args(argv).out) for s, argv in readme_commands() if s == "prepare"}
+    lines = [(n, line) for n in ("core", *bench.PAPERS) for line in bench.script(n).doc.splitlines()]
+    for name, line in lines + [("bench", line) for line in bench.__doc__.splitlines()]:
+        cmd = line.split("#")[0].rstrip()
+        if "python " in cmd:
+            assert not re.search(r"\S {3,}-", cmd), f"{name}: {line}"
+            assert set(re.findall(r"--data (data/\S+)", cmd)) <= made, f"{name}: {line}"
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--train", "--n-embd", "100", "--n-head", "12"], "must be divisible"),
     (["--train", "--family", "bert"], "--family must be"),
