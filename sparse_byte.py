@@ -69,6 +69,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -857,8 +858,8 @@ def metrics_action(cfg, args):
     os.makedirs(cfg.out, exist_ok=True)
     out = os.path.join(cfg.out, "head_metrics.csv")
     write_metrics_csv(out, m.numpy())
-    print(f"{model.cfg.variant}: metrics of {m.shape[0] * m.shape[1]} heads over {n} val windows of "
-          f"{model.cfg.block_size} -> {out}")
+    print(f"{model.cfg.variant} ({path}): metrics of {m.shape[0] * m.shape[1]} heads over {n} val windows of "
+          f"{model.cfg.block_size} tokens of {cfg.data} -> {out}")
     for layer in range(m.shape[0]):
         print(f"layer {layer:2d} " + " ".join(f"{k} {m[layer, :, i].mean():8.3f}" for i, k in enumerate(METRICS)))
 
@@ -920,7 +921,7 @@ def run_variant(folder):
 def cluster_action(cfg, args):
     if args.cluster_k_max < 2 or args.cluster_k < 0:
         raise core.ConfigError("need --cluster-k-max >= 2 and --cluster-k >= 0")
-    heads, rows, variants = [], [], []
+    heads, rows, variants, sources, names = [], [], [], [], []
     for src in args.runs or [cfg.out]:
         path = src if os.path.isfile(src) else os.path.join(src, "head_metrics.csv")
         if not os.path.isfile(path):
@@ -928,7 +929,11 @@ def cluster_action(cfg, args):
         lh, m = read_metrics_csv(path)
         heads += lh
         rows.append(m)
-        variants += [run_variant(os.path.dirname(path) or ".")] * len(lh)
+        folder = os.path.dirname(path) or "."
+        variants += [run_variant(folder)] * len(lh)
+        sources += [path] * len(lh)
+        base = os.path.basename(os.path.abspath(folder))
+        names.append(base if base == variants[-1] else f"{base} ({variants[-1]})")  # no run.json: its folder's name
     raw = np.vstack(rows)
     X, variants = standardize(raw), np.array(variants)
     ks = list(range(2, min(args.cluster_k_max, len(X) - 1) + 1))
@@ -944,24 +949,31 @@ def cluster_action(cfg, args):
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "clusters.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "layer", "head", *METRICS, *(f"k{k}" for k in ks)])
+        w.writerow(["variant", "layer", "head", *METRICS, *(f"k{k}" for k in ks), "run"])
         for i, (layer, head) in enumerate(heads):
-            w.writerow([variants[i], layer, head, *raw[i], *(labels[k][i] for k in ks)])
-    json.dump(dict(silhouette=scores, best_k=best, shown_k=shown, heads=len(X)),
+            w.writerow([variants[i], layer, head, *raw[i], *(labels[k][i] for k in ks), sources[i]])
+    json.dump(dict(silhouette=scores, best_k=best, shown_k=shown, heads=len(X), runs=list(dict.fromkeys(sources))),
               open(os.path.join(cfg.out, "silhouette.json"), "w"), indent=1)
-    plot_clusters(cfg.out, raw, variants, labels, sil, scores, shown)
+    runs = f"{len(X)} heads of {', '.join(names)}"
+    plot_clusters(cfg.out, raw, variants, labels, sil, scores, shown, runs)
+    print(f"k-means of the {runs}")
     print("k      " + " ".join(f"{k:>6d}" for k in ks))
     print("silh.  " + " ".join(f"{scores[k]:6.3f}" for k in ks) + f"   best k={best}; plots in {cfg.out}")
 
 
-def plot_clusters(out, raw, variants, labels, sil, scores, shown):
+AXES = {"entropy": "entropy (nats)", "sparsity": "sparsity (share of weights < 1e-4)",
+        "distance": "distance (positions)"}
+
+
+def plot_clusters(out, raw, variants, labels, sil, scores, shown, runs):
     """silhouette_k.png (score vs k), silhouette_samples.png (one panel per k), head_clusters.png (metric space)."""
-    plt = core.pyplot()
-    ks = list(scores)
+    plt, ks = core.pyplot(), list(scores)
+    wrapped = textwrap.fill(runs, 60, break_on_hyphens=False)  # the runs' names fit a narrow figure
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ks, [scores[k] for k in ks], marker="o")
     ax.scatter([shown], [scores[shown]], color="red", s=90, zorder=3, label=f"k={shown}")
-    ax.set(xlabel="number of clusters k", ylabel="mean silhouette", title="k-means on standardised head metrics")
+    ax.set(xlabel="number of clusters k", ylabel="mean silhouette", xticks=ks,
+           title=f"k-means on standardised head metrics\n{wrapped}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -979,6 +991,7 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown):
         ax.set(title=f"k={k} (mean {scores[k]:.3f})", xlabel="silhouette", yticks=[])
     for ax in list(axes.flat)[len(ks):]:
         ax.axis("off")
+    fig.suptitle(wrapped)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "silhouette_samples.png"), dpi=120)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -988,11 +1001,11 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown):
             sel = variants == v
             ax.scatter(raw[sel, a], raw[sel, b], c=[plt.cm.tab10(c % 10) for c in labels[shown][sel]],
                        marker=markers.get(v, "s"), s=30, edgecolors="k", linewidths=0.3)
-        ax.set(xlabel=METRICS[a], ylabel=METRICS[b])
+        ax.set(xlabel=AXES[METRICS[a]], ylabel=AXES[METRICS[b]])
         ax.grid(alpha=0.3)
     axes[0].legend([plt.Line2D([], [], ls="", marker=markers.get(v, "s"), color="gray") for v in np.unique(variants)],
                    list(np.unique(variants)), title="marker")  # grey: the colours are the clusters
-    fig.suptitle(f"heads in metric space, colour = k-means cluster (k={shown})")
+    fig.suptitle(f"{runs} in metric space, colour = k-means cluster (k={shown})")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "head_clusters.png"), dpi=120)
     plt.close("all")

@@ -4042,7 +4042,7 @@ def test_sparse_byte_thesis_knobs_map_onto_core(tmp_path):
     assert (thesis.n_layer, thesis.n_head, thesis.n_embd, thesis.hidden, thesis.block_size) == (12, 8, 512, 2048, 1024)
 
 
-def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys):
+def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, monkeypatch):
     data = str(tmp_path / "d")
     write_dataset(data, text_splits(tutorial_bytes(), 6000, 3000))
     common = ["--preset", "tiny", "--data", data, "--n-head", "8", "--n-embd", "64", "--max-iters", "20",
@@ -4058,19 +4058,33 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys):
         fails_in_one_line(capsys, sb.main(["--eval", "--out", out, "--data", data, "--seq-length", "128"]),
                           "--block-size 128 contradicts")  # the model's 64 positions
         assert sb.main(["--metrics", "--out", out, "--data", data, "--metric-seqs", "4"]) == 0
+        assert (f"{variant} ({out}/ckpt.pt): metrics of 16 heads over 4 val windows of 64 tokens of {data} -> "
+                in capsys.readouterr().out)  # which model, which data
         rows = list(csv.reader(open(os.path.join(out, "head_metrics.csv"))))
         assert rows[0] == ["layer", "head", "entropy", "sparsity", "distance"] and len(rows) == 1 + 2 * 8
     sp = {(int(r["layer"]), int(r["head"])): float(r["sparsity"])
           for r in csv.DictReader(open(tmp_path / "sparse" / "head_metrics.csv"))}
     assert sp[(0, 0)] > 1 - 9 / 64  # a focused-local head attends at most 9 keys per row
-    res = str(tmp_path / "heads")
+    res, plt, titles = str(tmp_path / "heads"), core.pyplot(), []
+    save = plt.Figure.savefig
+
+    def savefig(fig, *a, **k):  # the figures name the runs whose heads they show, the axes their units
+        titles.append(" ".join([fig.get_suptitle(), *(a.get_title() + a.get_xlabel() for a in fig.axes)]))
+        return save(fig, *a, **k)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     assert sb.main(["--cluster", "--runs", str(tmp_path / "dense"), str(tmp_path / "sparse"), "--out", res,
                     "--cluster-k-max", "5"]) == 0
+    assert "k-means of the 32 heads of dense, sparse\n" in capsys.readouterr().out  # folders named as their variants
+    assert len(titles) == 3 and all("32 heads of dense, sparse" in t for t in titles)
+    assert "entropy (nats)" in titles[2]
     for f in ("silhouette_k.png", "silhouette_samples.png", "head_clusters.png", "clusters.csv", "silhouette.json"):
         assert os.path.getsize(os.path.join(res, f)) > 0
     clusters = list(csv.DictReader(open(os.path.join(res, "clusters.csv"))))
     assert {r["variant"] for r in clusters} == {"dense", "sparse"} and len(clusters) == 32
-    assert set(json.load(open(os.path.join(res, "silhouette.json")))["silhouette"]) == {"2", "3", "4", "5"}
+    metrics = [os.path.join(tmp_path, v, "head_metrics.csv") for v in ("dense", "sparse")]
+    assert [r["run"] for r in clusters] == [metrics[0]] * 16 + [metrics[1]] * 16  # runs of one variant apart
+    kept = json.load(open(os.path.join(res, "silhouette.json")))
+    assert set(kept["silhouette"]) == {"2", "3", "4", "5"} and kept["runs"] == metrics
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -4084,6 +4098,31 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys):
 def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, monkeypatch):
+    """The runs named in the figures' titles stay inside the figures (two seeds' folder names ran off the silhouette
+    plot); a folder without run.json is named once."""
+    rng, runs = np.random.default_rng(0), []
+    for name in ("sparse_byte-dense-seed1337", "sparse_byte-sparse-seed1338"):
+        os.makedirs(tmp_path / name)
+        sb.write_metrics_csv(str(tmp_path / name / "head_metrics.csv"), rng.uniform(0.1, 4, (2, 4, 3)))
+        runs.append(str(tmp_path / name))
+    plt, texts = core.pyplot(), []
+    save = plt.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        r, width = fig.canvas.get_renderer(), fig.bbox.width
+        for t in fig.findobj(plt.Text):
+            if t.get_visible() and t.get_text():
+                box = t.get_window_extent(r)
+                texts.append((t.get_text(), box.x0 >= 0 and box.x1 <= width))
+        return save(fig, *a, **k)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    assert sb.main(["--cluster", "--runs", *runs, "--out", str(tmp_path / "heads"), "--cluster-k-max", "3"]) == 0
+    named = [(t, inside) for t, inside in texts if "16 heads of" in t]
+    assert len(named) == 3 and all(inside for _, inside in named), named
+    assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][0]
 
 
 def test_sparse_byte_cluster_of_a_checkpoint_gives_one_line(tmp_path, capsys):
