@@ -799,7 +799,8 @@ def plot_compare(runs, png, title):
     if not names:
         return
     fig, axes = pyplot.subplots(3, len(names), figsize=(4.5 * len(names) + 1, 10), squeeze=False)
-    seeds = len({r.get("seed") for r in runs}) > 1
+    seeds = sorted({r.get("seed") for r in runs}, key=str)
+    marker = {seed: "os^vD"[i % 5] for i, seed in enumerate(seeds)}  # a variant's seeds share its colour
     for col, name in enumerate(names):
         mine = [r for r in runs if r["script"] == name]
         colors = {v: pyplot.cm.tab10(i % 10) for i, v in enumerate(dict.fromkeys(r["variant"] for r in mine))}
@@ -807,9 +808,9 @@ def plot_compare(runs, png, title):
         for r in mine:
             if r.get("curve"):
                 tokens, times, loss = zip(*r["curve"])
-                style = dict(color=colors[r["variant"]], marker="o", ms=3, ls=":" if r.get("missing") else "--" if
-                             r["variant"] == r["baseline"] else "-", label=(r["variant"] or name) + (
-                                 f" seed {r['seed']}" if seeds else "") + (" (cut)" if r.get("missing") else ""))
+                style = dict(color=colors[r["variant"]], marker=marker[r.get("seed")], ms=3, ls=":" if r.get("missing")
+                             else "--" if r["variant"] == r["baseline"] else "-", label=(r["variant"] or name) + (
+                                 f" seed {r['seed']}" if len(seeds) > 1 else "") + (" (cut)" if r.get("missing") else ""))
                 axes[0, col].plot(tokens, loss, **style)
                 axes[2, col].plot(times, loss, **style)
                 if r["d_curve"]:  # none for a baseline

@@ -5639,14 +5639,16 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
 
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, monkeypatch):
     """compare.png: no panel's tick labels or axis label reach into another panel (a middle-row label ran into the
-    panel to its left: the layout was computed for the ticks the axes had before it resized them)."""
-    def run(script, variant, baseline, losses, d=()):
+    panel to its left: the layout was computed for the ticks the axes had before it resized them); a variant's seeds
+    share its colour and are told apart by their markers."""
+    def run(script, variant, baseline, losses, d=(), seed=1337):
         tokens = (5120, 10240, 15360)
-        return dict(script=script, variant=variant, baseline=baseline, seed=1337, data="data/docs", tokenizer="gpt2",
+        return dict(script=script, variant=variant, baseline=baseline, seed=seed, data="data/docs", tokenizer="gpt2",
                     curve=[(t, 5.0 * i, loss) for i, (t, loss) in enumerate(zip(tokens, losses))],
                     d_curve=list(zip(tokens, d)))
     runs = [run("cogformer", "transformer", "transformer", (10.376, 9.927, 9.771)),
             run("cogformer", "cogformer", "transformer", (10.4, 9.96, 9.804), (0.0237, 0.0327, 0.0333)),
+            run("cogformer", "cogformer", "transformer", (10.3, 9.9, 9.8), seed=1338),
             run("reflex", "baseline", "baseline", (10.317, 9.876, 9.718)),
             run("reflex", "reflex", "baseline", (10.322, 9.89, 9.733), (0.0053, 0.0139, 0.0152))]
     plt, seen = core.pyplot(), []
@@ -5655,9 +5657,13 @@ def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path
         r = fig.canvas.get_renderer()
         seen.append([(i, j) for i, a in enumerate(fig.axes) for j, b in enumerate(fig.axes)
                      if i != j and a.get_tightbbox(r).overlaps(b.bbox)])
+        seen.append({line.get_label(): (line.get_color(), line.get_marker()) for line in fig.axes[0].lines})
     monkeypatch.setattr(plt.Figure, "savefig", savefig)
     bench.plot_compare(runs, str(tmp_path / "compare.png"), "val loss, cpu")
-    assert seen == [[]]
+    overlaps, lines = seen
+    assert overlaps == []
+    assert lines["cogformer seed 1337"][0] == lines["cogformer seed 1338"][0] != lines["transformer seed 1337"][0]
+    assert lines["cogformer seed 1337"][1] != lines["cogformer seed 1338"][1]
 
 
 def test_bench_compare_report_of_runs_not_in_out_changes_nothing(tmp_path, capsys):
