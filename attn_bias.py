@@ -357,7 +357,6 @@ def sig(x, digits=4):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def layer_stats(model, windows):
     """Over (x, y) windows, in eval mode: top-1/2/3, mean and median |h| of every block's output (the sink position
     included, as in analyze.py), the attention each layer pays to key 0 (first token / sink / k') and to the first real

@@ -808,9 +808,10 @@ def plot_compare(runs, png, title):
         for r in mine:
             if r.get("curve"):
                 tokens, times, loss = zip(*r["curve"])
+                seed = f" seed {r['seed']}" if len(seeds) > 1 else ""
                 style = dict(color=colors[r["variant"]], marker=marker[r.get("seed")], ms=3, ls=":" if r.get("missing")
-                             else "--" if r["variant"] == r["baseline"] else "-", label=(r["variant"] or name) + (
-                                 f" seed {r['seed']}" if len(seeds) > 1 else "") + (" (cut)" if r.get("missing") else ""))
+                             else "--" if r["variant"] == r["baseline"] else "-",
+                             label=(r["variant"] or name) + seed + (" (cut)" if r.get("missing") else ""))
                 axes[0, col].plot(tokens, loss, **style)
                 axes[2, col].plot(times, loss, **style)
                 if r["d_curve"]:  # none for a baseline

@@ -492,7 +492,8 @@ def _save(cfg, name, fig, result):
     os.makedirs(cfg.out, exist_ok=True)
     base = os.path.join(cfg.out, name)
     fig.savefig(base + ".png", dpi=120)
-    json.dump(dict(result, checkpoint=checkpoint(cfg), data=cfg.data), open(base + ".json", "w"))
+    with core.atomic(base + ".json", "w") as f:
+        json.dump(dict(result, checkpoint=checkpoint(cfg), data=cfg.data), f)
     print(f"{result['variant']} ({checkpoint(cfg)}): wrote {base}.png and {base}.json")
 
 
@@ -640,8 +641,9 @@ def kernel_bench(cfg, args):
             print(f"B={B:<3} T={T:<5} {name:<20} {ms:8.3f} ms  {gib:6.3f} GiB  {ms / ref:5.2f}x SDPA-flash")
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "kernel_bench.json")
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                   triton=getattr(triton, "__version__", None), dtype="bfloat16", rows=rows), open(path, "w"), indent=1)
+    with core.atomic(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       triton=getattr(triton, "__version__", None), dtype="bfloat16", rows=rows), f, indent=1)
     print(f"wrote {path}")
 
 

@@ -802,12 +802,12 @@ def check_memory(cfg, model, device):
 
 
 @contextlib.contextmanager
-def atomic(path, mode="wb"):
+def atomic(path, mode="wb", **kw):
     """Write path.tmp and rename it over path only when the block completes: a crash or a full disk never leaves a
     valid-looking file, removes the .tmp, and keeps the old file."""
     tmp = f"{os.fspath(path)}.tmp"
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **kw) as f:
             yield f
         os.replace(tmp, path)
     except BaseException:
@@ -1123,7 +1123,8 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     if master:
         prepare_out(cfg, model, overwrite)
-        json.dump(run_info(cfg, device, paper, data), open(os.path.join(cfg.out, "run.json"), "w"), indent=1)
+        with atomic(os.path.join(cfg.out, "run.json"), "w") as f:
+            json.dump(run_info(cfg, device, paper, data), f, indent=1)
         log_path = os.path.join(cfg.out, "log.jsonl")
         kept = read_log(log_path) if ckpt is not None and os.path.exists(log_path) else []
         with open(log_path, "w") as f:  # drop what came after the checkpoint

@@ -828,7 +828,7 @@ def extract_metrics(model, data, n_seqs, batch_size, device):
 
 
 def write_metrics_csv(path, m):
-    with open(path, "w", newline="") as f:
+    with core.atomic(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "head", *METRICS])
         for layer in range(m.shape[0]):
@@ -947,13 +947,14 @@ def cluster_action(cfg, args):
     if shown not in labels:
         raise core.ConfigError(f"--cluster-k must be in 2..{ks[-1]}")
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "clusters.csv"), "w", newline="") as f:
+    with core.atomic(os.path.join(cfg.out, "clusters.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "layer", "head", *METRICS, *(f"k{k}" for k in ks), "run"])
         for i, (layer, head) in enumerate(heads):
             w.writerow([variants[i], layer, head, *raw[i], *(labels[k][i] for k in ks), sources[i]])
-    json.dump(dict(silhouette=scores, best_k=best, shown_k=shown, heads=len(X), runs=list(dict.fromkeys(sources))),
-              open(os.path.join(cfg.out, "silhouette.json"), "w"), indent=1)
+    with core.atomic(os.path.join(cfg.out, "silhouette.json"), "w") as f:
+        json.dump(dict(silhouette=scores, best_k=best, shown_k=shown, heads=len(X), runs=list(dict.fromkeys(sources))),
+                  f, indent=1)
     runs = f"{len(X)} heads of {', '.join(names)}"
     plot_clusters(cfg.out, raw, variants, labels, sil, scores, shown, runs)
     print(f"k-means of the {runs}")
