@@ -79,6 +79,38 @@ def flex_cpu_grad(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every figure a script saves, as (file name, figure, savefig's keywords), for the test to read afterwards."""
+    figure, figures = core.pyplot().Figure, []
+    save = figure.savefig
+
+    def savefig(fig, path, *args, **kw):
+        figures.append((os.path.basename(path), fig, kw))
+        return save(fig, path, *args, **kw)
+    monkeypatch.setattr(figure, "savefig", savefig)
+    return figures
+
+
+def figure_text(fig, legends=False):
+    """A figure's title, its panels' titles (and legends), whitespace removed: a wrapped title breaks where it must."""
+    texts = [fig.get_suptitle(), *(a.get_title() for a in fig.axes)]
+    texts += [t.get_text() for a in fig.axes if legends and a.get_legend() for t in a.get_legend().get_texts()]
+    return "".join(" ".join(texts).split())
+
+
+def renderer(fig):
+    """A saved figure's renderer (closing it left a canvas without one)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return FigureCanvasAgg(fig).get_renderer()
+
+
+def inside(fig, texts):
+    """Whether each matplotlib Text of `texts` lies within the figure's width."""
+    r = renderer(fig)
+    return all(0 <= t.get_window_extent(r).x0 and t.get_window_extent(r).x1 <= fig.bbox.width for t in texts)
+
+
 def tiny(cls=core.Config, **kw):
     """The one tiny config of the tests: a script's `tiny` preset on the CPU with a byte vocabulary."""
     return cls(**{**cls.PRESETS["tiny"], "vocab_size": 256, "device": "cpu", **kw})
@@ -2354,25 +2386,17 @@ def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
 
 
 def test_attn_bias_analyze_names_its_data_and_tells_runs_of_one_variant_apart(ab_runs, tutorial, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              saved_figures):
     """The figures name the val windows they average; two runs of one variant are told apart by their folders in the
     panels (inside them) and the legend, by their checkpoints in the table (both were 'GPT-2 Default', 'default')."""
     twin = str(shutil.copytree(ab_runs["default"], tmp_path / "a_long_folder_name_for_the_second_run_of_default"))
-    plt, texts = core.pyplot(), {}
-    save = plt.Figure.savefig
-
-    def savefig(fig, path, **kw):
-        r = fig.canvas.get_renderer()
-        boxes = [a.title.get_window_extent(r) for a in fig.axes if a.get_title()]
-        assert all(0 <= t.x0 and t.x1 <= fig.bbox.width for t in boxes), path  # inside the figure, apart
-        assert not any(t.overlaps(u) for i, t in enumerate(boxes) for u in boxes[i + 1:]), path
-        legends = [t.get_text() for a in fig.axes if a.get_legend() for t in a.get_legend().get_texts()]
-        text = " ".join([fig.get_suptitle(), *(a.get_title() for a in fig.axes), *legends])
-        texts[os.path.basename(path)] = "".join(text.split())  # a title's lines break where they must
-        return save(fig, path, **kw)
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     assert ab.main(["--analyze", "--runs", ab_runs["default"], twin, "--data", tutorial, "--out", str(tmp_path / "o"),
                     "--device", "cpu"]) == 0
+    texts = {name: figure_text(fig, legends=True) for name, fig, _ in saved_figures}
+    for name, fig, _ in saved_figures:  # the panels' titles inside the figure, apart
+        titles = [a.title for a in fig.axes if a.get_title()]
+        boxes = [t.get_window_extent(renderer(fig)) for t in titles]
+        assert inside(fig, titles) and not any(t.overlaps(u) for i, t in enumerate(boxes) for u in boxes[i + 1:]), name
     where = "".join(f"{ab.N_WINDOWS} val windows of {os.path.basename(tutorial)} (--seed 1337)".split())
     assert where in texts["layerwise.png"] and where in texts["attention.png"]
     twin_name = os.path.basename(twin)
@@ -2811,21 +2835,10 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
 
 
 def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained, tutorial, tmp_path, capsys,
-                                                                        monkeypatch):
+                                                                        saved_figures):
     """Every figure's title, JSON and printed line name the checkpoint and data it is of (rep_diff.png named nothing,
     the others the variant only), inside the figure; PNGs at 120 dpi (at 80, the grid's 5-point ticks were 6 pixels
     tall)."""
-    plt, titles = core.pyplot(), []
-    save = plt.Figure.savefig
-
-    def savefig(fig, path, **kw):
-        titles.append(" ".join([fig.get_suptitle(), *(a.get_title() for a in fig.axes)]))
-        r, width = fig.canvas.get_renderer(), fig.bbox.width
-        assert all(0 <= t.get_window_extent(r).x0 and t.get_window_extent(r).x1 <= width
-                   for t in [*fig.texts, *(a.title for a in fig.axes)]), titles[-1]
-        assert kw["dpi"] >= 120
-        return save(fig, path, **kw)
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     for variant, out in trained.items():
         ckpt = os.path.join(out, "ckpt.pt")
         for action, name in (("--attn-grid", "attn_grid"), ("--probe", "rep_diff"), ("--neg-mass", "neg_mass")):
@@ -2834,8 +2847,9 @@ def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained
             assert f"{variant} ({ckpt}): wrote {tmp_path / name}.png" in capsys.readouterr().out
             saved = json.load(open(tmp_path / f"{name}.json"))
             assert (saved["variant"], saved["checkpoint"], saved["data"]) == (variant, ckpt, tutorial)
-            squeeze = lambda text: "".join(text.split())  # a title's lines break where they must
-            assert squeeze(f"{variant}: {ckpt}, data {os.path.basename(tutorial)}") in squeeze(titles.pop())
+            _, fig, kw = saved_figures.pop()
+            assert "".join(f"{variant}: {ckpt}, data {os.path.basename(tutorial)}".split()) in figure_text(fig)
+            assert inside(fig, [*fig.texts, *(a.title for a in fig.axes)]) and kw["dpi"] >= 120
 
 
 def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial):
@@ -3594,7 +3608,7 @@ def test_exoformer_measure_pca_core_and_lambda_ratios():
 
 
 @pytest.mark.usefixtures("exo_one_thread")
-def test_exoformer_analyze(tmp_path, capsys, monkeypatch):
+def test_exoformer_analyze(tmp_path, capsys, saved_figures):
     data = exo_dataset(tmp_path)
     ckpts = []
     for variant in ("baseline", "nuresformer", "dynamic_exoformer"):
@@ -3607,20 +3621,15 @@ def test_exoformer_analyze(tmp_path, capsys, monkeypatch):
     short = live(exo.ExoGPT(exo_tiny("baseline", n_layer=2, block_size=8)))  # fewer positions than the others
     core.save_checkpoint(str(tmp_path / "short.pt"), dict(format="attnlab", config=dataclasses.asdict(short.cfg),
                                                          model=short.state_dict()))
-    out, plt, titles = str(tmp_path / "an"), core.pyplot(), []
-    save = plt.Figure.savefig
-
-    def savefig(fig, *a, **k):
-        titles.append(fig.get_suptitle())
-        return save(fig, *a, **k)
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    out = str(tmp_path / "an")
     assert exo.main(["--analyze", "--init-from", ckpts[0], "--runs", *ckpts[1:], str(tmp_path / "short.pt"),
                      "--data", data, "--out", out, "--device", "cpu"]) == 0
     res = json.load(open(os.path.join(out, "analysis.json")))
     printed = capsys.readouterr().out  # each run's numbers name its model and data, as the figure and JSON do
     assert f"nuresformer.pt (nuresformer, 4 x 16 val tokens of {data}), means over the layers: sink" in printed
     assert f"short.pt (baseline, 4 x 8 val tokens of {data})" in printed
-    assert titles == [f"the first val windows of {os.path.basename(data)} (one batch of each model's length)"]
+    assert [fig.get_suptitle() for _, fig, _ in saved_figures] == [
+        f"the first val windows of {os.path.basename(data)} (one batch of each model's length)"]
     assert res["short.pt"]["data"] == data and res["short.pt"]["windows"] == [4, 8]
     assert all(e <= math.log(8) + 1e-4 for e in res["short.pt"]["attention_layers"]["entropy"])  # its 8 positions
     assert os.path.getsize(os.path.join(out, "analysis.png")) > 10_000
@@ -4042,7 +4051,7 @@ def test_sparse_byte_thesis_knobs_map_onto_core(tmp_path):
     assert (thesis.n_layer, thesis.n_head, thesis.n_embd, thesis.hidden, thesis.block_size) == (12, 8, 512, 2048, 1024)
 
 
-def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, monkeypatch):
+def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, saved_figures):
     data = str(tmp_path / "d")
     write_dataset(data, text_splits(tutorial_bytes(), 6000, 3000))
     common = ["--preset", "tiny", "--data", data, "--n-head", "8", "--n-embd", "64", "--max-iters", "20",
@@ -4065,18 +4074,13 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, monkeypatc
     sp = {(int(r["layer"]), int(r["head"])): float(r["sparsity"])
           for r in csv.DictReader(open(tmp_path / "sparse" / "head_metrics.csv"))}
     assert sp[(0, 0)] > 1 - 9 / 64  # a focused-local head attends at most 9 keys per row
-    res, plt, titles = str(tmp_path / "heads"), core.pyplot(), []
-    save = plt.Figure.savefig
-
-    def savefig(fig, *a, **k):  # the figures name the runs whose heads they show, the axes their units
-        titles.append(" ".join([fig.get_suptitle(), *(a.get_title() + a.get_xlabel() for a in fig.axes)]))
-        return save(fig, *a, **k)
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    res = str(tmp_path / "heads")
     assert sb.main(["--cluster", "--runs", str(tmp_path / "dense"), str(tmp_path / "sparse"), "--out", res,
                     "--cluster-k-max", "5"]) == 0
     assert "k-means of the 32 heads of dense, sparse\n" in capsys.readouterr().out  # folders named as their variants
-    assert len(titles) == 3 and all("32 heads of dense, sparse" in t for t in titles)
-    assert "entropy (nats)" in titles[2]
+    titles = [figure_text(fig) for _, fig, _ in saved_figures]  # the figures name the runs whose heads they show
+    assert len(titles) == 3 and all("32headsofdense,sparse" in t for t in titles)
+    assert saved_figures[2][1].axes[0].get_xlabel() == "entropy (nats)"  # the axes their units
     for f in ("silhouette_k.png", "silhouette_samples.png", "head_clusters.png", "clusters.csv", "silhouette.json"):
         assert os.path.getsize(os.path.join(res, f)) > 0
     clusters = list(csv.DictReader(open(os.path.join(res, "clusters.csv"))))
@@ -4100,7 +4104,7 @@ def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
     assert_one_line_error(capsys.readouterr().err, message)
 
 
-def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, monkeypatch):
+def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, saved_figures):
     """The runs named in the figures' titles stay inside the figures (two seeds' folder names ran off the silhouette
     plot); a folder without run.json is named once."""
     rng, runs = np.random.default_rng(0), []
@@ -4108,21 +4112,11 @@ def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, monkeypatch):
         os.makedirs(tmp_path / name)
         sb.write_metrics_csv(str(tmp_path / name / "head_metrics.csv"), rng.uniform(0.1, 4, (2, 4, 3)))
         runs.append(str(tmp_path / name))
-    plt, texts = core.pyplot(), []
-    save = plt.Figure.savefig
-
-    def savefig(fig, *a, **k):
-        r, width = fig.canvas.get_renderer(), fig.bbox.width
-        for t in fig.findobj(plt.Text):
-            if t.get_visible() and t.get_text():
-                box = t.get_window_extent(r)
-                texts.append((t.get_text(), box.x0 >= 0 and box.x1 <= width))
-        return save(fig, *a, **k)
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     assert sb.main(["--cluster", "--runs", *runs, "--out", str(tmp_path / "heads"), "--cluster-k-max", "3"]) == 0
-    named = [(t, inside) for t, inside in texts if "16 heads of" in t]
-    assert len(named) == 3 and all(inside for _, inside in named), named
-    assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][0]
+    named = [(fig, t) for _, fig, _ in saved_figures for t in fig.findobj(core.pyplot().Text)
+             if t.get_visible() and "16 heads of" in t.get_text()]
+    assert len(named) == 3 and all(inside(fig, [t]) for fig, t in named), [t.get_text() for _, t in named]
+    assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][1].get_text()
 
 
 def test_sparse_byte_cluster_of_a_checkpoint_gives_one_line(tmp_path, capsys):
@@ -5637,7 +5631,7 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
 
 
-def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, monkeypatch):
+def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
     """compare.png: no panel's tick labels or axis label reach into another panel (a middle-row label ran into the
     panel to its left: the layout was computed for the ticks the axes had before it resized them); a variant's seeds
     share its colour and are told apart by their markers."""
@@ -5651,17 +5645,12 @@ def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path
             run("cogformer", "cogformer", "transformer", (10.3, 9.9, 9.8), seed=1338),
             run("reflex", "baseline", "baseline", (10.317, 9.876, 9.718)),
             run("reflex", "reflex", "baseline", (10.322, 9.89, 9.733), (0.0053, 0.0139, 0.0152))]
-    plt, seen = core.pyplot(), []
-
-    def savefig(fig, *a, **k):
-        r = fig.canvas.get_renderer()
-        seen.append([(i, j) for i, a in enumerate(fig.axes) for j, b in enumerate(fig.axes)
-                     if i != j and a.get_tightbbox(r).overlaps(b.bbox)])
-        seen.append({line.get_label(): (line.get_color(), line.get_marker()) for line in fig.axes[0].lines})
-    monkeypatch.setattr(plt.Figure, "savefig", savefig)
     bench.plot_compare(runs, str(tmp_path / "compare.png"), "val loss, cpu")
-    overlaps, lines = seen
-    assert overlaps == []
+    [(_, fig, _)] = saved_figures
+    r = renderer(fig)
+    assert not [(i, j) for i, a in enumerate(fig.axes) for j, b in enumerate(fig.axes)
+                if i != j and a.get_tightbbox(r).overlaps(b.bbox)]
+    lines = {line.get_label(): (line.get_color(), line.get_marker()) for line in fig.axes[0].lines}
     assert lines["cogformer seed 1337"][0] == lines["cogformer seed 1338"][0] != lines["transformer seed 1337"][0]
     assert lines["cogformer seed 1337"][1] != lines["cogformer seed 1338"][1]
 
