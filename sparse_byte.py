@@ -869,8 +869,8 @@ def metrics_action(cfg, args):
 
 def standardize(X):
     """z-score per column (population std; constant columns -> 0), as scikit-learn's StandardScaler."""
-    std = X.std(0)
-    return (X - X.mean(0)) / np.where(std > 0, std, 1.0)
+    std = np.where(np.ptp(X, 0) > 0, X.std(0), 1.0)  # not std > 0: a constant column's rounded mean leaves ~1e-17
+    return (X - X.mean(0)) / std
 
 
 def kmeans(X, k, seed=0, n_init=10, iters=300):

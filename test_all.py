@@ -3971,6 +3971,8 @@ def test_sparse_byte_standardize_matches_population_zscore():
     np.testing.assert_allclose(Z.mean(0), 0, atol=1e-12)
     np.testing.assert_allclose(Z[:, [0, 2]].std(0), 1)
     assert (Z[:, 1] == 0).all()
+    Z = sb.standardize(np.array([[0.1, 1.0], [0.1, 2.0], [0.1, 4.0]]))  # the mean of three 0.1 is not 0.1
+    assert np.abs(Z[:, 0]).max() < 1e-12  # constant: ~0 as StandardScaler, not (0.1 - mean) / 1e-17 = -1
 
 
 def test_sparse_byte_kmeans_recovers_planted_clusters():
