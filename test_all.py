@@ -2333,25 +2333,165 @@ def test_attn_bias_short_preset_is_a_full_cosine_over_800_steps():
 
 
 def test_attn_bias_layer_stats_are_the_direct_statistics():
-    """Median |h| of each block's output, and the mean attention of queries 1..T-1 to key 0 and to the first real
-    token (key 1 when a sink or bias key comes first), from the recorded probabilities."""
+    """Over two windows: the means of top-1/2/3, mean and median |h| of each block's output, of the attention of
+    queries 1..T-1 to key 0 and to the first real token (key 1 when a sink or bias key comes first), from the recorded
+    probabilities, and of the loss; four significant digits; in eval mode, the model's own mode restored."""
     for v in ("default", "sink", "attn_bias"):
         torch.manual_seed(0)
-        model = ab.build_model(tiny(ab.AttnBiasConfig, variant=v))
-        x, y = torch.randint(0, 256, (1, 64)), torch.randint(0, 256, (1, 64))
-        s = ab.layer_stats(model, [(x, y)])
-        outs, probs = [], {}
-        hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.transformer.h]
+        model = ab.build_model(tiny(ab.AttnBiasConfig, variant=v, dropout=0.2))  # measured without dropout
+        windows = [(torch.randint(0, 256, (1, 4)), torch.randint(0, 256, (1, 4))) for _ in range(2)]  # 256 |h| each
+        s = ab.layer_stats(model, windows)
+        assert model.training
+        ab.layer_stats(model.eval(), windows[:1])
+        assert not model.training
+        want = collections.defaultdict(lambda: np.zeros(model.cfg.n_layer))
+        first, loss = 0 if v == "default" else 1, 0.0
+        for x, y in windows:
+            outs, probs = [], {}
+            hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.transformer.h]
+            with torch.no_grad():
+                loss += model.eval()(x, y, record=lambda layer, p: probs.__setitem__(layer, p)).item() / 2
+            for h in hooks:
+                h.remove()
+            for layer, h in enumerate(outs):
+                a = np.sort(h.abs().flatten().numpy())[::-1]
+                for k, value in zip(("top1", "top2", "top3", "mean", "median"),
+                                    (a[0], a[1], a[2], a.mean(), np.sort(a)[(len(a) - 1) // 2])):
+                    want[k][layer] += value / 2
+                want["key0"][layer] += probs[layer][:, :, 1:, 0].mean().item() / 2
+                want["first_token"][layer] += probs[layer][:, :, 1:, first].mean().item() / 2
+        for k in ("top1", "top2", "top3", "mean", "median"):
+            assert s["layerwise"][k] == pytest.approx(list(want[k]), rel=1e-3), (v, k)
+        for k in ("key0", "first_token"):
+            assert s["attention"][k] == pytest.approx(list(want[k]), rel=1e-3), (v, k)
+        assert s["loss"] == pytest.approx(loss, rel=1e-5)
+        assert all(x == float(f"{x:.4g}") for k in ("top1", "mean") for x in s["layerwise"][k])  # 4 digits
+        assert any(x != float(f"{x:.3g}") for x in s["layerwise"]["top1"] + s["attention"]["key0"])
+
+
+def ab_saved_run(tmp_path, data, variant="sink", n_layer=7, ms=(900.0, 10.0, 30.0, 20.0)):
+    """A tiny model of n_layer blocks saved as a run folder (ckpt.pt) whose log holds step times `ms` (the first
+    compiles) and a last val loss of 2.5."""
+    torch.manual_seed(0)
+    model = ab.build_model(tiny(ab.AttnBiasConfig, variant=variant, n_layer=n_layer, data=data))
+    run = tmp_path / f"{variant}-{n_layer}"
+    os.makedirs(run)
+    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script="attn_bias", model=model.state_dict(),
+                                                   config=dataclasses.asdict(model.cfg),
+                                                   data=core.TokenData(data).info()))
+    (run / "log.jsonl").write_text("".join(json.dumps(dict(step=10 * (i + 1), ms=t, val_loss=2.5 if i == 1 else None))
+                                           + "\n" for i, t in enumerate(ms)))
+    return str(run), model.eval()
+
+
+def test_attn_bias_analyze_model_of_a_deep_model_and_its_log(tmp_path, tutorial):
+    """analyze_model: the prompt's block is the 6th (index 5) of a 7-block model, |h| of its output over the prompt's
+    positions (the sink first); the step time is the median of the logged steps after the first (which compiles);
+    the window loss the mean over the N_WINDOWS val windows; the run's last logged val loss."""
+    run, model = ab_saved_run(tmp_path, tutorial)
+    data, tok = core.TokenData(tutorial), core.get_tokenizer("bytes")
+    r = ab.analyze_model(os.path.join(run, "ckpt.pt"), data, tok, 1337, torch.device("cpu"))
+    assert r["step_ms"] == 20.0 and r["val_loss_log"] == 2.5 and r["n_layer"] == 7 and r["windows"] == ab.N_WINDOWS
+    out = []
+    hook = model.transformer.h[5].register_forward_hook(lambda m, a, o: out.append(o))
+    with torch.no_grad():
+        model(torch.tensor([list(ab.PROMPT.encode())]))
+    hook.remove()
+    assert r["prompt"]["layer"] == 5 and r["prompt"]["tokens"] == ["<sink>", *ab.PROMPT]
+    assert np.allclose(r["prompt"]["abs"], out[0][0].abs().numpy(), rtol=1e-3, atol=1e-6)
+    loss = 0.0
+    for i in range(ab.N_WINDOWS):
+        x, y = data.batch("val", 1, 64, 1337, 0, i)
         with torch.no_grad():
-            model.eval()(x, record=lambda layer, p: probs.__setitem__(layer, p))
-        for h in hooks:
-            h.remove()
-        first = 0 if v == "default" else 1
-        for layer, h in enumerate(outs):
-            assert s["layerwise"]["median"][layer] == pytest.approx(h.abs().flatten().median().item(), rel=1e-3), v
-            assert s["attention"]["key0"][layer] == pytest.approx(probs[layer][:, :, 1:, 0].mean().item(), rel=1e-3)
-            assert s["attention"]["first_token"][layer] == pytest.approx(
-                probs[layer][:, :, 1:, first].mean().item(), rel=1e-3), v
+            loss += model(x, y).item() / ab.N_WINDOWS
+    assert r["window_loss"] == pytest.approx(loss, rel=1e-3)
+    assert r["measured_on"] == dict(name=os.path.basename(tutorial), tokenizer="bytes",
+                                    val_tokens=len(open(os.path.join(tutorial, "val.bin"), "rb").read()), seed=1337)
+
+
+def ab_result(variant, n_layer, top1, median, key0, step_ms, val_loss_log, window_loss=3.0):
+    """A hand-made analyze_model result (what a run folder keeps in activations.json)."""
+    L = n_layer
+    return dict(source=f"runs/{variant}/ckpt.pt", variant=variant, n_layer=L, window_loss=window_loss, windows=10,
+                val_loss_log=val_loss_log, step_ms=step_ms, measured_on=None,
+                layerwise=dict(top1=top1, top2=top1, top3=top1, mean=median, median=median),
+                attention=dict(key0=key0, first_token=[k / 2 for k in key0]),
+                prompt=dict(layer=0, tokens=["a"], abs=[[1.0, 2.0]]))
+
+
+def test_attn_bias_analyze_table_is_the_json_and_x_default_the_step_time_ratio(tmp_path, tutorial, capsys):
+    """The printed table of kept results: the run's last logged val loss (else the windows' loss), the largest top-1
+    over the layers, its layer (from 1), the median there, their ratio, the attention to key 0 averaged over the
+    layers, the step time and its ratio to the default run's."""
+    data = core.TokenData(tutorial)
+    kept = {"sink": ab_result("sink", 4, [5.0, 80.0, 60.0, 40.0], [1.0, 2.0, 4.0, 0.5], [0.2, 0.5, 0.6, 0.9], 30.0,
+                              2.5),
+            "default": ab_result("default", 3, [3.0, 7.0, 9.0], [1.0, 0.25, 3.0], [0.1, 0.2, 0.6], 20.0, None, 3.25)}
+    for v, r in kept.items():
+        os.makedirs(tmp_path / v)
+        r["measured_on"] = ab.measured_on(data, 1337)
+        json.dump(r, open(tmp_path / v / "activations.json", "w"))
+        (tmp_path / v / "log.jsonl").write_text(json.dumps(dict(step=1, val_loss=r["val_loss_log"])) + "\n")
+    capsys.readouterr()
+    assert ab.main(["--analyze", "--runs", str(tmp_path / "sink"), str(tmp_path / "default"), "--data", tutorial,
+                    "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    rows = [row.split() for row in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == [["sink", "2.5000", "80.0", "2", "2.000", "40.0", "0.550", "30.0", "1.50", "runs/sink/ckpt.pt"],
+                    ["default", "3.2500", "9.0", "3", "3.000", "3.0", "0.300", "20.0", "1.00", "runs/default/ckpt.pt"]]
+    res = json.load(open(tmp_path / "o" / "analysis.json"))["results"]
+    assert [r["x_default"] for r in res] == [1.5, 1.0]
+
+
+def test_attn_bias_plot_analysis_draws_the_json(tmp_path, saved_figures):
+    """plot_analysis from hand-made results: top-1/2/3 and median against layers 1..L, the prompt's block named from
+    1, attention to key 0 of each run and to the first real token where a sink or bias key comes first."""
+    on = dict(name="d", seed=1)
+    res = [dict(variant=v, n_layer=L, source=f"runs/{v}/ckpt.pt", windows=10, measured_on=on,
+                layerwise={k: [float(10 * i + j) for j in range(L)] for i, k in enumerate(
+                    ("top1", "top2", "top3", "mean", "median"))},
+                attention=dict(key0=[0.1 * (j + 1) for j in range(L)], first_token=[0.01 * (j + 1) for j in range(L)]),
+                prompt=dict(layer=L - 1, tokens=list("ab"), abs=[[1.0, 2.0], [3.0, 4.0]]))
+           for v, L in (("default", 3), ("attn_bias", 4))]
+    ab.plot_analysis(res, str(tmp_path))
+    figs = {name: fig for name, fig, _ in saved_figures}
+    for ax, r in zip(figs["layerwise.png"].axes, res):
+        L = r["n_layer"]
+        assert [list(line.get_xdata()) for line in ax.lines] == [list(range(1, L + 1))] * 4
+        assert [list(line.get_ydata()) for line in ax.lines] == [r["layerwise"][k] for k in
+                                                                 ("top1", "top2", "top3", "median")]
+        assert list(ax.get_xticks()) == ab.layer_ticks(L)
+    assert [a.get_title() for a in figs["prompt_layer.png"].axes] == ["GPT-2 Default\nblock 3 output",
+                                                                       "GPT-2 with Attention Bias\nblock 4 output"]
+    ax = figs["attention.png"].axes[0]
+    assert [line.get_label() for line in ax.lines] == ["default: first token", "attn_bias: bias key k'",
+                                                       "attn_bias: first token"]
+    assert [list(line.get_ydata()) for line in ax.lines] == [res[0]["attention"]["key0"], res[1]["attention"]["key0"],
+                                                             res[1]["attention"]["first_token"]]
+    assert list(ax.lines[2].get_xdata()) == [1, 2, 3, 4] and ab.layer_ticks(12) == [1, 3, 6, 9, 12]
+    assert ab.layer_ticks(7) == [1, 3, 6, 7]
+
+
+def test_attn_bias_trends_are_the_logged_ratio_and_key0_attention(tmp_path, capsys, saved_figures):
+    """--trends: per evaluation the largest top-1 / median ratio over the layers and the mean attention to key 0,
+    against training tokens (the ratio on a log axis); the printed line is of the last evaluation."""
+    logs = {"a": [dict(step=1, tokens=1000, top1=[4.0, 30.0], median=[1.0, 2.0], key0=[0.2, 0.4]),
+                  dict(step=2, tokens=2000, top1=[50.0, 9.0], median=[2.0, 3.0], key0=[0.1, 0.6]),
+                  dict(step=3, tokens=2500, loss=3.0)],
+            "b": [dict(step=1, tokens=500, top1=[6.0, 2.0], median=[3.0, 0.5], key0=[0.3, 0.0])]}
+    for name, recs in logs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    capsys.readouterr()
+    assert ab.main(["--trends", "--out", str(tmp_path / "a"), "--runs", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "a: 2,000 tokens, top-1 / median 25.0x, attention to key 0 0.350\n" in printed
+    assert "b: 500 tokens, top-1 / median 4.0x, attention to key 0 0.150\n" in printed
+    fig = saved_figures[0][1]
+    ratio, key0 = fig.axes
+    assert [line.get_xydata().tolist() for line in ratio.lines] == [[[1000, 15], [2000, 25]], [[500, 4]]]
+    assert [line.get_xydata().tolist() for line in key0.lines] == [[[1000, pytest.approx(0.3)], [2000, 0.35]],
+                                                                   [[500, 0.15]]]
+    assert (ratio.get_yscale(), key0.get_yscale()) == ("log", "linear")
 
 
 def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
