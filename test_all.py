@@ -2992,9 +2992,12 @@ def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained
             assert inside(fig, [*fig.texts, *(a.title for a in fig.axes)]) and kw["dpi"] >= 120
 
 
-def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial):
-    """--attn-grid: the last query's signed weights; --neg-mass: the mean negative mass per row over the val batches;
-    --probe: the L-inf of the final hidden state's difference within each head's chunk, averaged over heads."""
+def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial, saved_figures, capsys):
+    """--attn-grid: the last query's signed weights over the first 64 tokens of the abstract; --neg-mass: the mean
+    negative mass per row over the val batches; --probe: the L-inf of the final hidden state's difference within each
+    head's chunk, averaged over heads, at each n and relative to the first; the figures' bars are these numbers, red
+    in the cog layer."""
+    from matplotlib.colors import to_rgba
     torch.manual_seed(0)
     model = cg.CogGPT(tiny(cg.CogConfig))
     path = str(tmp_path / "m.pt")
@@ -3008,28 +3011,64 @@ def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutoria
         model(torch.tensor([grid["tokens"]]), record=lambda layer, w: seen.__setitem__(layer, w[0, :, -1]))
     for layer, w in seen.items():
         torch.testing.assert_close(torch.tensor(grid["weights"][str(layer)]), w, atol=1e-6, rtol=1e-5)
-    assert cg.main(["--neg-mass", *common, "--eval-iters", "3", "--batch-size", "2"]) == 0
-    neg = json.load(open(tmp_path / "o" / "neg_mass.json"))["neg_mass"]
+    assert grid["tokens"] == list(cg.ABSTRACT.encode()[:64]) and grid["cog_layers"] == [1] and len(seen) == 3
+    assert "the last query's weight on each of the 64 key positions" in saved_figures[-1][1].get_suptitle()
+    bars = lambda ax: [p.get_height() for p in ax.patches]
+    fig = saved_figures[-1][1]  # L x H panels, row-major
+    for n, ax in enumerate(fig.axes):
+        layer, head = divmod(n, model.cfg.n_head)
+        assert bars(ax) == pytest.approx(seen[layer][head].tolist(), abs=1e-6), ax.get_title()
+        assert ax.patches[0].get_facecolor() == to_rgba("tab:red" if layer == 1 else "tab:blue")
+    assert cg.main(["--neg-mass", *common, "--eval-iters", "3", "--batch-size", "2", "--block-size", "32"]) == 0
+    saved = json.load(open(tmp_path / "o" / "neg_mass.json"))  # --block-size: shorter windows of the model
+    neg = saved["neg_mass"]
+    assert (saved["tokens_per_batch"], saved["batches"], saved["batch_size"]) == (32, 3, 2)
     data, want = core.TokenData(tutorial), torch.zeros(model.cfg.n_layer)
     for i in range(3):
-        x, _ = data.batch("val", 2, model.cfg.block_size, model.cfg.seed, 0, i)
+        x, _ = data.batch("val", 2, 32, model.cfg.seed, 0, i)
         add = lambda layer, w: want.__setitem__(layer, want[layer] + (-w.clamp(max=0)).sum(-1).mean() / 3)
         with torch.no_grad():
             model(x, record=add)
-    assert neg == pytest.approx(want.tolist(), rel=1e-5, abs=1e-7)
+    assert neg == pytest.approx(want.tolist(), rel=1e-5, abs=1e-7) and neg[1] > 0
+    assert bars(saved_figures[-1][1].axes[0]) == pytest.approx(neg)
+    assert [p.get_facecolor() for p in saved_figures[-1][1].axes[0].patches] == [
+        to_rgba(c) for c in ("tab:blue", "tab:red", "tab:blue")]
     assert cg.main(["--probe", *common]) == 0
-    rep = json.load(open(tmp_path / "o" / "rep_diff.json"))["count_ones"]
-    tok, (prompt, pair) = core.get_tokenizer("bytes"), cg.PROBES["count_ones"]
+    rep = json.load(open(tmp_path / "o" / "rep_diff.json"))
+    # 64 positions: six lengths spread over the room after the prompt (45 and 43 bytes) and the extra digit
+    assert rep["count_ones"]["n"] == [3, 6, 9, 12, 15, 18] and rep["find_a_zero"]["n"] == [3, 6, 10, 13, 16, 20]
+    for task, (prompt, pair) in cg.PROBES.items():
+        want = [cog_probe_diff(model, prompt, pair(n)) for n in rep[task]["n"]]
+        assert rep[task]["diff"] == pytest.approx(want, rel=1e-5), task
+        assert rep[task]["relative"] == pytest.approx([d / want[0] for d in want], rel=1e-5), task
+        assert len(set(rep[task]["diff"])) == 6
+    for ax, task in zip(saved_figures[-1][1].axes, cg.PROBES):
+        assert bars(ax) == pytest.approx(rep[task]["relative"]) and ax.get_ylabel().endswith("/ n=3")
+    # room for n = 400 exactly after the 45-byte prompt: the paper's lengths up to it; one of them: six over the
+    # room; a room below 6: from 1; no room: one line
+    for T, n in ((446, [200, 400]), (300, [42, 84, 127, 169, 211, 254]), (51, [1, 2, 3, 4, 5]), (46, None)):
+        other = cg.CogGPT(tiny(cg.CogConfig, block_size=T))
+        core.save_checkpoint(path, dict(format="attnlab", script="cogformer", config=dataclasses.asdict(other.cfg),
+                                        model=other.state_dict(), data=core.TokenData(tutorial).info()))
+        if n is None:
+            fails_in_one_line(capsys, cg.main(["--probe", *common]), "the count_ones prompt fills the model's 46")
+            continue
+        assert cg.main(["--probe", *common]) == 0
+        assert json.load(open(tmp_path / "o" / "rep_diff.json"))["count_ones"]["n"] == n
+
+
+def cog_probe_diff(model, prompt, pair):
+    """--probe's number for one pair of digit strings: the L-inf of the difference of the final hidden states at the
+    last position within each head's chunk, averaged over the heads."""
     hs = []
     with torch.no_grad():
-        for digits in pair(rep["n"][0]):
+        for digits in pair:
             out = []
             hook = model.transformer.norm_f.register_forward_hook(lambda m, a, o: out.append(o[0, -1]))
-            model(torch.tensor([tok.encode(prompt) + tok.encode(digits)]))
+            model(torch.tensor([list(prompt.encode()) + list(digits.encode())]))
             hook.remove()
             hs.append(out[0])
-    want = (hs[0] - hs[1]).view(model.cfg.n_head, -1).abs().amax(-1).mean().item()
-    assert rep["diff"][0] == pytest.approx(want, rel=1e-5)
+    return (hs[0] - hs[1]).view(model.cfg.n_head, -1).abs().amax(-1).mean().item()
 
 
 @pytest.mark.parametrize("flags, message", [
