@@ -3786,6 +3786,67 @@ def test_exoformer_measure_pca_core_and_lambda_ratios():
     assert r["lambdas"]["q"][0]["ratio"] == pytest.approx((a.lambda_q1 / a.lambda_q2).flatten().tolist())
 
 
+@pytest.mark.parametrize("variant", ["exoformer", "nuresformer_nkqr"])
+@pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_measure_is_the_direct_computation(variant):
+    """Each per-layer number of --analyze from the model's own probabilities, gates and hidden states: sink (the mean
+    weight on key 0), entropy, gate mean and share below 0.2, the effective lambdas of each mixed pathway (static:
+    their means) and their ratio, max |h|, token-token cosine of distinct pairs (mean, std), cosine to the embedding,
+    layer-to-layer cosine. nuresformer_nkqr mixes v and g only, from layer 1 on."""
+    torch.manual_seed(0)
+    model = live(exo.ExoGPT(exo_tiny(variant, n_layer=2)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lambda_" in n:
+                p.uniform_(0.2, 1.0)
+    idx = tokens(B=2, seed=5)
+    r = exo.measure(model, idx)
+    probs, gates, hidden = {}, {}, []
+
+    class Record:  # what the eager attention and ExoAttention hand to --analyze's Recorder
+        def __call__(self, layer, p):
+            probs[layer] = p
+
+        def stat(self, layer, name, t):
+            gates.update({layer: t} if name == "gate" else {})
+    hooks = [m.register_forward_hook(lambda m, a, o: hidden.append(o)) for m in [model.transformer.wte,
+                                                                                  *model.transformer.h]]
+    with torch.no_grad():
+        model(idx, doc=torch.zeros_like(idx), record=Record())
+    for h in hooks:
+        h.remove()
+    att, hid = r["attention_layers"], r["hidden_layers"]
+    for layer in range(2):
+        p, g, a = probs[layer], gates[layer], model.transformer.h[layer].attn
+        assert att["sink"][layer] == pytest.approx(p[..., 0].mean().item(), rel=1e-5)
+        assert att["entropy"][layer] == pytest.approx(torch.special.entr(p).sum(-1).mean().item(), rel=1e-5)
+        assert att["gate_mean"][layer] == pytest.approx(g.mean().item(), rel=1e-5)
+        assert att["gate_sparsity"][layer] == pytest.approx((g < 0.2).float().mean().item())
+        for q in "qkvg":
+            if q not in a.mix:
+                assert att.get(f"ratio_{q}", [None, None])[layer] is None
+                continue
+            l1, l2 = (getattr(a, f"lambda_{q}{i}").mean().item() for i in "12")
+            assert (att[f"lam_{q}1"][layer], att[f"lam_{q}2"][layer]) == pytest.approx((l1, l2), rel=1e-5)
+            assert att[f"ratio_{q}"][layer] == pytest.approx(l1 / l2, rel=1e-5)
+            learned = next(x for x in r["lambdas"][q] if x["layer"] == layer)  # the static_lambdas of the heatmaps
+            assert (learned["lam1"], learned["lam2"]) == pytest.approx((l1, l2), rel=1e-6)
+    T = idx.size(1)
+    i, j = torch.triu_indices(T, T, 1)
+    for n, h in enumerate(hidden):
+        u = h / h.norm(dim=-1, keepdim=True)
+        sims = (u[:, i] * u[:, j]).sum(-1)  # (B, pairs)
+        assert hid["max_act"][n] == pytest.approx(h.abs().max().item(), rel=1e-6)
+        assert (hid["token_sim"][n], hid["token_sim_std"][n]) == pytest.approx((sims.mean().item(),
+                                                                                sims.std().item()), rel=1e-4)
+        cos = [(hidden[0][b] * h[b]).sum() / (hidden[0][b].norm() * h[b].norm()) for b in range(len(h))]
+        assert hid["cos_to_embedding"][n] == pytest.approx(torch.stack(cos).mean().item(), rel=1e-5)
+        for m, other in enumerate(hidden):
+            want = F.cosine_similarity(h, other, dim=-1).mean().item()
+            assert r["layer_similarity"][n][m] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert len(hidden) == len(hid["max_act"]) == 3
+
+
 @pytest.mark.usefixtures("exo_one_thread")
 def test_exoformer_analyze(tmp_path, capsys, saved_figures):
     data = exo_dataset(tmp_path)
@@ -3810,6 +3871,9 @@ def test_exoformer_analyze(tmp_path, capsys, saved_figures):
     assert [fig.get_suptitle() for _, fig, _ in saved_figures] == [
         f"the first val windows of {os.path.basename(data)} (one batch of each model's length)"]
     assert res["short.pt"]["data"] == data and res["short.pt"]["windows"] == [4, 8]
+    assert exo.main(["--analyze", "--init-from", ckpts[0], "--data", data, "--out", str(tmp_path / "b8"), "--device",
+                     "cpu", "--block-size", "8"]) == 0  # windows of --block-size, shorter than the model's
+    assert json.load(open(tmp_path / "b8" / "analysis.json"))["baseline.pt"]["windows"] == [4, 8]
     assert all(e <= math.log(8) + 1e-4 for e in res["short.pt"]["attention_layers"]["entropy"])  # its 8 positions
     assert os.path.getsize(os.path.join(out, "analysis.png")) > 10_000
     base, nu, dyn = (res[f"{v}.pt"] for v in ("baseline", "nuresformer", "dynamic_exoformer"))
@@ -3823,6 +3887,23 @@ def test_exoformer_analyze(tmp_path, capsys, saved_figures):
     assert all(0 < g < 1 for g in dyn["attention_layers"]["gate_mean"])
     assert nu["attention_layers"]["ratio_q"][0] is None and nu["attention_layers"]["ratio_q"][1] == pytest.approx(1.0)
     assert len(dyn["lambdas"]["g"]) == 2 and len(dyn["lambdas"]["g"][0]["ratio"]) == 32  # elementwise H x D
+    mean = lambda xs: sum(xs) / len(xs)
+    for name, r in res.items():  # the printed means over the layers are the JSON's
+        att, hid = r["attention_layers"], r["hidden_layers"]
+        gate = f"{mean(att['gate_mean']):.3f}" if "gate_mean" in att else "n/a"
+        assert (f"{name} (" in printed and f"means over the layers: sink {mean(att['sink']):.4f} | entropy "
+                f"{mean(att['entropy']):.3f} | gate {gate} | and the embedding: token sim {mean(hid['token_sim']):.3f}"
+                f" | PCA core {mean(hid['pca_core']):.1f}\n" in printed), name
+    val = np.fromfile(os.path.join(data, "val.bin"), np.uint8).astype(np.int64)  # the first 4 windows of 16 tokens
+    model = core.load_model(exo.PAPER, ckpts[0])
+    want = exo.measure(model, torch.from_numpy(val[:64].reshape(4, 16)))
+    assert base["hidden_layers"]["max_act"] == pytest.approx(want["hidden_layers"]["max_act"], rel=1e-6)
+    assert base["attention_layers"]["sink"] == pytest.approx(want["attention_layers"]["sink"], rel=1e-6)
+    panels = {a.get_title(): a for a in saved_figures[0][1].axes}  # hidden measures start at the embedding (-1)
+    for title, key in (("max |activation|", "max_act"), ("attention entropy", "entropy")):
+        x, y = panels[title].lines[0].get_data()
+        assert list(x) == list(range(-1 if key in exo.HIDDEN_KEYS else 0, 2)) and list(y) == pytest.approx(
+            (base["hidden_layers"] if key in exo.HIDDEN_KEYS else base["attention_layers"])[key])
 
 
 # ----------------------------------------------------------------------------------------------------------------
