@@ -4205,6 +4205,10 @@ def test_sparse_byte_metrics_threshold_and_renormalisation():
     p = torch.tensor([[1 - 5.5e-4, 5e-4, 5e-5, 0.0]])
     assert sb.head_metrics(p[None, None])[0, 0, 1].item() == pytest.approx(0.5)  # 5e-4 is not below 1e-4
     torch.testing.assert_close(sb.head_metrics(3 * p[None, None]), sb.head_metrics(p[None, None]))
+    p = torch.tensor([[1 - 1e-4, 1e-4, 0.0, 0.0]])
+    assert sb.head_metrics(p[None, None])[0, 0, 1].item() == 0.5  # exactly 1e-4 is not below it
+    p = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])  # a query with no weight at all
+    assert sb.head_metrics(p[None, None])[0, 0, 2].item() == pytest.approx(0.5 / 2)  # sum A |i - j| / sum A
 
 
 def test_sparse_byte_extracted_metrics_are_means_over_windows(tmp_path):
@@ -4221,6 +4225,13 @@ def test_sparse_byte_extracted_metrics_are_means_over_windows(tmp_path):
         model(x, record=lambda layer, p: probs.__setitem__(layer, p))
     want = torch.stack([sb.head_metrics(probs[layer]).mean(0) for layer in range(2)]).double()
     torch.testing.assert_close(m, want, atol=1e-6, rtol=1e-5)  # float64 sums vs a float32 mean
+    write_dataset(tmp_path / "short", {"train": val[:1000].astype(np.uint8).tobytes(),
+                                       "val": val[:200].astype(np.uint8).tobytes()})  # three windows of 65
+    m3, n = sb.extract_metrics(model, core.TokenData(str(tmp_path / "short")), 5, 2, torch.device("cpu"))
+    with torch.no_grad():
+        model(x[:3], record=lambda layer, p: probs.__setitem__(layer, p))
+    want = torch.stack([sb.head_metrics(probs[layer]).mean(0) for layer in range(2)]).double()
+    assert n == 3 and torch.allclose(m3, want, atol=1e-6, rtol=1e-5)  # the mean of the windows there are
 
 
 # ---- sparse_byte: clustering
@@ -4263,6 +4274,7 @@ def test_sparse_byte_silhouette_matches_direct_computation():
         a = sum(d(i, j) for j in same) / len(same)
         b = min(np.mean([d(i, j) for j in range(30) if labels[j] == c]) for c in set(labels) - {labels[i]})
         assert s[i] == pytest.approx((b - a) / max(a, b), rel=1e-10)
+    assert (sb.silhouette_samples(X, np.full(30, 4)) == 0).all()  # one cluster: no silhouette
 
 
 def inertia(X, labels):
@@ -4282,6 +4294,27 @@ def test_sparse_byte_kmeans_plus_plus_seeding_and_best_of_n_init():
     best, first = zip(*[(inertia(X, sb.kmeans(X, 8, s)[0]), inertia(X, sb.kmeans(X, 8, s, n_init=1)[0]))
                         for s in range(5)])
     assert all(b <= f + 1e-9 for b, f in zip(best, first)) and sum(best) < sum(first) - 1
+
+
+def test_sparse_byte_kmeans_plus_plus_draws_the_first_center_uniformly_then_by_squared_distance():
+    """Three points 0, 1, 10 as three clusters: each is its own center and its label tells the order of the draws. The
+    first is any point; after 0 the next is 1 with probability 1 / 101 (d^2; 1 / 11 by d), after 10 it is 0 or 1
+    (55% / 45%: drawn, not the farthest)."""
+    X = np.array([[0.0], [1.0], [10.0]])
+    draws = collections.Counter(tuple(np.argsort(sb.kmeans(X, 3, seed, n_init=1)[0])[:2]) for seed in range(300))
+    assert {first for first, _ in draws} == {0, 1, 2}
+    assert draws[2, 0] > 30 and draws[2, 1] > 30
+    assert draws[0, 1] + draws[1, 0] <= 4 and draws[0, 2] + draws[1, 2] > 150
+
+
+def test_sparse_byte_kmeans_returns_a_lloyd_fixed_point():
+    """Points without clusters (Lloyd needs several steps): each head's label is its nearest center, each center the
+    mean of its heads."""
+    X = np.random.default_rng(0).uniform(0, 1, (60, 2))
+    for seed in range(3):
+        labels, centers = sb.kmeans(X, 4, seed)
+        assert (((X[:, None] - centers[None]) ** 2).sum(-1).argmin(1) == labels).all()
+        assert np.allclose(centers, [X[labels == c].mean(0) for c in range(4)], rtol=0, atol=1e-9)
 
 
 def test_sparse_byte_distance_is_absolute_under_the_inverted_mask():
@@ -4329,10 +4362,14 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, saved_figu
         fails_in_one_line(capsys, sb.main(["--eval", "--out", out, "--data", data, "--seq-length", "128"]),
                           "--block-size 128 contradicts")  # the model's 64 positions
         assert sb.main(["--metrics", "--out", out, "--data", data, "--metric-seqs", "4"]) == 0
+        printed = capsys.readouterr().out
         assert (f"{variant} ({out}/ckpt.pt): metrics of 16 heads over 4 val windows of 64 tokens of {data} -> "
-                in capsys.readouterr().out)  # which model, which data
+                in printed)  # which model, which data
         rows = list(csv.reader(open(os.path.join(out, "head_metrics.csv"))))
         assert rows[0] == ["layer", "head", "entropy", "sparsity", "distance"] and len(rows) == 1 + 2 * 8
+        for layer in range(2):  # each layer's means over its heads
+            m = np.array([[float(x) for x in r[2:]] for r in rows[1:] if r[0] == str(layer)]).mean(0)
+            assert f"layer {layer:2d} entropy {m[0]:8.3f} sparsity {m[1]:8.3f} distance {m[2]:8.3f}" in printed
     sp = {(int(r["layer"]), int(r["head"])): float(r["sparsity"])
           for r in csv.DictReader(open(tmp_path / "sparse" / "head_metrics.csv"))}
     assert sp[(0, 0)] > 1 - 9 / 64  # a focused-local head attends at most 9 keys per row
@@ -4360,6 +4397,7 @@ def test_sparse_byte_cli_train_eval_metrics_cluster(tmp_path, capsys, saved_figu
     (["--train", "--variant", "banded"], "invalid choice"),
     (["--metrics", "--out", "/nonexistent/run"], "checkpoint not found"),
     (["--cluster", "--runs", "/nonexistent/run"], "no head metrics"),
+    (["--cluster", "--runs", "/nonexistent/run", "--cluster-k-max", "1"], "need --cluster-k-max >= 2"),
 ])
 def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
@@ -4379,6 +4417,56 @@ def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, saved_figures)
              if t.get_visible() and "16 heads of" in t.get_text()]
     assert len(named) == 3 and all(inside(fig, [t]) for fig, t in named), [t.get_text() for _, t in named]
     assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][1].get_text()
+
+
+def silhouette_direct(X, labels):
+    """Mean silhouette, one head at a time (sklearn's definition; a head alone in its cluster scores 0)."""
+    s = []
+    for i in range(len(X)):
+        d = np.sqrt(((X - X[i]) ** 2).sum(1))
+        own = (labels == labels[i]) & (np.arange(len(X)) != i)
+        if not own.any():
+            s.append(0.0)
+            continue
+        b = min(d[labels == c].mean() for c in set(labels) - {labels[i]})
+        s.append((b - d[own].mean()) / max(b, d[own].mean()))
+    return float(np.mean(s))
+
+
+def test_sparse_byte_cluster_outputs_are_the_direct_computation(tmp_path, capsys):
+    """--cluster on planted heads: two groups apart in entropy and sparsity, a distance of large units with no
+    groups: k-means on the standardised metrics finds the groups (on the raw ones, the distance splits them);
+    silhouette.json holds the mean silhouette of each k's labels in clusters.csv, the best k and the shown one;
+    clusters.csv the raw metrics; the printed line the scores."""
+    rng, runs, groups = np.random.default_rng(0), [], []
+    for name in ("r1", "r2"):
+        g = rng.integers(0, 2, 15)
+        m = np.stack([0.1 + 0.8 * g, 0.2 + 0.6 * g, 500 + rng.uniform(-5, 5, 15)], 1) + rng.normal(0, 0.01, (15, 3))
+        os.makedirs(tmp_path / name)
+        sb.write_metrics_csv(str(tmp_path / name / "head_metrics.csv"), m.reshape(3, 5, 3))
+        runs.append(str(tmp_path / name))
+        groups.append(g)
+    raw, groups = np.concatenate([sb.read_metrics_csv(os.path.join(r, "head_metrics.csv"))[1] for r in runs]), \
+        np.concatenate(groups)
+    Z = (raw - raw.mean(0)) / raw.std(0)
+    for shown in (0, 2):
+        out = tmp_path / f"heads{shown}"
+        capsys.readouterr()
+        assert sb.main(["--cluster", "--runs", *runs, "--out", str(out), "--cluster-k-max", "5",
+                        "--cluster-k", str(shown)]) == 0
+        rows = list(csv.DictReader(open(out / "clusters.csv")))
+        kept = json.load(open(out / "silhouette.json"))
+        assert np.array([[float(r[m]) for m in sb.METRICS] for r in rows]).tolist() == raw.tolist()
+        labels = {k: np.array([int(r[f"k{k}"]) for r in rows]) for k in range(2, 6)}
+        assert len(set(zip(labels[2], groups))) == 2  # the planted groups, one label each
+        want = {k: silhouette_direct(Z, labels[k]) for k in range(2, 6)}
+        best = max(want, key=want.get)
+        assert {int(k): v for k, v in kept["silhouette"].items()} == pytest.approx(want, rel=1e-9)
+        assert kept["best_k"] == best != 2 and kept["shown_k"] == (shown or best) and kept["heads"] == 30
+        assert f"silh.  {' '.join(f'{want[k]:6.3f}' for k in range(2, 6))}   best k={best};" in capsys.readouterr().out
+    sb.write_metrics_csv(str(tmp_path / "r1" / "head_metrics.csv"), raw[:4].reshape(1, 4, 3))
+    assert sb.main(["--cluster", "--runs", runs[0], "--out", str(tmp_path / "four"), "--cluster-k-max", "5"]) == 0
+    assert set(json.load(open(tmp_path / "four" / "silhouette.json"))["silhouette"]) == {"2", "3"}  # k < heads
 
 
 def test_sparse_byte_cluster_of_a_checkpoint_gives_one_line(tmp_path, capsys):
