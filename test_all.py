@@ -5035,6 +5035,29 @@ def test_reflex_cli_charts(reflex_runs, tutorial, tmp_path, capsys):
 def test_reflex_speed_skips_the_first_logged_interval():
     log = [dict(tok_s=1.0, mfu=0.01), dict(tok_s=100.0, mfu=0.5), dict(tok_s=110.0, mfu=0.6)]
     assert reflex.speed_of(log) == (105.0, pytest.approx(0.55))
+    assert reflex.speed_of([dict(tok_s=7.0, mfu=None)]) == (7.0, None)  # one step: that one; no known peak: None
+
+
+def test_reflex_charts_numbers_are_the_logs_medians(tmp_path, capsys, saved_figures):
+    """--charts from hand-made logs: per run the median tokens/s and MFU of the logged steps after the first (a run of
+    one step: that step), in k tokens/s and % (bars and printed lines); evaluation records carry no speed; runs
+    without an MFU read n/a, and the MFU panel says so only when no run has one."""
+    logs = {"a": [dict(step=1, loss=5.0, tok_s=1000.0, mfu=0.01), dict(step=2, loss=4.0, tok_s=30000.0, mfu=0.2),
+                  dict(step=3, loss=3.9, tok_s=50000.0, mfu=0.3), dict(step=4, val_loss=3.8),
+                  dict(step=4, loss=3.8, tok_s=70000.0, mfu=0.7), dict(step=5, loss=3.7, tok_s=20000.0, mfu=None)],
+            "b": [dict(step=1, loss=5.0, tok_s=5000.0, mfu=None), dict(step=1, val_loss=4.5)]}
+    for name, recs in logs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rc, out, err = cli(capsys, "--charts", "--out", tmp_path / "a", "--runs", tmp_path / "b")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "a: 40.0k tok/s, MFU 30.0%" in lines and "b: 5.0k tok/s, MFU n/a" in lines
+    speed, mfu = saved_figures[-1][1].axes
+    assert [p.get_height() for p in speed.patches] == [40.0, 5.0]
+    assert [p.get_height() for p in mfu.patches] == pytest.approx([30.0, 0.0]) and not mfu.texts
+    assert cli(capsys, "--charts", "--out", tmp_path / "b")[0] == 0
+    assert [t.get_text() for t in saved_figures[-1][1].axes[1].texts] == ["n/a: no known GPU peak"]
 
 
 def test_reflex_bench_rows_are_every_split():
