@@ -5517,6 +5517,34 @@ def test_bench_mc_scorer_matches_direct_computation(scorer, mc_file):
                         for s, d in zip(direct, MC)])
     assert res["n"] == 4 and res["acc"] == acc and res["acc_norm"] == acc_norm
     assert bench.mc_score(scorer, mc_file, limit=2)["n"] == 2
+    ctx = list(b"The cat sat")  # is_greedy (lm-eval's second answer): every token of the continuation the argmax
+    with torch.no_grad():
+        g1 = scorer.model(torch.tensor([ctx]))[0, -1].argmax().item()
+        g2 = scorer.model(torch.tensor([ctx + [g1]]))[0, -1].argmax().item()
+    (_, both), (_, half) = scorer.score_tokens([(ctx, [g1, g2]), (ctx, [g1, (g2 + 1) % 256])])
+    assert both and not half
+
+
+def test_bench_mc_score_arithmetic_on_given_log_likelihoods(tmp_path):
+    """mc_score from a scorer's log-likelihoods (a stub here): each document's choices in order (2, 3, 2, 2 of them),
+    acc by the largest log-likelihood, acc_norm by it per UTF-8 byte of the choice ('é' is two bytes), their
+    standard errors sqrt(p (1 - p) / (n - 1)), --limit the first documents."""
+    docs = [dict(context="c1", choices=["a", "bbbb"], label=1), dict(context="c2", choices=["é", "xy", "z"], label=0),
+            dict(context="c3", choices=["p", "q"], label=0), dict(context="c4", choices=["m", "n"], label=0)]
+    lls = {"a": -2.0, "bbbb": -4.0, "é": -2.2, "xy": -2.6, "z": -2.9, "p": -1.0, "q": -0.5, "m": -3.0, "n": -1.0}
+    stub = SimpleNamespace(loglikelihood=lambda requests: [(lls[c], False) for _, c in requests])
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    res = bench.mc_score(stub, str(path))
+    assert res["lls"] == [[-2.0, -4.0], [-2.2, -2.6, -2.9], [-1.0, -0.5], [-3.0, -1.0]] and res["n"] == 4
+    assert (res["acc"], res["acc_norm"]) == (0.25, 0.5)
+    assert (res["acc_stderr"], res["acc_norm_stderr"]) == pytest.approx((math.sqrt(0.25 * 0.75 / 3),
+                                                                         math.sqrt(0.5 * 0.5 / 3)))
+    assert bench.run_tasks(stub, str(path)) == [["mc.jsonl", "acc", "0.2500", "0.2500", 4],  # --eval-tasks' table
+                                                ["mc.jsonl", "acc_norm", "0.5000", "0.2887", 4]]
+    one = bench.mc_score(stub, str(path), limit=1)
+    assert (one["n"], one["acc"], one["acc_norm"], one["acc_stderr"]) == (1, 0.0, 1.0, None)
+    assert bench.mc_score(stub, str(path), limit=2)["lls"] == res["lls"][:2]
 
 
 def test_bench_mc_scorer_prefers_the_learned_continuation(tmp_path):
@@ -5745,6 +5773,7 @@ def test_bench_tokens_to_a_loss_interpolates_between_evaluations():
     assert bench.tokens_to(curve, 2.8) == pytest.approx(12)  # off the midpoint: linear from the first evaluation
     assert bench.tokens_to(curve, 3.5) == 10  # already there at the first evaluation
     assert bench.tokens_to(curve, 1.0) is None
+    assert bench.tokens_to(curve, 1.5) == 30  # reached exactly at the last evaluation
 
 
 def test_bench_seed_summary_means_and_spread():
@@ -5752,6 +5781,9 @@ def test_bench_seed_summary_means_and_spread():
             for x, d in ((2.0, -0.1), (2.4, -0.3), (2.3, 0.1))]
     s = bench.seed_summary(runs)["r/v"]
     assert (s["val_loss"], s["mean"], s["spread"]) == pytest.approx((6.7 / 3, -0.1, 0.4))
+    runs[2]["d_val"], runs[2]["val_loss"] = 0.7, 2.9  # skewed: means, not medians
+    s = bench.seed_summary(runs)["r/v"]
+    assert (s["val_loss"], s["mean"], s["spread"]) == pytest.approx((7.3 / 3, 0.1, 1.0))
 
 
 def log_record(step, val_loss):
@@ -5785,6 +5817,50 @@ def test_bench_compare_seeds_are_compared_with_the_baseline_of_their_seed(tmp_pa
     assert [cmd[cmd.index(f) + 1] for f in ("--warmup-iters", "--eval-interval")] == ["4", "20"]
 
 
+def test_bench_compare_differences_to_the_baseline_and_the_table(tmp_path, bytes_data, monkeypatch, capsys):
+    """d_val, d_whole: the run's loss minus its baseline's of the same seed (last logged val loss; whole val split,
+    eval.json); to_base: the training tokens at which the run's val curve, linear between evaluations, reaches the
+    baseline's final loss, over the baseline's tokens ('not reached' where it never does; seed 2's run trains twice
+    the tokens a step); a run cut short (--report) is compared at its last evaluation, at its share of the baseline's
+    tokens; the table shows each (trainings stubbed)."""
+    base = [3.0, 2.6, 2.4, 2.2]
+    val = {"1": [2.8, 2.3, 2.0, 1.9], "2": [2.9, 2.5, 2.0, 1.9], "3": [3.5, 3.4, 3.3, 3.2]}
+    whole = {"1": 2.15, "2": 2.05, "3": 3.0}
+
+    def fake(cmd, out, env=None):
+        os.makedirs(out, exist_ok=True)
+        seed, reflex_run = cmd[cmd.index("--seed") + 1], "reflex-reflex" in out
+        recs = [dict(log_record(s, v), tokens=s * (1024 if reflex_run and seed == "2" else 512))
+                for s, v in zip((10, 20, 30, 40), val[seed] if reflex_run else base)]
+        open(os.path.join(out, "log.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in recs)
+        json.dump(dict(argv=cmd[1:]), open(os.path.join(out, "run.json"), "w"))
+        json.dump(dict(loss=whole[seed] if reflex_run else 2.3), open(os.path.join(out, "eval.json"), "w"))
+    monkeypatch.setattr(bench, "train_run", fake)
+    argv = ["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+            "--max-iters", "40", "--evals", "4", "--seeds", "1,2,3", "--out", str(tmp_path)]
+    assert bench.compare(bench.build_parser().parse_args(argv), gpu=False) == 0
+    runs = {(r["variant"], r["seed"]): r for r in json.load(open(tmp_path / "compare.json"))["runs"]}
+    one, two, three = (runs["reflex", seed] for seed in (1, 2, 3))
+    assert (one["d_val"], one["d_whole"]) == (pytest.approx(-0.3), pytest.approx(-0.15))
+    assert one["to_base"] == pytest.approx((20 + 10 * 0.1 / 0.3) / 40) and three["to_base"] == "not reached"
+    assert two["to_base"] == pytest.approx((20 + 10 * 0.3 / 0.5) * 1024 / (40 * 512))
+    assert three["d_val"] == pytest.approx(1.0)
+    assert runs["baseline", 1]["d_val"] is runs["baseline", 1]["to_base"] is None  # no baseline of its own
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[5:9]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| reflex/") and line.count("|") == 13}
+    assert rows["reflex/reflex", "1"] == ["1.9000", "-0.3000", "2.1500 (-0.1500)", "0.58x"]
+    assert rows["reflex/reflex", "2"] == ["1.9000", "-0.3000", "2.0500 (-0.2500)", "1.30x"]
+    assert rows["reflex/reflex", "3"] == ["3.2000", "+1.0000", "3.0000 (+0.7000)", "not reached"]
+    assert rows["reflex/baseline", "1"] == ["2.2000", "-", "2.3000", "-"]
+    log = tmp_path / "reflex-reflex-seed1" / "log.jsonl"  # cut after its second evaluation
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    assert bench.compare(bench.build_parser().parse_args([*argv, "--report"]), gpu=False) == 0
+    cut = next(r for r in json.load(open(tmp_path / "compare.json"))["runs"] if r["variant"] == "reflex"
+               and r["seed"] == 1)
+    assert cut["d_cut"] == [0.5, pytest.approx(-0.3)] and cut["to_base"] is None
+    assert "| -0.3000 at 50% of the tokens |" in capsys.readouterr().out
+
+
 def test_bench_speed_ratios_prefer_the_baselines_auto_row():
     rows = [dict(script="reflex", variant="baseline", baseline="baseline", T=64, impl="eager", tok_s=50.0),
             dict(script="reflex", variant="baseline", baseline="baseline", T=64, impl="auto", tok_s=100.0),
@@ -5800,6 +5876,17 @@ def test_bench_summarize_counts_the_first_interval_at_the_median_step():
     is not 3x slower."""
     log = [dict(step=s, tokens=s, ms=ms, tok_s=1.0) for s, ms in ((5, 25.0), (10, 10.0), (15, 10.0), (20, 10.0))]
     assert bench.summarize(log)["train_s"] == pytest.approx(20 * 10 / 1e3)
+
+
+def test_bench_summarize_counts_an_interval_at_its_own_time_up_to_3x_the_median():
+    """An interval of up to 3x the median step time (2.5x, exactly 3x) is training, counted at its own time; above it,
+    a compilation, counted at the median. tok/s and MFU: medians of the steady records."""
+    rec = lambda step, ms, mfu: dict(step=step, ms=ms, tok_s=1000 / ms, tokens=100 * step, mfu=mfu)
+    log = [rec(10, 900.0, 0.01), rec(20, 10.0, 0.3), rec(30, 30.0, 0.1), rec(40, 10.0, 0.3), rec(50, 25.0, 0.12),
+           rec(60, 10.0, 0.3), rec(70, 31.0, 0.1), rec(80, 10.0, 0.25)]
+    s = bench.summarize(log)  # median of the steady 10, 30, 10, 25, 10, 31, 10: 10
+    assert s["train_s"] == pytest.approx(10 * (10 + 10 + 30 + 10 + 25 + 10 + 10 + 10) / 1e3)
+    assert s["mfu"] == pytest.approx(0.25) and s["tok_s"] == pytest.approx(100.0)
 
 
 def test_bench_parity_flags_a_slightly_wrong_fp32_fast_path(monkeypatch):
