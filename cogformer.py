@@ -579,7 +579,8 @@ def neg_mass(cfg, args):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(range(len(mass)), mass.tolist(), color=["tab:red" if l in model.cog else "tab:blue"
                                                     for l in range(len(mass))])
-    ax.set(xlabel="layer", ylabel="negative share of Σ|W|", title=source(cfg, model))
+    ax.set(xlabel="layer", ylabel="negative share of Σ|W|")
+    ax.set_title(source(cfg, model), fontsize=10)  # a 60-character line at 12 points reaches the figure's edge
     ax.set_xticks(range(len(mass)))
     fig.tight_layout()
     _save(cfg, "neg_mass", fig, dict(variant=model.cfg.variant, neg_mass=mass.tolist(), tokens_per_batch=T,

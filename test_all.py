@@ -2975,10 +2975,10 @@ def test_cogformer_analysis_commands(trained, tutorial, tmp_path, capsys):
 
 
 def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained, tutorial, tmp_path, capsys,
-                                                                        saved_figures):
+                                                                        saved_figures, monkeypatch):
     """Every figure's title, JSON and printed line name the checkpoint and data it is of (rep_diff.png named nothing,
-    the others the variant only), inside the figure; PNGs at 120 dpi (at 80, the grid's 5-point ticks were 6 pixels
-    tall)."""
+    the others the variant only), inside the figure, also a full 60-character line (one run's, whose neg-mass title
+    ran past the figure's edge at 12 points); PNGs at 120 dpi (at 80, the grid's 5-point ticks were 6 pixels tall)."""
     for variant, out in trained.items():
         ckpt = os.path.join(out, "ckpt.pt")
         for action, name in (("--attn-grid", "attn_grid"), ("--probe", "rep_diff"), ("--neg-mass", "neg_mass")):
@@ -2990,6 +2990,13 @@ def test_cogformer_analysis_names_the_checkpoint_and_data_of_each_figure(trained
             _, fig, kw = saved_figures.pop()
             assert "".join(f"{variant}: {ckpt}, data {os.path.basename(tutorial)}".split()) in figure_text(fig)
             assert inside(fig, [*fig.texts, *(a.title for a in fig.axes)]) and kw["dpi"] >= 120
+    wide = "transformer: /tmp/mutwork/bt/runs0/transformer/ckpt.pt, data\ntutorial0"
+    monkeypatch.setattr(cg, "source", lambda cfg, model: wide)
+    for action in ("--attn-grid", "--probe", "--neg-mass"):
+        assert cg.main([action, "--init-from", ckpt, "--data", tutorial, "--out", str(tmp_path), "--device", "cpu",
+                        "--eval-iters", "1", "--batch-size", "2"]) == 0
+        fig = saved_figures.pop()[1]
+        assert wide.split()[1] in figure_text(fig) and inside(fig, [*fig.texts, *(a.title for a in fig.axes)])
 
 
 def test_cogformer_analysis_numbers_are_the_direct_computation(tmp_path, tutorial, saved_figures, capsys):
