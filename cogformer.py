@@ -517,7 +517,7 @@ def attn_grid(cfg, args):
             axs[l, h].tick_params(labelsize=5)
     fig.suptitle(f"{source(cfg, model)}\nthe last query's weight on each of the {T} key positions (x)\nrows: layers, "
                  "columns: heads; red: cog layers (signed), blue: softmax", fontsize=8 + H // 2)
-    fig.tight_layout()
+    core.layout(fig)
     _save(cfg, "attn_grid", fig, dict(variant=model.cfg.variant, cog_layers=model.cog, tokens=idx[0].tolist(),
                                       weights={l: grid[l].tolist() for l in range(L)}))
     plt.close(fig)
@@ -556,7 +556,7 @@ def probe(cfg, args):
         ax.set(title=task, xlabel="n", ylabel=f"representation difference / n={lengths[0]}")
     handle.remove()
     fig.suptitle(source(cfg, model))
-    fig.tight_layout()
+    core.layout(fig)
     _save(cfg, "rep_diff", fig, dict(variant=model.cfg.variant, **result))
     plt.close(fig)
 
@@ -579,10 +579,9 @@ def neg_mass(cfg, args):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(range(len(mass)), mass.tolist(), color=["tab:red" if l in model.cog else "tab:blue"
                                                     for l in range(len(mass))])
-    ax.set(xlabel="layer", ylabel="negative share of Σ|W|")
-    ax.set_title(source(cfg, model), fontsize=10)  # a 60-character line at 12 points reaches the figure's edge
+    ax.set(xlabel="layer", ylabel="negative share of Σ|W|", title=source(cfg, model))
     ax.set_xticks(range(len(mass)))
-    fig.tight_layout()
+    core.layout(fig)
     _save(cfg, "neg_mass", fig, dict(variant=model.cfg.variant, neg_mass=mass.tolist(), tokens_per_batch=T,
                                      batches=cfg.eval_iters, batch_size=cfg.batch_size))
     plt.close(fig)

@@ -1317,6 +1317,21 @@ def pyplot():
     return matplotlib.pyplot
 
 
+def layout(fig):
+    """tight_layout, then every title that runs past the figure's left or right edge (a long checkpoint path above a
+    narrow figure) shrunk until it fits, and the layout redone for the smaller titles."""
+    fig.tight_layout()
+    r = fig.canvas.get_renderer()
+
+    def outside(t):
+        box = t.get_window_extent(r)
+        return box.x0 < 0 or box.x1 > fig.bbox.width
+    for t in [*fig.texts, *(ax.title for ax in fig.axes)]:
+        while outside(t) and t.get_fontsize() > 4:
+            t.set_fontsize(0.9 * t.get_fontsize())
+    fig.tight_layout()
+
+
 def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path) or not path.endswith(".jsonl"):  # e.g. a checkpoint given for a run folder

@@ -977,7 +977,7 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown, runs):
            title=f"k-means on standardised head metrics\n{wrapped}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    core.layout(fig)
     fig.savefig(os.path.join(out, "silhouette_k.png"), dpi=120)
     cols = min(4, len(ks))
     fig, axes = plt.subplots(math.ceil(len(ks) / cols), cols, figsize=(3.5 * cols, 3.2 * math.ceil(len(ks) / cols)),
@@ -993,7 +993,7 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown, runs):
     for ax in list(axes.flat)[len(ks):]:
         ax.axis("off")
     fig.suptitle(wrapped)
-    fig.tight_layout()
+    core.layout(fig)
     fig.savefig(os.path.join(out, "silhouette_samples.png"), dpi=120)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     markers = {"dense": "o", "sparse": "^"}
@@ -1007,7 +1007,7 @@ def plot_clusters(out, raw, variants, labels, sil, scores, shown, runs):
     axes[0].legend([plt.Line2D([], [], ls="", marker=markers.get(v, "s"), color="gray") for v in np.unique(variants)],
                    list(np.unique(variants)), title="marker")  # grey: the colours are the clusters
     fig.suptitle(f"{runs} in metric space, colour = k-means cluster (k={shown})")
-    fig.tight_layout()
+    core.layout(fig)
     fig.savefig(os.path.join(out, "head_clusters.png"), dpi=120)
     plt.close("all")
 

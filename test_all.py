@@ -4413,17 +4413,19 @@ def test_sparse_byte_cli_mistakes_give_one_line(argv, message, capsys):
 
 def test_sparse_byte_cluster_figures_fit_long_run_names(tmp_path, saved_figures):
     """The runs named in the figures' titles stay inside the figures (two seeds' folder names ran off the silhouette
-    plot); a folder without run.json is named once."""
+    plot, and off the 3.5-inch samples figure of --cluster-k-max 2); a folder without run.json is named once."""
     rng, runs = np.random.default_rng(0), []
     for name in ("sparse_byte-dense-seed1337", "sparse_byte-sparse-seed1338"):
         os.makedirs(tmp_path / name)
         sb.write_metrics_csv(str(tmp_path / name / "head_metrics.csv"), rng.uniform(0.1, 4, (2, 4, 3)))
         runs.append(str(tmp_path / name))
-    assert sb.main(["--cluster", "--runs", *runs, "--out", str(tmp_path / "heads"), "--cluster-k-max", "3"]) == 0
-    named = [(fig, t) for _, fig, _ in saved_figures for t in fig.findobj(core.pyplot().Text)
-             if t.get_visible() and "16 heads of" in t.get_text()]
-    assert len(named) == 3 and all(inside(fig, [t]) for fig, t in named), [t.get_text() for _, t in named]
-    assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][1].get_text()
+    for k_max in ("3", "2"):
+        saved_figures.clear()
+        assert sb.main(["--cluster", "--runs", *runs, "--out", str(tmp_path / "heads"), "--cluster-k-max", k_max]) == 0
+        named = [(fig, t) for _, fig, _ in saved_figures for t in fig.findobj(core.pyplot().Text)
+                 if t.get_visible() and "16 heads of" in t.get_text()]
+        assert len(named) == 3 and all(inside(fig, [t]) for fig, t in named), [t.get_text() for _, t in named]
+        assert "sparse_byte-dense-seed1337, sparse_byte-sparse-seed1338" in named[-1][1].get_text()
 
 
 def silhouette_direct(X, labels):
