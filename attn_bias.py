@@ -523,7 +523,7 @@ def layer_ticks(L):
 def save(fig, out, name):
     plt = core.pyplot()
     path = os.path.join(out, name)
-    fig.tight_layout()
+    core.layout(fig)
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path

@@ -1387,7 +1387,7 @@ def plot_runs(paths, out_png, title=""):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    layout(fig)
     os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
