@@ -3774,15 +3774,21 @@ def test_exoformer_recorder_on_hand_made_attention_and_gates():
     assert rec.layers[1]["gate_sparsity"] == 0.5 and rec.layers[1]["gate_mean"] == pytest.approx(0.3725)
 
 
-def test_exoformer_measure_pca_core_and_lambda_ratios():
-    """PCA core: components for 99% of the hidden states' variance (an eigendecomposition here); lambda ratio
-    lambda1 / lambda2 per pathway."""
+def exo_drawn_lambdas(variant):
+    """A 2-layer tiny ExoGPT whose mixing lambdas are drawn from U(0.2, 1) (their init makes every ratio 1)."""
     torch.manual_seed(0)
-    model = live(exo.ExoGPT(exo_tiny("nuresformer", n_layer=2)))
+    model = live(exo.ExoGPT(exo_tiny(variant, n_layer=2)))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lambda_" in n:
                 p.uniform_(0.2, 1.0)
+    return model
+
+
+def test_exoformer_measure_pca_core_and_lambda_ratios():
+    """PCA core: components for 99% of the hidden states' variance (an eigendecomposition here); lambda ratio
+    lambda1 / lambda2 per pathway."""
+    model = exo_drawn_lambdas("nuresformer")
     idx = tokens(B=4, seed=3)
     r = exo.measure(model, idx)
     h = model.transformer.wte(idx).detach().double().reshape(-1, model.cfg.n_embd)
@@ -3800,12 +3806,7 @@ def test_exoformer_measure_is_the_direct_computation(variant):
     weight on key 0), entropy, gate mean and share below 0.2, the effective lambdas of each mixed pathway (static:
     their means) and their ratio, max |h|, token-token cosine of distinct pairs (mean, std), cosine to the embedding,
     layer-to-layer cosine. nuresformer_nkqr mixes v and g only, from layer 1 on."""
-    torch.manual_seed(0)
-    model = live(exo.ExoGPT(exo_tiny(variant, n_layer=2)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lambda_" in n:
-                p.uniform_(0.2, 1.0)
+    model = exo_drawn_lambdas(variant)
     idx = tokens(B=2, seed=5)
     r = exo.measure(model, idx)
     probs, gates, hidden = {}, {}, []
