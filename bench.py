@@ -831,8 +831,7 @@ def plot_compare(runs, png, title):
             axes[row, col].grid(alpha=0.3)
         axes[0, col].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.tight_layout()  # again: the first pass resizes the axes, so their ticks and labels' widths change
+    core.layout(fig)
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
     fig.savefig(png, dpi=110)
     pyplot.close(fig)

@@ -1319,7 +1319,8 @@ def pyplot():
 
 def layout(fig):
     """tight_layout, then every title that runs past the figure's left or right edge (a long checkpoint path above a
-    narrow figure) shrunk until it fits, and the layout redone for the smaller titles."""
+    narrow figure) shrunk until it fits, and the layout redone: for the smaller titles, and because the first pass
+    resizes the axes, so their ticks' and labels' widths change."""
     fig.tight_layout()
     r = fig.canvas.get_renderer()
 
