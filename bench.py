@@ -523,6 +523,17 @@ def run_env(rows):
                 peak_tflops=next((v / 1e12 for k, v in core.PEAK_BF16.items() if k in device), None))
 
 
+def run_machines(runs):
+    """{(device, torch, git): [run names]} of the runs that recorded them (run.json), in the runs' order."""
+    out = {}
+    for r in runs:
+        rec = core.read_run(r["out"])
+        if rec:
+            seed = f" seed {r['seed']}" if r.get("seed") is not None else ""
+            out.setdefault((rec.get("gpu") or "cpu", rec.get("torch"), rec.get("git")), []).append(label(r) + seed)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The comparison: train baseline and main variant of each paper with identical flags, one table, one plot
 
@@ -696,10 +707,15 @@ def compare(args, gpu):
               fmt(r.get("d_val"), "+.4f"), whole(r), fmt(r.get("to_base"), ".2f", "x"),
               fmt(r.get("tok_s") and r["tok_s"] / 1e3, ".1f", "k"), fmt(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
               fmt(r.get("mem_gb"), ".1f", " GiB"), fmt(r.get("train_s"), ".0f", " s")] for r in runs]
-    info = run_env(runs)
+    info, machines = run_env(runs), run_machines(runs)
     sets = {r["script"]: r.get("data") for r in runs}
     data_line = args.data if len(set(sets.values())) == 1 else "; ".join(f"{k} {v}" for k, v in sets.items())
-    print(f"data {data_line}, {info['device']}, torch {info['torch']}, git {info['git']}\n")
+    if len(machines) > 1:  # runs made on several machines or commits: each its own
+        info["device"] = " / ".join(dict.fromkeys(m[0] for m in machines))
+        print(f"data {data_line}; the runs' machines:\n" + "\n".join(
+            f"- {m[0]}, torch {m[1]}, git {m[2]}: {', '.join(names)}" for m, names in machines.items()) + "\n")
+    else:
+        print(f"data {data_line}, {info['device']}, torch {info['torch']}, git {info['git']}\n")
     print(md_table(head, table))
     summary = seed_summary(runs)
     if any(len(v["d_val"]) > 1 for v in summary.values()):
@@ -817,9 +833,13 @@ def plot_compare(runs, png, title):
                 if r["d_curve"]:  # none for a baseline
                     axes[1, col].plot(*zip(*r["d_curve"]), **style)
                     late += [d for t, d in r["d_curve"] if t >= max(tokens) / 4]
-        axes[1, col].axhline(0, color="gray", ls="--", lw=1)  # the baselines
-        pad = 0.1 * (max(late) - min(late)) + 1e-3
-        axes[1, col].set_ylim(min(late) - pad, max(late) + pad)
+        if any(r.get("d_curve") for r in mine):
+            axes[1, col].axhline(0, color="gray", ls="--", lw=1)  # the baselines
+            pad = 0.1 * (max(late) - min(late)) + 1e-3
+            axes[1, col].set_ylim(min(late) - pad, max(late) + pad)
+        else:  # its baseline alone so far
+            axes[1, col].text(0.5, 0.5, "no variant to compare yet", ha="center", transform=axes[1, col].transAxes)
+            axes[1, col].set_axis_off()
         axes[0, col].set_title(f"{name} ({os.path.basename(os.path.normpath(mine[0].get('data') or ''))})",
                                fontsize=9)
         unit = "byte" if mine[0].get("tokenizer") == "bytes" else "token"

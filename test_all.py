@@ -6074,6 +6074,8 @@ def test_bench_summarize_counts_compilations_at_the_median_step_time():
 
 
 def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_path, bytes_data):
+    """--report tabulates runs from their logs (copied back without checkpoints or data): cut runs named, nothing
+    trained, and the machine of each run named where they differ."""
     data = shutil.copytree(bytes_data, tmp_path / "data")
     args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", data,
             "--max-iters", 4, "--out", tmp_path]
@@ -6094,6 +6096,11 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert f"| {at(var) - at(base):+.4f} at 25% of the tokens | - | - |" in out  # the baseline where it was cut
     assert "note: reflex/reflex, seed 1337: cut at step 1 of 4" in err and "stdout.txt" not in err  # no log of it here
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
+    run = json.load(open(var / "run.json"))  # the variant trained on another machine: each run's named
+    (var / "run.json").write_text(json.dumps(dict(run, gpu="NVIDIA H100 80GB HBM3")))
+    code = f"torch {run['torch']}, git {run['git']}"
+    assert (f"; the runs' machines:\n- cpu, {code}: reflex/baseline seed 1337\n- NVIDIA H100 80GB HBM3, {code}: "
+            "reflex/reflex seed 1337\n") in bench_run_cli(*args, "--report")[1]
     (base / "log.jsonl").write_text(open(base / "log.jsonl").readline())  # the baseline cut as well
     (var / "log.jsonl").write_text('{"step": 0, "lo')  # killed before its first whole record
     rc, out, err = bench_run_cli(*args, "--report")
@@ -6104,7 +6111,8 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
     """compare.png: no panel's tick labels or axis label reach into another panel (a middle-row label ran into the
     panel to its left: the layout was computed for the ticks the axes had before it resized them); a variant's seeds
-    share its colour and are told apart by their markers."""
+    share its colour and are told apart by their markers; a script with its baseline alone says so in the middle
+    row."""
     def run(script, variant, baseline, losses, d=(), seed=1337):
         tokens = (5120, 10240, 15360)
         return dict(script=script, variant=variant, baseline=baseline, seed=seed, data="data/docs", tokenizer="gpt2",
@@ -6114,9 +6122,13 @@ def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path
             run("cogformer", "cogformer", "transformer", (10.4, 9.96, 9.804), (0.0237, 0.0327, 0.0333)),
             run("cogformer", "cogformer", "transformer", (10.3, 9.9, 9.8), seed=1338),
             run("reflex", "baseline", "baseline", (10.317, 9.876, 9.718)),
-            run("reflex", "reflex", "baseline", (10.322, 9.89, 9.733), (0.0053, 0.0139, 0.0152))]
+            run("reflex", "reflex", "baseline", (10.322, 9.89, 9.733), (0.0053, 0.0139, 0.0152)),
+            run("attn_bias", "default", "default", (10.3, 9.9, 9.7))]  # its baseline alone
     bench.plot_compare(runs, str(tmp_path / "compare.png"), "val loss, cpu")
     [(_, fig, _)] = saved_figures
+    middle = fig.axes[3 + 2]  # row-major, a column per script: attn_bias's difference panel
+    assert not middle.axison and [t.get_text() for t in middle.texts] == ["no variant to compare yet"]
+    assert fig.axes[3 + 1].axison and not fig.axes[3 + 1].texts  # reflex's
     r = renderer(fig)
     assert not [(i, j) for i, a in enumerate(fig.axes) for j, b in enumerate(fig.axes)
                 if i != j and a.get_tightbbox(r).overlaps(b.bbox)]
@@ -6143,11 +6155,14 @@ def test_bench_readme_results_are_the_runs_own_numbers():
     runs = {Path(r["out"]).name: r for r in json.load(open(ROOT / "results/claims/compare.json"))["runs"]}
     for name, r in runs.items():
         s = bench.summarize(core.read_log(ROOT / "results/claims" / name))
+        if r["missing"]:  # cut: its curve so far
+            assert r["curve"] == [list(point) for point in s["curve"]] and r["missing"].startswith("cut at step")
+            continue
         assert (s["val_loss"], s["tokens"], s["train_s"]) == (r["val_loss"], r["tokens"], pytest.approx(r["train_s"]))
     text = (ROOT / "README.md").read_text().split("### The papers' claims")[1].split("\n## ")[0]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in bench.PAPERS and line.split("|")[3].strip()]
-    assert len(rows) == 12  # a paper not run yet has a row without seeds
+    assert len(rows) == 13  # a paper not run yet has a row without seeds
     names = {"reflex (5-2-1)": "reflex", "reflex 4-2-2": "reflex_4-2-2", "reflex all": "reflex_all"}
     minus = lambda x: x.replace("−", "-").replace("*", "")
     for paper, run, seeds, tokens, epochs, val, d_val, to_base, wall, mfu, _ in rows:
