@@ -367,7 +367,8 @@ def add_ratios(rows):
 
 
 def label(r):
-    return f"{r['script']}" + (f"/{r['variant']}" if r["variant"] else "")
+    """'script/variant': a --compare run's model as its config names it (reflex's split), a speed row's variant."""
+    return r.get("label") or f"{r['script']}" + (f"/{r['variant']}" if r["variant"] else "")
 
 
 def impl_cell(r):
@@ -636,7 +637,7 @@ def compare(args, gpu):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
         for variant in pick_variants(s, args.variants or "main"):
-            cmd, n = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
+            cmd, n, cfg = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
             for seed in seeds:
                 out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
                 out += f"-seed{seed}" if args.seeds else ""  # --seeds: every run dir names its seed
@@ -647,8 +648,8 @@ def compare(args, gpu):
                         os.remove(os.path.join(out, "eval.json"))
                 shown = "not run" if args.report and state == "new" else state  # --report trains nothing
                 plan.append(f"[{len(runs) + 1}] {shown}: {' '.join(run_cmd[1:])}")
-                run = dict(script=s.name, variant=variant, baseline=s.baseline, seed=seed, out=out, cmd=run_cmd[1:],
-                           data=args.data, error=None, missing=None)
+                run = dict(script=s.name, variant=variant, label=s.label(cfg), baseline=s.baseline, seed=seed, out=out,
+                           cmd=run_cmd[1:], data=args.data, error=None, missing=None)
                 if args.report and state != "done":  # tabulate what is there, train nothing
                     run["missing"] = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
                 elif state != "done":
@@ -736,8 +737,8 @@ def compare(args, gpu):
 
 
 def compare_cmd(args, s, path, variant, preset):
-    """The training command of one --compare row (without seed and --out) and its step count: --tokens sets the
-    steps from the row's tokens per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
+    """The training command of one --compare row (without seed and --out), its step count and config: --tokens sets
+    the steps from the row's tokens per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
     over = dict(batch_size=args.batch or None, block_size=int(args.seq) if args.seq else None)
     cfg = make_cfg(s, variant, preset, **over)
     n = math.ceil(args.tokens / (cfg.batch_size * cfg.grad_accum * cfg.block_size)) if args.tokens else args.max_iters
@@ -747,7 +748,7 @@ def compare_cmd(args, s, path, variant, preset):
                         ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
         flags += [flag, value] if value and value != "auto" else []
     flags += [] if args.compile else ["--no-compile"]
-    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n
+    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n, cfg
 
 
 def tokens_to(curve, target):
@@ -827,7 +828,7 @@ def plot_compare(runs, png, title):
                 seed = f" seed {r['seed']}" if len(seeds) > 1 else ""
                 style = dict(color=colors[r["variant"]], marker=marker[r.get("seed")], ms=3, ls=":" if r.get("missing")
                              else "--" if r["variant"] == r["baseline"] else "-",
-                             label=(r["variant"] or name) + seed + (" (cut)" if r.get("missing") else ""))
+                             label=label(r).split("/", 1)[-1] + seed + (" (cut)" if r.get("missing") else ""))
                 axes[0, col].plot(tokens, loss, **style)
                 axes[2, col].plot(times, loss, **style)
                 if r["d_curve"]:  # none for a baseline

@@ -5701,7 +5701,7 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
                            "--data", bytes_data, "--max-iters", 4, "--evals", 2, "--jobs", 2, "--out", tmp_path)
     assert rc == 0, err
     runs = json.load(open(tmp_path / "compare.json"))["runs"]
-    assert [bench.label(r) for r in runs] == ["reflex/baseline", "reflex/reflex"]
+    assert [bench.label(r) for r in runs] == ["reflex/baseline", "reflex/reflex 5-2-1"]
     assert runs[0]["tokens"] == runs[1]["tokens"] == 4 * 8 * 64
     for r in runs:
         assert not r["error"] and math.isfinite(r["val_loss"]) and r["tok_s"] > 0
@@ -5713,7 +5713,7 @@ def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data)
     strip = lambda cmd: [a for a in cmd if a not in ("baseline", "reflex") and not a.startswith(str(tmp_path))]
     assert strip(runs[0]["cmd"]) == strip(runs[1]["cmd"])  # identical flags but the variant and out dir
     assert runs[1]["d_val"] == pytest.approx(runs[1]["val_loss"] - runs[0]["val_loss"])
-    assert "| reflex/reflex | 1337 | 2,048 | 0.01 |" in out  # epochs of the 200k-byte train split
+    assert "| reflex/reflex 5-2-1 | 1337 | 2,048 | 0.01 |" in out  # epochs of the 200k-byte train split
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     for r in runs:  # the whole val split, scored from the final checkpoint and kept beside it
         model = core.load_model(reflex.PAPER, os.path.join(r["out"], "ckpt.pt"))
@@ -5858,9 +5858,9 @@ def test_bench_compare_differences_to_the_baseline_and_the_table(tmp_path, bytes
     assert runs["baseline", 1]["d_val"] is runs["baseline", 1]["to_base"] is None  # no baseline of its own
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[5:9]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| reflex/") and line.count("|") == 13}
-    assert rows["reflex/reflex", "1"] == ["1.9000", "-0.3000", "2.1500 (-0.1500)", "0.58x"]
-    assert rows["reflex/reflex", "2"] == ["1.9000", "-0.3000", "2.0500 (-0.2500)", "1.30x"]
-    assert rows["reflex/reflex", "3"] == ["3.2000", "+1.0000", "3.0000 (+0.7000)", "not reached"]
+    assert rows["reflex/reflex 5-2-1", "1"] == ["1.9000", "-0.3000", "2.1500 (-0.1500)", "0.58x"]
+    assert rows["reflex/reflex 5-2-1", "2"] == ["1.9000", "-0.3000", "2.0500 (-0.2500)", "1.30x"]
+    assert rows["reflex/reflex 5-2-1", "3"] == ["3.2000", "+1.0000", "3.0000 (+0.7000)", "not reached"]
     assert rows["reflex/baseline", "1"] == ["2.2000", "-", "2.3000", "-"]
     log = tmp_path / "reflex-reflex-seed1" / "log.jsonl"  # cut after its second evaluation
     log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
@@ -5924,9 +5924,9 @@ def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     res = json.load(open(tmp_path / "compare.json"))
     assert [(bench.label(r), r["seed"], r["tokens"]) for r in res["runs"]] == [
         ("reflex/baseline", 1, 2048), ("reflex/baseline", 2, 2048),
-        ("reflex/reflex", 1, 2048), ("reflex/reflex", 2, 2048)]
+        ("reflex/reflex 5-2-1", 1, 2048), ("reflex/reflex 5-2-1", 2, 2048)]
     d = [r["d_val"] for r in res["runs"] if r["variant"] == "reflex"]
-    assert res["summary"]["reflex/reflex"]["spread"] == pytest.approx(max(d) - min(d))
+    assert res["summary"]["reflex/reflex 5-2-1"]["spread"] == pytest.approx(max(d) - min(d))
     assert "spread of the difference" in out
     logs = {r["out"]: open(os.path.join(r["out"], "log.jsonl")).read() for r in res["runs"]}
     rc, out, err = bench_run_cli(*args)  # the same command again: every run is finished, none is trained again
@@ -5983,7 +5983,7 @@ def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_with
     for variant, ckpt in (("baseline", True), ("reflex", False)):  # both cut at step 2 of 4, one kept its checkpoint
         out = tmp_path / f"reflex-{variant}"
         out.mkdir()
-        cmd, _ = bench.compare_cmd(args, bench.script("reflex"), os.path.join(bench.HERE, "reflex.py"), variant, "tiny")
+        cmd = bench.compare_cmd(args, bench.script("reflex"), os.path.join(bench.HERE, "reflex.py"), variant, "tiny")[0]
         argv = [*cmd[1:], "--seed", "1337", "--out", str(out), "--overwrite"]  # as the cut run recorded it
         json.dump(dict(argv=argv), open(out / "run.json", "w"))
         (out / "log.jsonl").write_text(rec(2))
@@ -6022,7 +6022,7 @@ def test_bench_compare_cmd_of_a_short_run_and_its_eval_iters():
     'auto' values are left to the script."""
     args = bench.build_parser().parse_args(["--compare", "--max-iters", "4", "--evals", "6", "--eval-iters", "3",
                                             "--data", "d", "--device", "cpu"])
-    cmd, n = bench.compare_cmd(args, bench.script("reflex"), "reflex.py", "reflex", "tiny")
+    cmd, n, _ = bench.compare_cmd(args, bench.script("reflex"), "reflex.py", "reflex", "tiny")
     value = lambda flag: cmd[cmd.index(flag) + 1]
     assert n == 4 and [value(f) for f in ("--max-iters", "--warmup-iters", "--eval-interval", "--log-interval",
                                           "--eval-iters", "--device")] == ["4", "1", "1", "1", "3", "cpu"]
@@ -6094,18 +6094,20 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert "| reflex/baseline | 1337 | 2,048 | 0.01 |" in out and "| cut at step 1 of 4 |" in out
     at = lambda run: next(r["val_loss"] for r in core.read_log(run) if r["step"] == 1)
     assert f"| {at(var) - at(base):+.4f} at 25% of the tokens | - | - |" in out  # the baseline where it was cut
-    assert "note: reflex/reflex, seed 1337: cut at step 1 of 4" in err and "stdout.txt" not in err  # no log of it here
+    assert "note: reflex/reflex 5-2-1, seed 1337: cut at step 1 of 4" in err
+    assert "stdout.txt" not in err  # no log of it here
     assert {p: p.read_text() for p in before} == before and not (var / "ckpt.pt").exists()  # nothing trained
     run = json.load(open(var / "run.json"))  # the variant trained on another machine: each run's named
     (var / "run.json").write_text(json.dumps(dict(run, gpu="NVIDIA H100 80GB HBM3")))
     code = f"torch {run['torch']}, git {run['git']}"
     assert (f"; the runs' machines:\n- cpu, {code}: reflex/baseline seed 1337\n- NVIDIA H100 80GB HBM3, {code}: "
-            "reflex/reflex seed 1337\n") in bench_run_cli(*args, "--report")[1]
+            "reflex/reflex 5-2-1 seed 1337\n") in bench_run_cli(*args, "--report")[1]
     (base / "log.jsonl").write_text(open(base / "log.jsonl").readline())  # the baseline cut as well
     (var / "log.jsonl").write_text('{"step": 0, "lo')  # killed before its first whole record
     rc, out, err = bench_run_cli(*args, "--report")
     assert rc == 0, err
-    assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err and "reflex/reflex, seed 1337: cut" in err
+    assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err
+    assert "reflex/reflex 5-2-1, seed 1337: cut" in err
 
 
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
