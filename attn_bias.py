@@ -433,7 +433,7 @@ def analyze_source(source, data, tok, seed, device):
         was = f"{was['name']} (val {was['val_tokens']} tokens, --seed {was['seed']})" if was else "unrecorded data"
         raise core.ConfigError(f"{kept} was measured on {was}, not on {data.path} with --seed {seed}: pass those, or "
                                "analyze its checkpoint again")
-    return res
+    return dict(res, source=os.path.normpath(source))  # the run as named here (it was measured where it trained)
 
 
 def measured_on(data, seed):

@@ -2422,7 +2422,8 @@ def ab_result(variant, n_layer, top1, median, key0, step_ms, val_loss_log, windo
 def test_attn_bias_analyze_table_is_the_json_and_x_default_the_step_time_ratio(tmp_path, tutorial, capsys):
     """The printed table of kept results: the run's last logged val loss (else the windows' loss), the largest top-1
     over the layers, its layer (from 1), the median there, their ratio, the attention to key 0 averaged over the
-    layers, the step time and its ratio to the default run's."""
+    layers, the step time and its ratio to the default run's; each row names the run folder given (its result was
+    measured where it trained: runs/...)."""
     data = core.TokenData(tutorial)
     kept = {"sink": ab_result("sink", 4, [5.0, 80.0, 60.0, 40.0], [1.0, 2.0, 4.0, 0.5], [0.2, 0.5, 0.6, 0.9], 30.0,
                               2.5),
@@ -2436,8 +2437,8 @@ def test_attn_bias_analyze_table_is_the_json_and_x_default_the_step_time_ratio(t
     assert ab.main(["--analyze", "--runs", str(tmp_path / "sink"), str(tmp_path / "default"), "--data", tutorial,
                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
     rows = [row.split() for row in capsys.readouterr().out.splitlines()[2:4]]
-    assert rows == [["sink", "2.5000", "80.0", "2", "2.000", "40.0", "0.550", "30.0", "1.50", "runs/sink/ckpt.pt"],
-                    ["default", "3.2500", "9.0", "3", "3.000", "3.0", "0.300", "20.0", "1.00", "runs/default/ckpt.pt"]]
+    assert rows == [["sink", "2.5000", "80.0", "2", "2.000", "40.0", "0.550", "30.0", "1.50", f"{tmp_path}/sink"],
+                    ["default", "3.2500", "9.0", "3", "3.000", "3.0", "0.300", "20.0", "1.00", f"{tmp_path}/default"]]
     res = json.load(open(tmp_path / "o" / "analysis.json"))["results"]
     assert [r["x_default"] for r in res] == [1.5, 1.0]
 
@@ -2560,7 +2561,9 @@ def test_attn_bias_analyze_keeps_each_runs_result_for_runs_without_a_checkpoint(
         assert kept == {k: x for k, x in next(r for r in first if r["variant"] == v).items() if k != "x_default"}
         (run / "ckpt.pt").unlink()  # the logs and the kept results came back, the checkpoints did not
     assert analyze("again") == 0
-    assert json.load(open(tmp_path / "again" / "analysis.json"))["results"] == first
+    again = json.load(open(tmp_path / "again" / "analysis.json"))["results"]
+    assert [r["source"] for r in again] == [str(run) for run in runs.values()]  # each run's folder, as named here
+    assert [dict(r, source=None) for r in again] == [dict(r, source=None) for r in first]
     assert os.path.getsize(tmp_path / "again" / "layerwise.png") > 10_000
     log = runs["sink"] / "log.jsonl"  # the run was trained again: its kept result is of an earlier model
     logged, recs = log.read_text(), core.read_log(str(log))
