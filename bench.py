@@ -711,8 +711,9 @@ def compare(args, gpu):
     info, machines = run_env(runs), run_machines(runs)
     sets = {r["script"]: r.get("data") for r in runs}
     data_line = args.data if len(set(sets.values())) == 1 else "; ".join(f"{k} {v}" for k, v in sets.items())
-    if len(machines) > 1:  # runs made on several machines or commits: each its own
-        info["device"] = " / ".join(dict.fromkeys(m[0] for m in machines))
+    if len(machines) > 1:  # runs made on several machines or commits: each its own (compare.json: all of them)
+        for i, key in enumerate(("device", "torch", "git")):
+            info[key] = " / ".join(dict.fromkeys(str(m[i]) for m in machines))
         print(f"data {data_line}; the runs' machines:\n" + "\n".join(
             f"- {m[0]}, torch {m[1]}, git {m[2]}: {', '.join(names)}" for m, names in machines.items()) + "\n")
     else:

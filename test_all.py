@@ -6105,6 +6105,7 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     code = f"torch {run['torch']}, git {run['git']}"
     assert (f"; the runs' machines:\n- cpu, {code}: reflex/baseline seed 1337\n- NVIDIA H100 80GB HBM3, {code}: "
             "reflex/reflex 5-2-1 seed 1337\n") in bench_run_cli(*args, "--report")[1]
+    assert json.load(open(tmp_path / "compare.json"))["device"] == "cpu / NVIDIA H100 80GB HBM3"
     (base / "log.jsonl").write_text(open(base / "log.jsonl").readline())  # the baseline cut as well
     (var / "log.jsonl").write_text('{"step": 0, "lo')  # killed before its first whole record
     rc, out, err = bench_run_cli(*args, "--report")
