@@ -637,7 +637,7 @@ def compare(args, gpu):
         s = script(name)
         path = name if name.endswith(".py") else os.path.join(HERE, f"{name}.py")
         for variant in pick_variants(s, args.variants or "main"):
-            cmd, n, cfg = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
+            cmd, n, run_label = compare_cmd(args, s, path, variant, preset_for(name, presets, gpu))
             for seed in seeds:
                 out = os.path.join(args.out, f"{s.name}-{variant}".replace(" ", "_") if variant else s.name)
                 out += f"-seed{seed}" if args.seeds else ""  # --seeds: every run dir names its seed
@@ -648,7 +648,7 @@ def compare(args, gpu):
                         os.remove(os.path.join(out, "eval.json"))
                 shown = "not run" if args.report and state == "new" else state  # --report trains nothing
                 plan.append(f"[{len(runs) + 1}] {shown}: {' '.join(run_cmd[1:])}")
-                run = dict(script=s.name, variant=variant, label=s.label(cfg), baseline=s.baseline, seed=seed, out=out,
+                run = dict(script=s.name, variant=variant, label=run_label, baseline=s.baseline, seed=seed, out=out,
                            cmd=run_cmd[1:], data=args.data, error=None, missing=None)
                 if args.report and state != "done":  # tabulate what is there, train nothing
                     run["missing"] = "not run" if state == "new" else f"cut at step {last_step(out)} of {n}"
@@ -738,8 +738,9 @@ def compare(args, gpu):
 
 
 def compare_cmd(args, s, path, variant, preset):
-    """The training command of one --compare row (without seed and --out), its step count and config: --tokens sets
-    the steps from the row's tokens per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
+    """The training command of one --compare row (without seed and --out), its step count and its label (a variant as
+    its config names it, e.g. reflex's split; a bench row by its name): --tokens sets the steps from the row's tokens
+    per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
     over = dict(batch_size=args.batch or None, block_size=int(args.seq) if args.seq else None)
     cfg = make_cfg(s, variant, preset, **over)
     n = math.ceil(args.tokens / (cfg.batch_size * cfg.grad_accum * cfg.block_size)) if args.tokens else args.max_iters
@@ -749,7 +750,8 @@ def compare_cmd(args, s, path, variant, preset):
                         ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
         flags += [flag, value] if value and value != "auto" else []
     flags += [] if args.compile else ["--no-compile"]
-    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n, cfg
+    name = f"{s.name}/{variant}" if variant in s.bench_rows else s.label(cfg)
+    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n, name
 
 
 def tokens_to(curve, target):

@@ -5919,6 +5919,15 @@ def test_bench_compare_token_budget_counts_grad_accum():
     assert bench.compare_cmd(args, bench.script("attn_bias"), "attn_bias.py", "attn_bias", "paper")[1] == 3
 
 
+def test_bench_compare_labels_a_variant_as_its_config_names_it_and_a_bench_row_by_its_name():
+    args = bench.build_parser().parse_args(["--compare", "--max-iters", "4", "--data", "d", "--device", "cpu"])
+    label = lambda name, variant: bench.compare_cmd(args, bench.script(name), f"{name}.py", variant, "tiny")[2]
+    assert [label("reflex", v) for v in ("baseline", "reflex", "reflex 4-2-2", "reflex all")] == [
+        "reflex/baseline", "reflex/reflex 5-2-1", "reflex/reflex 4-2-2", "reflex/reflex all"]
+    core_rows = bench.pick_variants(bench.script("core"), "all")
+    assert [label("core", v) for v in core_rows] == ["core", "core/bf16 residual"]  # two runs, two names
+
+
 def test_bench_compare_token_budget_seeds_and_reuse(tmp_path, bytes_data):
     args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
             "--tokens", 2048, "--seeds", "1,2", "--out", tmp_path]
