@@ -5770,14 +5770,17 @@ def test_bench_compare_scores_a_run_while_the_next_one_trains(monkeypatch):
 
 
 def test_bench_compare_table_names_the_runs_own_machine(tmp_path):
-    """Runs tabulated elsewhere (--report) keep the device, torch and git they ran with; speed rows are this
-    process's."""
+    """Runs tabulated elsewhere (--report) keep the device, torch and git they ran with (run_machines: grouped, of the
+    runs that recorded them); speed rows are this process's."""
     recorded = dict(gpu="NVIDIA H200", torch="2.11.0+cu130", cuda="13.0", git="abc1234")
     (tmp_path / "run.json").write_text(json.dumps(recorded))
     env = bench.run_env([dict(out=str(tmp_path))])
     assert (env["device"], env["torch"], env["cuda"], env["git"]) == ("NVIDIA H200", "2.11.0+cu130", "13.0", "abc1234")
     assert env["peak_tflops"] == 989
     assert bench.run_env([dict(device="cpu")])["torch"] == torch.__version__
+    runs = [dict(script="reflex", variant="baseline", seed=1, out=str(tmp_path)),
+            dict(script="reflex", variant="baseline", seed=2, out=str(tmp_path / "not-run"))]  # no run.json: unnamed
+    assert bench.run_machines(runs) == {("NVIDIA H200", "2.11.0+cu130", "abc1234"): ["reflex/baseline seed 1"]}
 
 
 def test_bench_tokens_to_a_loss_interpolates_between_evaluations():
