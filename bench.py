@@ -42,6 +42,7 @@ import math
 import os
 import queue
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -542,37 +543,51 @@ def run_machines(runs):
 def train_runs(todo, jobs, gpu, then=None):
     """Train the (run, command) pairs, `jobs` at once; on several GPUs each training process gets one of them (the
     i-th free slot: GPU i mod count). Sets each run's "error"; then(run) after each run that trained, while the next
-    run trains (one worker more than slots: a 124M run's whole-val score overlaps the next one's compilation)."""
+    run trains (one worker more than slots: a 124M run's whole-val score overlaps the next one's compilation).
+    SIGTERM reaches the runs training (each saves a checkpoint at its next logged step and ends) and starts no other;
+    -> whether it came."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if gpu else []
-    slots = queue.Queue()
+    slots, started = queue.Queue(), []
     for i in range(jobs):
         slots.put(i)
+
+    def start(p):  # a process started as SIGTERM came gets it too
+        started.append(p)
+        if stop.is_set():
+            p.send_signal(signal.SIGTERM)
 
     def train(item):
         run, cmd = item
         slot = slots.get()
         env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if len(gpus) > 1 else {}
-        if env:
+        if env and not stop.is_set():
             print(f"{label(run)} seed {run['seed']}: GPU {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
         try:
-            run["error"] = train_run(cmd, run["out"], env)
+            if not stop.is_set():
+                error = train_run(cmd, run["out"], env, start)
+                run["error"] = None if stop.is_set() else error  # stopped: cut, its checkpoint kept
         finally:
             slots.put(slot)
-        if then and not run["error"]:
+        if then and not run["error"] and not stop.is_set():
             then(run)
-    with concurrent.futures.ThreadPoolExecutor(jobs + 1 if then else jobs) as pool:
+    forward = lambda: [p.send_signal(signal.SIGTERM) for p in started]  # a finished one ignores it
+    with core.on_sigterm(forward) as stop, concurrent.futures.ThreadPoolExecutor(jobs + 1 if then else jobs) as pool:
         list(pool.map(train, todo))
+    return stop.is_set()
 
 
-def train_run(cmd, out, env=None):
-    """Run one training command (with `env` added to the environment); its output goes to <out>/stdout.txt.
-    -> error line or None."""
+def train_run(cmd, out, env=None, started=None):
+    """Run one training command (with `env` added to the environment); its output goes to <out>/stdout.txt;
+    started(process) once it runs. -> error line or None."""
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, **(env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get("PYTHONPATH"))))}
     with open(os.path.join(out, "stdout.txt"), "w") as log:  # a script outside the repo still imports core
-        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if started:
+            started(p)
+        p.wait()
     if p.returncode:
         return exit_line(p.returncode, os.path.join(out, "stdout.txt"))
     return None
@@ -631,7 +646,7 @@ def compare(args, gpu):
     seeds = int_list(args.seeds, "--seeds", 0) if args.seeds else [args.seed]
     if args.seq and len(int_list(args.seq, "--block-size")) > 1:
         raise core.ConfigError("--compare trains at one --block-size")
-    presets, runs, todo, paper_of, plan = parse_presets(args.preset), [], [], {}, []
+    presets, runs, todo, paper_of, steps, plan = parse_presets(args.preset), [], [], {}, {}, []
     check_variants(args.variants, papers(args.papers))
     for name in papers(args.papers):
         s = script(name)
@@ -655,7 +670,7 @@ def compare(args, gpu):
                 elif state != "done":
                     todo.append((run, run_cmd + ["--resume" if state == "resume" else "--overwrite"]))
                 runs.append(run)
-                paper_of[out] = s
+                paper_of[out], steps[out] = s, n
     if args.report and all(r["missing"] == "not run" for r in runs):  # a table of nothing would replace compare.json
         raise core.ConfigError(f"--report: none of these runs is in {args.out} ({', '.join(r['out'] for r in runs)}): "
                                "pass the comparison's own --papers, --variants and --seeds")
@@ -667,7 +682,10 @@ def compare(args, gpu):
     def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk
         with lock:
             whole_val(paper_of[run["out"]], run["out"], scored)
-    train_runs(todo, args.jobs, gpu, then=score)
+    stopped = train_runs(todo, args.jobs, gpu, then=score)
+    for run, _ in todo if stopped else ():  # SIGTERM: where each run got to (a cut one keeps its checkpoint)
+        step, n = last_step(run["out"]), steps[run["out"]]
+        run["missing"] = None if step >= n else f"cut at step {step} of {n}" if step else "not run"
     for run in runs:
         recorded = core.read_run(run["out"]).get("data") or {}  # path, tokenizer, vocabulary, train tokens
         run["tokenizer"] = recorded.get("tokenizer") or (data and data.tokenizer)
@@ -734,6 +752,9 @@ def compare(args, gpu):
         elif r.get("missing"):
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
             print(f"note: {label(r)}{seed}: {r['missing']}", file=sys.stderr)
+    if stopped:
+        print("interrupted (SIGTERM): the same command continues, cut runs from their checkpoints", file=sys.stderr)
+        return 130
     return 1 if any(r["error"] for r in runs) else 0
 
 

@@ -26,8 +26,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, asdict
 
@@ -889,6 +891,27 @@ class CheckpointWriter:
                         "no checkpoint was written yet",)
 
 
+@contextlib.contextmanager
+def on_sigterm(then=None):
+    """SIGTERM (a job scheduler's notice, a time limit's) sets the event this yields and calls then() instead of ending
+    the process, so that the work stops where it can keep its state; the old handler is back afterwards. In a thread
+    other than the main one (no signal arrives there) the event only stays unset."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(*_):
+        stop.set()
+        if then:
+            then()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 class StandIn:
     """An unpickled object whose class this process lacks (a notebook's __main__.GPTConfig): its attributes only."""
 
@@ -1151,8 +1174,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         fast = nn.parallel.DistributedDataParallel(compiled, broadcast_buffers=False)
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
-    t_last, it_last, loss_sum, val_loss = time.time(), start, torch.zeros((), device=device), None
-    with CheckpointWriter(ckpt_path, start or None) as writer:  # a pending write completes before train ends
+    t_last, it_last, loss_sum = time.time(), start, torch.zeros((), device=device)
+    # SIGTERM: a checkpoint at the next logged step, then the end of Ctrl-C (the message names it, exit code 130)
+    with CheckpointWriter(ckpt_path, start or None) as writer, on_sigterm() as sigterm:
         for it in range(start, cfg.max_iters):
             mult = lr_mult(it, cfg)
             for o in optimizers:
@@ -1175,8 +1199,12 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
             evaluate_now = step % cfg.eval_interval == 0 or step == cfg.max_iters
             if step % cfg.log_interval and not evaluate_now:
                 continue
-            if ddp:
+            stopping = sigterm.is_set()
+            if ddp:  # the mean loss, and every rank stops at the same step
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                flag = torch.tensor(float(stopping), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stopping = flag.item() > 0
             loss_val, norm_val = loss_sum.item() / (step - it_last), norm.item()
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                 saved = writer.wait()
@@ -1194,7 +1222,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                        mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
                        else None)
             if evaluate_now:
-                rec["val_loss"] = val_loss = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
+                rec["val_loss"] = round(estimate_loss(compiled, data, cfg, device, rank, world), 5)
                 if master:  # only the master logs
                     with autocast(device, cfg):
                         rec.update(model.track(*data.batch("val", 1, cfg.block_size, cfg.seed, 0, 0, device)))
@@ -1211,12 +1239,15 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                     f.write(json.dumps(rec) + "\n")
                 if wandb_run:
                     wandb_run.log(rec, step=step)
-                if evaluate_now:
+                if evaluate_now or stopping:
                     writer.save(step, dict(format="attnlab", script=paper.name, variant=cfg.variant, config=asdict(cfg),
-                                           data=data.info(), model=model.state_dict(), step=step, val_loss=val_loss,
+                                           data=data.info(), model=model.state_dict(), step=step,
+                                           val_loss=rec.get("val_loss"),  # None: a SIGTERM's checkpoint
                                            optimizers=[o.state_dict() for o in optimizers]))
                     line += f" | saving {ckpt_path}"
                 print(line, flush=True)
+            if stopping:
+                raise KeyboardInterrupt("SIGTERM")
             loss_sum.zero_()
             t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s
     if ddp:  # leave together: a rank tearing down while rank 0 still writes its checkpoint hung gloo

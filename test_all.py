@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -680,6 +681,29 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for a, b in zip(full, resumed):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
+
+
+def test_core_sigterm_saves_at_the_next_logged_step_and_resume_is_exact(tutorial, tmp_path, monkeypatch):
+    """A scheduler's or a time limit's SIGTERM mid-run: the step in flight finishes, the next logged step is
+    checkpointed (no evaluation: its val_loss None), and the run ends as Ctrl-C does; resumed, it is the whole run."""
+    _, _, full = train_tiny(tutorial, tmp_path / "full", dropout=0.1)
+    real, before = core.lr_mult, signal.getsignal(signal.SIGTERM)
+
+    def noticed(it, cfg):
+        if it == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(it, cfg)
+    monkeypatch.setattr(core, "lr_mult", noticed)
+    with pytest.raises(KeyboardInterrupt, match="ckpt.pt holds step 15: --resume continues from there"):
+        train_tiny(tutorial, tmp_path / "cut", dropout=0.1)
+    monkeypatch.setattr(core, "lr_mult", real)
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler again
+    ckpt = core.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
+    assert (ckpt["step"], ckpt["val_loss"]) == (15, None)
+    assert core.read_log(str(tmp_path / "cut"))[-1]["step"] == 15
+    _, _, resumed = train_tiny(tutorial, tmp_path / "cut", dropout=0.1, resume=True)
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in resumed] == [
+        (r["step"], r["loss"], r.get("val_loss")) for r in full]
 
 
 def test_core_read_log_skips_a_cut_last_line_and_refuses_damage(tmp_path):
@@ -5733,7 +5757,7 @@ def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     lock, busy, most = threading.Lock(), {}, []
 
-    def train_run(cmd, out, env):
+    def train_run(cmd, out, env, started):
         gpu = env["CUDA_VISIBLE_DEVICES"]
         with lock:
             assert gpu not in busy.values()  # two runs at once never share a GPU
@@ -5751,14 +5775,14 @@ def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
     assert sorted(scored) == ["a", "b"]  # each trained run is scored as soon as it is done
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs the user gave us, not 0 and 1
     seen = []
-    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env: seen.append(env["CUDA_VISIBLE_DEVICES"]))
+    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env, started: seen.append(env["CUDA_VISIBLE_DEVICES"]))
     bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True)
     assert set(seen) == {"5", "7"}
 
 
 def test_bench_compare_scores_a_run_while_the_next_one_trains(monkeypatch):
     started = {out: threading.Event() for out in "ab"}
-    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env: started[out].set())
+    monkeypatch.setattr(bench, "train_run", lambda cmd, out, env, _: started[out].set())
     overlapped = []
 
     def score(run):  # run a's score waits (up to 5 s) for run b's training to start
@@ -5813,7 +5837,7 @@ def test_bench_compare_seeds_are_compared_with_the_baseline_of_their_seed(tmp_pa
     val = {("baseline", "1"): 3.0, ("baseline", "2"): 2.0, ("reflex", "1"): 2.9, ("reflex", "2"): 1.95}
     cmds = {}
 
-    def fake(cmd, out, env=None):
+    def fake(cmd, out, env=None, started=None):
         os.makedirs(out, exist_ok=True)
         n, seed = int(cmd[cmd.index("--max-iters") + 1]), cmd[cmd.index("--seed") + 1]
         variant = "reflex" if "reflex-reflex" in out else "baseline"
@@ -5843,7 +5867,7 @@ def test_bench_compare_differences_to_the_baseline_and_the_table(tmp_path, bytes
     val = {"1": [2.8, 2.3, 2.0, 1.9], "2": [2.9, 2.5, 2.0, 1.9], "3": [3.5, 3.4, 3.3, 3.2]}
     whole = {"1": 2.15, "2": 2.05, "3": 3.0}
 
-    def fake(cmd, out, env=None):
+    def fake(cmd, out, env=None, started=None):
         os.makedirs(out, exist_ok=True)
         seed, reflex_run = cmd[cmd.index("--seed") + 1], "reflex-reflex" in out
         recs = [dict(log_record(s, v), tokens=s * (1024 if reflex_run and seed == "2" else 512))
@@ -6006,7 +6030,7 @@ def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_with
             (out / "ckpt.pt").write_bytes(b"")
     cmds = {}
 
-    def fake(cmd, out, env=None):
+    def fake(cmd, out, env=None, started=None):
         cmds[os.path.basename(out)] = cmd
         open(os.path.join(out, "log.jsonl"), "a").write(rec(4))
     monkeypatch.setattr(bench, "train_run", fake)
@@ -6017,7 +6041,7 @@ def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_with
 
 def test_bench_compare_append_keeps_the_runs_of_other_seeds(tmp_path, bytes_data, monkeypatch):
     """--append of another seed's runs: compare.json then holds both seeds of each variant (trainings stubbed)."""
-    def fake(cmd, out, env=None):
+    def fake(cmd, out, env=None, started=None):
         os.makedirs(out, exist_ok=True)
         n, seed = int(cmd[cmd.index("--max-iters") + 1]), int(cmd[cmd.index("--seed") + 1])
         open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(log_record(n, 3.0 - seed)) + "\n")
@@ -6124,6 +6148,29 @@ def test_bench_compare_report_tabulates_what_is_there_and_trains_nothing(tmp_pat
     assert rc == 0, err
     assert "note: reflex/baseline, seed 1337: cut at step 1 of 4" in err
     assert "reflex/reflex 5-2-1, seed 1337: cut" in err
+
+
+def test_bench_compare_sigterm_stops_the_run_training_at_a_checkpoint_and_starts_no_other(tmp_path, bytes_data):
+    """SIGTERM to bench.py alone (a scheduler's or a time limit's notice): the run training gets it and saves a
+    checkpoint at its next logged step, the next run does not start, the table names both, exit 130; the same
+    command then resumes the cut run."""
+    args = ["bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+            "--max-iters", 4000, "--no-whole-val", "--out", tmp_path]
+    p = subprocess.Popen([sys.executable, *map(str, args)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    log, deadline = tmp_path / "reflex-baseline" / "log.jsonl", time.time() + 120
+    while not (log.exists() and log.read_text().endswith("\n")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    step = core.read_log(str(log))[-1]["step"]
+    assert 0 < step < 4000 and core.load_checkpoint(str(log.parent / "ckpt.pt"))["step"] == step
+    assert f"note: reflex/baseline, seed 1337: cut at step {step} of 4000" in err
+    assert "note: reflex/reflex 5-2-1, seed 1337: not run" in err and not (tmp_path / "reflex-reflex").exists()
+    assert "interrupted (SIGTERM): the same command continues" in err
+    assert f"| reflex/baseline | 1337 | - | - | cut at step {step} of 4000 |" in out
+    assert "[1] resume:" in bench_run_cli(*args, "--report")[2]
 
 
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
