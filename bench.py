@@ -571,7 +571,9 @@ def train_runs(todo, jobs, gpu, then=None):
             slots.put(slot)
         if then and not run["error"] and not stop.is_set():
             then(run)
-    forward = lambda: [p.send_signal(signal.SIGTERM) for p in started]  # a finished one ignores it
+    def forward():  # a finished process ignores it
+        for p in started:
+            p.send_signal(signal.SIGTERM)
     with core.on_sigterm(forward) as stop, concurrent.futures.ThreadPoolExecutor(jobs + 1 if then else jobs) as pool:
         list(pool.map(train, todo))
     return stop.is_set()

@@ -1246,7 +1246,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
                                            optimizers=[o.state_dict() for o in optimizers]))
                     line += f" | saving {ckpt_path}"
                 print(line, flush=True)
-            if stopping:
+            if stopping and step < cfg.max_iters:
                 raise KeyboardInterrupt("SIGTERM")
             loss_sum.zero_()
             t_last, it_last = time.time(), step  # eval and checkpoint time stay out of tokens/s

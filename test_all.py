@@ -689,13 +689,18 @@ def test_core_sigterm_saves_at_the_next_logged_step_and_resume_is_exact(tutorial
     _, _, full = train_tiny(tutorial, tmp_path / "full", dropout=0.1)
     real, before = core.lr_mult, signal.getsignal(signal.SIGTERM)
 
-    def noticed(it, cfg):
-        if it == 12:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(it, cfg)
-    monkeypatch.setattr(core, "lr_mult", noticed)
+    def sigterm_at(n):
+        def lr_mult(it, cfg):
+            if it == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(it, cfg)
+        return lr_mult
+    monkeypatch.setattr(core, "lr_mult", sigterm_at(12))
     with pytest.raises(KeyboardInterrupt, match="ckpt.pt holds step 15: --resume continues from there"):
         train_tiny(tutorial, tmp_path / "cut", dropout=0.1)
+    monkeypatch.setattr(core, "lr_mult", sigterm_at(39))  # during the last step: the run ends as it would
+    train_tiny(tutorial, tmp_path / "late")
+    assert core.load_checkpoint(str(tmp_path / "late" / "ckpt.pt"))["step"] == 40
     monkeypatch.setattr(core, "lr_mult", real)
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler again
     ckpt = core.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
