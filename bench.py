@@ -560,17 +560,20 @@ def train_runs(todo, jobs, gpu, then=None):
     def train(item):
         run, cmd = item
         slot = slots.get()
-        env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if len(gpus) > 1 else {}
-        if env and not stop.is_set():
-            print(f"{label(run)} seed {run['seed']}: GPU {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
         try:
-            if not stop.is_set():
-                error = train_run(cmd, run["out"], env, start)
-                run["error"] = None if stop.is_set() else error  # stopped: cut, its checkpoint kept
+            if stop.is_set():  # SIGTERM came: no other run starts
+                return
+            env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if len(gpus) > 1 else {}
+            if env:
+                print(f"{label(run)} seed {run['seed']}: GPU {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr,
+                      flush=True)
+            error = train_run(cmd, run["out"], env, start)
+            run["error"] = None if stop.is_set() else error  # stopped: cut, its checkpoint kept
         finally:
             slots.put(slot)
         if then and not run["error"] and not stop.is_set():
             then(run)
+
     def forward():  # a finished process ignores it
         for p in started:
             p.send_signal(signal.SIGTERM)
