@@ -757,9 +757,11 @@ def compare(args, gpu):
         elif r.get("missing"):
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
             print(f"note: {label(r)}{seed}: {r['missing']}", file=sys.stderr)
-    if stopped:
+    if stopped and any(run["missing"] for run, _ in todo):
         print("interrupted (SIGTERM): the same command continues, cut runs from their checkpoints", file=sys.stderr)
         return 130
+    if stopped:  # during the last run's whole-val score: it finished, the table is whole
+        print("SIGTERM came after the last run had trained: nothing was cut", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 
 

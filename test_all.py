@@ -6178,6 +6178,19 @@ def test_bench_compare_sigterm_stops_the_run_training_at_a_checkpoint_and_starts
     assert "[1] resume:" in bench_run_cli(*args, "--report")[2]
 
 
+def test_bench_compare_sigterm_after_the_last_run_trained_cuts_nothing(tmp_path, bytes_data, monkeypatch, capsys):
+    """A SIGTERM that comes while the last run's whole-val score finishes (session 21's time limit did): every run is
+    done, so the table is whole and the exit is the normal one, not "interrupted ... cut runs" and 130."""
+    real = bench.train_runs
+    monkeypatch.setattr(bench, "train_runs", lambda *a, **kw: real(*a, **kw) or True)  # trained, then the signal
+    rc = bench.main(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+                     "--max-iters", "4", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "SIGTERM came after the last run had trained: nothing was cut" in err and "interrupted" not in err
+    assert "| reflex/baseline | 1337 | 2,048 |" in out and "cut at" not in out
+
+
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
     """compare.png: no panel's tick labels or axis label reach into another panel (a middle-row label ran into the
     panel to its left: the layout was computed for the ticks the axes had before it resized them); a variant's seeds
