@@ -701,7 +701,8 @@ def compare(args, gpu):
         if run["missing"]:  # cut: its curve so far
             run["curve"] = summary["curve"]
             continue
-        run.update(summary, val_whole=whole_val(paper_of[run["out"]], run["out"], scored))
+        # after SIGTERM nothing new is scored: a trained run's score is left to the same command, as a cut run is
+        run.update(summary, val_whole=whole_val(paper_of[run["out"]], run["out"], None if stopped else scored))
         train = recorded.get("train_tokens") or (data and data.tokens("train"))
         run["epochs"] = run["tokens"] / train if train else None
     if args.append:
@@ -757,11 +758,11 @@ def compare(args, gpu):
         elif r.get("missing"):
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
             print(f"note: {label(r)}{seed}: {r['missing']}", file=sys.stderr)
-    if stopped and any(run["missing"] for run, _ in todo):
+    if stopped and any(r["missing"] or scored and not r["error"] and r.get("val_whole") is None for r, _ in todo):
         print("interrupted (SIGTERM): the same command continues, cut runs from their checkpoints", file=sys.stderr)
         return 130
     if stopped:  # during the last run's whole-val score: it finished, the table is whole
-        print("SIGTERM came after the last run had trained: nothing was cut", file=sys.stderr)
+        print("SIGTERM came after the last run was trained and scored: nothing was cut", file=sys.stderr)
     return 1 if any(r["error"] for r in runs) else 0
 
 

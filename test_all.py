@@ -6180,15 +6180,24 @@ def test_bench_compare_sigterm_stops_the_run_training_at_a_checkpoint_and_starts
 
 def test_bench_compare_sigterm_after_the_last_run_trained_cuts_nothing(tmp_path, bytes_data, monkeypatch, capsys):
     """A SIGTERM that comes while the last run's whole-val score finishes (session 21's time limit did): every run is
-    done, so the table is whole and the exit is the normal one, not "interrupted ... cut runs" and 130."""
+    done, so the table is whole and the exit is the normal one, not "interrupted ... cut runs" and 130. One that comes
+    before a trained run was scored leaves the score to the same command: nothing new starts after SIGTERM."""
     real = bench.train_runs
-    monkeypatch.setattr(bench, "train_runs", lambda *a, **kw: real(*a, **kw) or True)  # trained, then the signal
-    rc = bench.main(["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
-                     "--max-iters", "4", "--out", str(tmp_path)])
+    args = lambda out: ["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
+                        "--max-iters", "4", "--out", str(tmp_path / out)]
+    scores = lambda out: [(tmp_path / out / f"reflex-{v}" / "eval.json").exists() for v in ("baseline", "reflex")]
+    monkeypatch.setattr(bench, "train_runs", lambda *a, **kw: real(*a, **kw) or True)  # trained and scored, then it
+    rc = bench.main(args("late"))
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "SIGTERM came after the last run had trained: nothing was cut" in err and "interrupted" not in err
-    assert "| reflex/baseline | 1337 | 2,048 |" in out and "cut at" not in out
+    assert "SIGTERM came after the last run was trained and scored: nothing was cut" in err and "interrupted" not in err
+    assert "| reflex/baseline | 1337 | 2,048 |" in out and "| cut at" not in out and scores("late") == [True, True]
+    monkeypatch.setattr(bench, "train_runs", lambda todo, jobs, gpu, then: real(todo, jobs, gpu) or True)
+    assert bench.main(args("early")) == 130  # trained, then the signal before any score
+    assert "interrupted (SIGTERM): the same command continues" in capsys.readouterr()[1]
+    assert scores("early") == [False, False]
+    monkeypatch.setattr(bench, "train_runs", real)
+    assert bench.main(args("early")) == 0 and scores("early") == [True, True]  # the same command scores them
 
 
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
