@@ -912,6 +912,32 @@ def on_sigterm(then=None):
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def sigterm_spares_children():
+    """SIGTERM blocked in this thread, and so in the processes it starts (a signal mask survives fork and exec): the
+    compile workers torch.compile starts in the first compiled step live through a SIGTERM sent to the whole process
+    group (timeout, a job scheduler). Killed, they left the compilation under way waiting forever, and the run lost
+    its SIGTERM checkpoint to the SIGKILL that followed (two H100 runs did). One thread keeps SIGTERM unblocked, so
+    the signal still comes in: its handler runs in the main thread as before."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+
+    def receiver():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        done.wait()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    thread = threading.Thread(target=receiver, name="sigterm", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class StandIn:
     """An unpickled object whose class this process lacks (a notebook's __main__.GPTConfig): its attributes only."""
 
@@ -1176,7 +1202,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     flops_per_token = model.flops_per_token()
     t_last, it_last, loss_sum = time.time(), start, torch.zeros((), device=device)
     # SIGTERM: a checkpoint at the next logged step, then the end of Ctrl-C (the message names it, exit code 130)
-    with CheckpointWriter(ckpt_path, start or None) as writer, on_sigterm() as sigterm:
+    with CheckpointWriter(ckpt_path, start or None) as writer, on_sigterm() as sigterm, sigterm_spares_children():
         for it in range(start, cfg.max_iters):
             mult = lr_mult(it, cfg)
             for o in optimizers:

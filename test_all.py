@@ -683,6 +683,40 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
 
 
+SPARE_CHILDREN = """
+import signal, sys
+if sys.argv[1] == "blocked":  # started with SIGTERM blocked (and so every thread torch starts): only ours takes it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+import contextlib, os, subprocess, time
+import core
+with core.on_sigterm() as stop, contextlib.nullcontext() if sys.argv[1] == "plain" else core.sigterm_spares_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(1)
+    os.killpg(0, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if stop.is_set():
+            break
+    print(stop.is_set(), child.poll())
+    child.kill()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_core_sigterm_to_the_process_group_spares_what_the_training_started():
+    """torch.compile's workers, started in the first compiled step, must live through a SIGTERM sent to the whole
+    process group (timeout's, a scheduler's), or the compilation under way never ends (GPU only; a sleeping child
+    stands in here). The training's handler still gets the signal, even where every other thread blocks it."""
+    def run(mode):
+        p = subprocess.run([sys.executable, "-c", SPARE_CHILDREN, mode], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, start_new_session=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+    assert run("plain") == ["True", str(-signal.SIGTERM)]  # the child dies with the group
+    assert run("spare") == ["True", "None"]  # it lives; the handler ran all the same
+    assert run("blocked") == ["True", "None"]
+
+
 def test_core_sigterm_saves_at_the_next_logged_step_and_resume_is_exact(tutorial, tmp_path, monkeypatch):
     """A scheduler's or a time limit's SIGTERM mid-run: the step in flight finishes, the next logged step is
     checkpointed (no evaluation: its val_loss None), and the run ends as Ctrl-C does; resumed, it is the whole run."""
