@@ -530,24 +530,27 @@ def save(fig, out, name):
 
 
 def trends(cfg, args):
-    """The logged statistics of --out and --runs against training tokens: the largest top-1 / median |h| ratio over
-    the layers, and the mean attention to key 0 (<out>/trends.png)."""
+    """The logged statistics of --out and --runs against training tokens: the largest top-1 |h| over the layers (the
+    paper's "magnitudes"), the largest top-1 / median ratio, and the mean attention to key 0 (<out>/trends.png)."""
     plt = core.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for path in core.run_dirs(cfg, args):
         recs = [r for r in core.read_log(path) if r.get("top1")]
         if not recs:
             raise core.ConfigError(f"{path}: its log has no activation statistics (a run of this version's --train)")
         tokens = [r["tokens"] for r in recs]
+        top1 = [max(r["top1"]) for r in recs]
         ratio = [max(a / m for a, m in zip(r["top1"], r["median"])) for r in recs]
         key0 = [sum(r["key0"]) / len(r["key0"]) for r in recs]
         label = core.run_label(path)[0]
-        axes[0].plot(tokens, ratio, marker="o", ms=3, label=label)
-        axes[1].plot(tokens, key0, marker="o", ms=3, label=label)
-        print(f"{label}: {tokens[-1]:,} tokens, top-1 / median {ratio[-1]:.1f}x, attention to key 0 {key0[-1]:.3f}")
-    for ax, name in zip(axes, ("largest top-1 / median |h| over the layers", "mean attention to key 0")):
+        for ax, y in zip(axes, (top1, ratio, key0)):
+            ax.plot(tokens, y, marker="o", ms=3, label=label)
+        print(f"{label}: {tokens[-1]:,} tokens, top-1 {top1[-1]:.1f} (largest {max(top1):.1f}), top-1 / median "
+              f"{ratio[-1]:.1f}x, attention to key 0 {key0[-1]:.3f}")
+    for ax, name in zip(axes, ("largest top-1 |h| over the layers", "largest top-1 / median |h| over the layers",
+                               "mean attention to key 0")):
         ax.set(xlabel="training tokens", ylabel=name)
-        ax.set_yscale("log" if ax is axes[0] else "linear")
+        ax.set_yscale("linear" if ax is axes[2] else "log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     os.makedirs(cfg.out, exist_ok=True)

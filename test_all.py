@@ -2535,12 +2535,14 @@ def test_attn_bias_plot_analysis_draws_the_json(tmp_path, saved_figures):
     assert ab.layer_ticks(7) == [1, 3, 6, 7]
 
 
-def test_attn_bias_trends_are_the_logged_ratio_and_key0_attention(tmp_path, capsys, saved_figures):
-    """--trends: per evaluation the largest top-1 / median ratio over the layers and the mean attention to key 0,
-    against training tokens (the ratio on a log axis); the printed line is of the last evaluation."""
+def test_attn_bias_trends_are_the_logged_top1_ratio_and_key0_attention(tmp_path, capsys, saved_figures):
+    """--trends: per evaluation the largest top-1 over the layers, the largest top-1 / median ratio and the mean
+    attention to key 0, against training tokens (the first two on log axes); the printed line is of the last
+    evaluation, with the largest top-1 the run reached."""
     logs = {"a": [dict(step=1, tokens=1000, top1=[4.0, 30.0], median=[1.0, 2.0], key0=[0.2, 0.4]),
                   dict(step=2, tokens=2000, top1=[50.0, 9.0], median=[2.0, 3.0], key0=[0.1, 0.6]),
-                  dict(step=3, tokens=2500, loss=3.0)],
+                  dict(step=3, tokens=2500, loss=3.0),
+                  dict(step=4, tokens=3000, top1=[20.0, 10.0], median=[2.0, 1.0], key0=[0.5, 0.5])],
             "b": [dict(step=1, tokens=500, top1=[6.0, 2.0], median=[3.0, 0.5], key0=[0.3, 0.0])]}
     for name, recs in logs.items():
         os.makedirs(tmp_path / name)
@@ -2548,14 +2550,15 @@ def test_attn_bias_trends_are_the_logged_ratio_and_key0_attention(tmp_path, caps
     capsys.readouterr()
     assert ab.main(["--trends", "--out", str(tmp_path / "a"), "--runs", str(tmp_path / "b")]) == 0
     printed = capsys.readouterr().out
-    assert "a: 2,000 tokens, top-1 / median 25.0x, attention to key 0 0.350\n" in printed
-    assert "b: 500 tokens, top-1 / median 4.0x, attention to key 0 0.150\n" in printed
+    assert "a: 3,000 tokens, top-1 20.0 (largest 50.0), top-1 / median 10.0x, attention to key 0 0.500\n" in printed
+    assert "b: 500 tokens, top-1 6.0 (largest 6.0), top-1 / median 4.0x, attention to key 0 0.150\n" in printed
     fig = saved_figures[0][1]
-    ratio, key0 = fig.axes
-    assert [line.get_xydata().tolist() for line in ratio.lines] == [[[1000, 15], [2000, 25]], [[500, 4]]]
-    assert [line.get_xydata().tolist() for line in key0.lines] == [[[1000, pytest.approx(0.3)], [2000, 0.35]],
-                                                                   [[500, 0.15]]]
-    assert (ratio.get_yscale(), key0.get_yscale()) == ("log", "linear")
+    top1, ratio, key0 = fig.axes
+    assert [line.get_xydata().tolist() for line in top1.lines] == [[[1000, 30], [2000, 50], [3000, 20]], [[500, 6]]]
+    assert [line.get_xydata().tolist() for line in ratio.lines] == [[[1000, 15], [2000, 25], [3000, 10]], [[500, 4]]]
+    assert [line.get_xydata().tolist() for line in key0.lines] == [
+        [[1000, pytest.approx(0.3)], [2000, 0.35], [3000, 0.5]], [[500, 0.15]]]
+    assert (top1.get_yscale(), ratio.get_yscale(), key0.get_yscale()) == ("log", "log", "linear")
 
 
 def test_attn_bias_analyze_writes_json_and_plots(ab_runs, tutorial, tmp_path):
