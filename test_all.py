@@ -697,6 +697,7 @@ with core.on_sigterm() as stop, contextlib.nullcontext() if sys.argv[1] == "plai
         time.sleep(0.1)
         if stop.is_set():
             break
+    time.sleep(0.5)  # time for a killed child to be gone
     print(stop.is_set(), child.poll())
     child.kill()
 """
