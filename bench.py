@@ -542,10 +542,10 @@ def run_machines(runs):
 
 def train_runs(todo, jobs, gpu, then=None):
     """Train the (run, command) pairs, `jobs` at once; on several GPUs each training process gets one of them (the
-    i-th free slot: GPU i mod count). Sets each run's "error"; then(run) after each run that trained, while the next
-    run trains (one worker more than slots: a 124M run's whole-val score overlaps the next one's compilation).
-    SIGTERM reaches the runs training (each saves a checkpoint at its next logged step and ends) and starts no other;
-    -> whether it came."""
+    i-th free slot: GPU i mod count). Sets each run's "error"; then(run, stop) after each run that trained, while the
+    next run trains (one worker more than slots: a 124M run's whole-val score overlaps the next one's compilation).
+    SIGTERM reaches the runs training (each saves a checkpoint at its next logged step and ends), sets stop (for a
+    then() under way to end) and starts no other; -> whether it came."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if gpu else []
     slots, started = queue.Queue(), []
@@ -572,7 +572,7 @@ def train_runs(todo, jobs, gpu, then=None):
         finally:
             slots.put(slot)
         if then and not run["error"] and not stop.is_set():
-            then(run)
+            then(run, stop)
 
     def forward():  # a finished process ignores it
         for p in started:
@@ -616,10 +616,11 @@ def summarize(log):
                 mem_gb=max(mem) if mem else None, train_s=times[-1], curve=val)
 
 
-def whole_val(paper, out, data):
+def whole_val(paper, out, data, stop=None):
     """The run's final loss on the whole val split (core.evaluate of its checkpoint), kept in <out>/eval.json: the
     log's val loss is the mean of eval_iters batches drawn with the run's seed. None where neither that file nor the
-    checkpoint and the data are here (logs copied back; --report computes nothing)."""
+    checkpoint and the data are here (logs copied back; --report computes nothing), or where `stop` (SIGTERM) ended
+    the score."""
     path, ckpt = os.path.join(out, "eval.json"), os.path.join(out, "ckpt.pt")
     if os.path.exists(path):
         return json.load(open(path))["loss"]
@@ -627,12 +628,14 @@ def whole_val(paper, out, data):
         return None
     model = core.load_model(paper, ckpt)
     device = core.resolve_device(model.cfg)
-    res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device)
-    with core.atomic(path, "w") as f:
-        json.dump(res, f)
+    res = core.evaluate(model.to(device), data, dataclasses.replace(model.cfg, eval_tokens=0), device, stop=stop)
     del model
     if device.type == "cuda":  # the next run trains in its own process: leave it the memory
         torch.cuda.empty_cache()
+    if res is None:
+        return None
+    with core.atomic(path, "w") as f:
+        json.dump(res, f)
     return res["loss"]
 
 
@@ -684,9 +687,9 @@ def compare(args, gpu):
 
     scored = data if args.whole_val and not args.report else None  # None: only a score already in eval.json
 
-    def score(run):  # as soon as it is trained: a later run cut short leaves this one's score on disk
+    def score(run, stop):  # as soon as it is trained: a later run cut short leaves this one's score on disk
         with lock:
-            whole_val(paper_of[run["out"]], run["out"], scored)
+            whole_val(paper_of[run["out"]], run["out"], scored, stop)
     stopped = train_runs(todo, args.jobs, gpu, then=score)
     for run, _ in todo if stopped else ():  # SIGTERM: where each run got to (a cut one keeps its checkpoint)
         step, n = last_step(run["out"]), steps[run["out"]]

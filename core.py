@@ -1290,8 +1290,9 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
 # Eval, sampling, speed, loss plots
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, split="val"):
-    """Loss over the whole split (or eval_tokens of it) in non-overlapping windows: nats, perplexity, bits."""
+def evaluate(model, data, cfg, device, split="val", stop=None):
+    """Loss over the whole split (or eval_tokens of it) in non-overlapping windows: nats, perplexity, bits. None if the
+    event `stop` is set before the end (a SIGTERM: bench.py --compare scores the run when it is run again)."""
     model.eval()
     T = cfg.block_size
     total, count, windows = 0.0, 0, data.windows(split, T, cfg.eval_tokens)
@@ -1299,6 +1300,8 @@ def evaluate(model, data, cfg, device, split="val"):
     n = min(n, -(-cfg.eval_tokens // T) * T) if cfg.eval_tokens else n
     t0 = shown = time.time()
     while batch := list(itertools.islice(windows, cfg.batch_size)):
+        if stop is not None and stop.is_set():
+            return None
         xy = torch.stack(batch)  # (B, T + 1), on the host
         x, y, doc = host_batch(model, xy[:, :-1], xy[:, 1:], device)
         with autocast(device, cfg):

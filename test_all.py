@@ -5813,7 +5813,7 @@ def test_bench_compare_jobs_train_side_by_side_one_run_per_gpu(monkeypatch):
     monkeypatch.setattr(bench, "train_run", train_run)
     runs = [dict(script="reflex", variant="reflex", seed=1, out=out) for out in "abc"]
     scored = []
-    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True, then=lambda r: scored.append(r["out"]))
+    bench.train_runs([(r, ["train"]) for r in runs], jobs=2, gpu=True, then=lambda r, _: scored.append(r["out"]))
     assert max(most) == 2 and [r["error"] for r in runs] == [None, None, "exit 1: out of memory"]
     assert sorted(scored) == ["a", "b"]  # each trained run is scored as soon as it is done
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs the user gave us, not 0 and 1
@@ -5828,7 +5828,7 @@ def test_bench_compare_scores_a_run_while_the_next_one_trains(monkeypatch):
     monkeypatch.setattr(bench, "train_run", lambda cmd, out, env, _: started[out].set())
     overlapped = []
 
-    def score(run):  # run a's score waits (up to 5 s) for run b's training to start
+    def score(run, _):  # run a's score waits (up to 5 s) for run b's training to start
         if run["out"] == "a":
             overlapped.append(started["b"].wait(timeout=5))
     runs = [dict(script="reflex", variant="reflex", seed=1, out=out) for out in "ab"]
@@ -6077,7 +6077,7 @@ def test_bench_compare_resumes_a_cut_run_from_its_checkpoint_and_trains_one_with
         cmds[os.path.basename(out)] = cmd
         open(os.path.join(out, "log.jsonl"), "a").write(rec(4))
     monkeypatch.setattr(bench, "train_run", fake)
-    monkeypatch.setattr(bench, "whole_val", lambda paper, out, data: None)
+    monkeypatch.setattr(bench, "whole_val", lambda paper, out, data, stop=None: None)
     assert bench.compare(args, gpu=False) == 0
     assert cmds["reflex-baseline"][-1] == "--resume" and cmds["reflex-reflex"][-1] == "--overwrite"
 
@@ -6219,7 +6219,8 @@ def test_bench_compare_sigterm_stops_the_run_training_at_a_checkpoint_and_starts
 def test_bench_compare_sigterm_after_the_last_run_trained_cuts_nothing(tmp_path, bytes_data, monkeypatch, capsys):
     """A SIGTERM that comes while the last run's whole-val score finishes (session 21's time limit did): every run is
     done, so the table is whole and the exit is the normal one, not "interrupted ... cut runs" and 130. One that comes
-    before a trained run was scored leaves the score to the same command: nothing new starts after SIGTERM."""
+    before a trained run was scored, or during its score, leaves the score to the same command: nothing new starts
+    after SIGTERM, and a score under way ends."""
     real = bench.train_runs
     args = lambda out: ["--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu", "--data", bytes_data,
                         "--max-iters", "4", "--out", str(tmp_path / out)]
@@ -6236,6 +6237,11 @@ def test_bench_compare_sigterm_after_the_last_run_trained_cuts_nothing(tmp_path,
     assert scores("early") == [False, False]
     monkeypatch.setattr(bench, "train_runs", real)
     assert bench.main(args("early")) == 0 and scores("early") == [True, True]  # the same command scores them
+    def during(todo, jobs, gpu, then):  # the signal while the first score runs: it ends there
+        return real(todo, jobs, gpu, lambda run, stop: (stop.set(), then(run, stop))) or True
+    monkeypatch.setattr(bench, "train_runs", during)
+    assert bench.main(args("during")) == 130 and scores("during") == [False, False]
+    assert "interrupted (SIGTERM): the same command continues" in capsys.readouterr()[1]
 
 
 def test_bench_compare_plot_keeps_each_panels_labels_off_its_neighbours(tmp_path, saved_figures):
