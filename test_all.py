@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -3338,6 +3339,33 @@ def test_exoformer_fast_paths_match_eager(variant, impl, sep, flex_cpu_grad):
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("variant", ["dynamic_exoformer", "nuresformer"])  # exogenous / layer-0 anchors, all normed
+@pytest.mark.usefixtures("exo_one_thread")
+def test_exoformer_head_norms_take_bf16_projections_without_the_unfused_fallback(variant, monkeypatch):
+    """Under bf16 autocast the QK-norm and the anchors' norms get bf16 projections and fp32 weights, a pair the fused
+    RMSNorm refuses (it falls back to unfused ops): HeadNorm gives the fallback's own result bit for bit, output and
+    input gradient, and every RMSNorm of the model gets an input of its weight's dtype."""
+    torch.manual_seed(0)
+    norm = exo.HeadNorm(8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 5, 3, 8).bfloat16().requires_grad_()
+    y = norm(x)
+    (gx,) = torch.autograd.grad(y.float().square().sum(), x)
+    with warnings.catch_warnings():  # the fallback's warning (once per process)
+        warnings.simplefilter("ignore")
+        ref = torch.nn.RMSNorm.forward(norm, x)  # the mixed-dtype fallback
+    (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref) and torch.equal(gx, g_ref)
+    pairs, rms_norm = [], F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, w, eps: pairs.append((x.dtype, w.dtype)) or
+                        rms_norm(x, shape, w, eps))
+    model = live(exo.ExoGPT(exo_tiny(variant)))
+    idx = tokens(sep_at=(9,))
+    with torch.autocast("cpu", torch.bfloat16):
+        model(idx, idx).backward()
+    assert pairs and all(x == w for x, w in pairs), pairs
 
 
 @pytest.mark.usefixtures("exo_one_thread")
