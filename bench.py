@@ -221,6 +221,7 @@ def check_parity(s, cfg, B=2, T=256):
 def measure(spec):
     """One row: config, parity check, then core.bench. Never raises: the outcome is the row's status."""
     row = dict(spec)
+    gate = row.pop("gate", None)  # the turn files of --jobs: plumbing, not part of the row
     try:
         s = script(spec.get("source") or spec["script"])
         cfg = make_cfg(s, spec["variant"], spec["preset"], **spec["over"])
@@ -234,7 +235,7 @@ def measure(spec):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row.update(core.bench(cfg, s.build_model, spec.get("steps", 20), spec.get("warmup", 5),
-                              ready=functools.partial(wait_turn, spec["gate"]) if spec.get("gate") else None),
+                              ready=functools.partial(wait_turn, gate) if gate else None),
                    status="ok")
     except core.ConfigError as e:
         row["status"] = f"skip: {e}"
