@@ -464,7 +464,7 @@ def speed(args, gpu):
     if not specs:
         raise core.ConfigError("no rows: --papers / --variants / --impl select nothing")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    checked = {}  # (script, variant, impl) -> parity: the check runs at T=256 whatever the row's T, so once each
+    checked = {}  # (script, variant, impl) -> parity: checked at T = min(256, the row's T), 256 on GPU rows: once each
     key = lambda spec: (spec["script"], spec["variant"], spec["impl"])
     log = lambda spec: os.path.join(args.out, "logs", f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-"
                                                       f"{spec['B']}.txt")

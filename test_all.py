@@ -296,6 +296,24 @@ def test_core_document_mask_blocks_other_documents():
     a, b = model(idx, doc=doc), model(idx2, doc=doc)
     assert torch.allclose(a[0, 16:], b[0, 16:], atol=1e-6)  # the second document never saw it
 
+def test_core_causal_mask_and_mask_mod_follow_the_rule_and_a_block_mask_has_a_row_per_document_batch_row():
+    """causal_mask against the rule written out: query i sees key j iff j <= i + S - T (bottom-right aligned), and with
+    document ids only keys of its own document; FlexAttention's mask_mod is the same rule. The shared BlockMask has one
+    row for every batch row when there are documents, one for all rows otherwise."""
+    assert core.causal_mask(2, 4).tolist() == [[[[True, True, True, False], [True, True, True, True]]]]
+    doc = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2]])
+    want = [[[j <= i and d[i] == d[j] for j in range(4)] for i in range(4)] for d in doc.tolist()]
+    assert core.causal_mask(4, 4, doc)[:, 0].tolist() == want
+    mods = core.doc_causal_mask_mod(core.Ctx(doc=doc)), core.doc_causal_mask_mod(core.Ctx())
+    pos = lambda n: torch.tensor(n)
+    assert [[[bool(mods[0](pos(b), 0, pos(i), pos(j))) for j in range(4)] for i in range(4)] for b in range(2)] == want
+    assert [[bool(mods[1](pos(0), 0, pos(i), pos(j))) for j in range(4)] for i in range(4)] == \
+        core.causal_mask(4, 4)[0, 0].tolist()
+    ctx = core.Ctx(doc=torch.zeros(3, 256, dtype=torch.long))
+    assert core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), 256, 256, "cpu").shape[0] == 3
+    ctx = core.Ctx()
+    assert core.flex_block_mask(ctx, core.doc_causal_mask_mod(ctx), 256, 256, "cpu").shape[0] == 1
+
 
 def test_core_document_block_mask_built_once_per_forward(monkeypatch):
     """Every layer reads one FlexAttention document mask; only the first request builds it (outside the graph)."""
@@ -328,7 +346,7 @@ def test_core_one_document_per_row_runs_the_plain_kernel(monkeypatch):
     assert exo_model.paths == {"one document": 1, "documents": 1}
 
 
-def test_document_ids_are_checked_on_the_host_and_moved_to_the_device():
+def test_core_document_ids_are_checked_on_the_host_and_moved_to_the_device():
     """The train loop's batches come with document ids made on the host (host_batch), where the one-document check
     costs the GPU no sync; ids already on a device take the document path unchecked. ("meta" stands in for a GPU.)"""
     meta, paths = torch.device("meta"), collections.Counter()
@@ -344,6 +362,21 @@ def test_document_ids_are_checked_on_the_host_and_moved_to_the_device():
     assert x.device == y.device == meta and doc.device.type == "cpu"
     assert doc.tolist() == [[0] * 5 + [1] * (idx.size(1) - 5)] * idx.size(0)
     assert core.host_batch(core.GPT(tiny()), idx, idx, meta)[2] is None  # the core reads no documents from tokens
+
+def test_core_host_batch_keeps_inputs_and_targets_apart_and_reads_documents_from_the_inputs():
+    """host_batch returns x and y as given (not swapped) and the document ids of x, not of the shifted targets."""
+    x, y = tokens(sep_at=(5,)), tokens(seed=1, sep_at=(2,))
+    x2, y2, doc = core.host_batch(exo.ExoGPT(exo_tiny("baseline")), x, y, torch.device("cpu"))
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    assert doc.tolist() == [[0] * 5 + [1] * (x.size(1) - 5)] * x.size(0)
+
+
+def test_core_doc_path_names_what_masks_documents_once_each_in_order():
+    """SDPA and flash-attn hand documents to FlexAttention, eager applies its mask, a paper's kernel its own: each
+    name once, sorted (the same text whatever the layers' order)."""
+    assert core.doc_path(["triton", "sdpa", "flash", "eager", "sparse", "block", "sdpa"]) == \
+        "block+eager mask+flex+sparse+triton"
+    assert core.doc_path(["sdpa"]) == "flex" and core.doc_path([]) == ""
 
 
 @gpu
@@ -381,6 +414,77 @@ def test_core_flash_falls_back_when_not_installed_or_given_documents(monkeypatch
     q, k, v = torch.randn(3, 1, attn.n_head, 8, attn.head_dim, dtype=torch.bfloat16).unbind(0)
     ctx = core.Ctx(doc=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
     torch.testing.assert_close(attn.attend_flash(q, k, v, ctx), attn.attend_eager(q, k, v, ctx), atol=1e-2, rtol=0)
+
+def test_core_flash_runs_half_precision_inputs_without_documents_in_its_own_layout(monkeypatch, capsys):
+    """With flash-attn there, bf16 q, k, v of one document per row go to flash_attn_func in its (B, T, H, D) layout,
+    causal, with dropout only in training, and come back (B, H, T, D) equal to the eager path; fp32 inputs (no
+    flash-attn kernel) take SDPA."""
+    calls = []
+
+    def flash(q, k, v, dropout_p, causal):
+        calls.append((tuple(q.shape), dropout_p, causal))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return y.transpose(1, 2)
+    monkeypatch.setattr(core, "flash_attn_func", flash)
+    torch.manual_seed(0)
+    attn = core.Attention(tiny(attn_impl="flash", dropout=0.25), 0).eval()
+    q, k, v = torch.randn(3, 2, attn.n_head, 8, attn.head_dim, dtype=torch.bfloat16).unbind(0)  # (B, H, T, D), T != H
+    y = attn.attend_flash(q, k, v, core.Ctx())
+    assert calls == [((2, 8, attn.n_head, attn.head_dim), 0.0, True)]
+    torch.testing.assert_close(y, attn.attend_eager(q, k, v, core.Ctx()), atol=2e-2, rtol=0)  # bf16: 1 ulp
+    attn.train()
+    attn.attend_flash(q, k, v, core.Ctx())
+    assert calls[-1][1] == 0.25
+    attn.eval()
+    y = attn.attend_flash(q.float(), k.float(), v.float(), core.Ctx())
+    assert len(calls) == 2 and y.dtype == torch.float32
+    torch.testing.assert_close(y, attn.attend_eager(q.float(), k.float(), v.float(), core.Ctx()), atol=1e-5, rtol=0)
+
+
+def test_core_triton_helpers_of_the_fused_kernels(monkeypatch):
+    """The Python side of the papers' Triton kernels: the autotune bucket (a power of two, at least 16), the first three
+    strides of each tensor, the softmax scale in log2 units and plain, the precision by dtype, a dense head dim, and
+    empty outputs: O (B, H, T, D) laid out (B, T, H, D) in q's dtype, LSE (B, H, T) in float32."""
+    monkeypatch.setattr(core, "triton", SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length()))
+    assert [core.triton_bucket(T) for T in (1, 16, 17, 100, 1024)] == [16, 16, 32, 128, 1024]
+    a, b = torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 3, 5).transpose(1, 2)
+    assert core.triton_strides(a, b) == [60, 20, 5, 60, 5, 15]
+    log2_scale, scale = core.triton_scales(64)
+    assert scale == 0.125 and log2_scale == pytest.approx(0.125 / math.log(2), rel=1e-12)
+    assert [core.triton_prec(a.to(dt)) for dt in (torch.float32, torch.bfloat16, torch.float16)] == ["ieee", "tf32",
+                                                                                                     "tf32"]
+    t = torch.arange(40.0).view(2, 5, 4).transpose(-1, -2)  # head dim with stride 4
+    dense, same = core.unit_stride(t, a)
+    assert dense.stride(-1) == 1 and torch.equal(dense, t) and same is a
+    o, lse = core.attn_outputs(torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16))  # (B, H, T, D)
+    assert o.shape == (2, 3, 4, 8) and o.dtype == torch.bfloat16 and o.transpose(1, 2).is_contiguous()
+    assert lse.shape == (2, 3, 4) and lse.dtype == torch.float32
+
+
+def test_core_auto_attention_path_is_fast_on_a_gpu_and_fast_cpu_on_the_cpu():
+    """attn_impl auto picks the class's FAST path on a GPU and its FAST_CPU path on the CPU; a named path is kept."""
+    class Paths(core.Attention):
+        FAST, FAST_CPU = "flex", "eager"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (Paths(tiny(), 0).impl(cpu), Paths(tiny(), 0).impl(gpu)) == ("eager", "flex")
+    assert (Paths(tiny(attn_impl="sdpa"), 0).impl(cpu), Paths(tiny(attn_impl="sdpa"), 0).impl(gpu)) == ("sdpa", "sdpa")
+    model = exo.ExoGPT(exo_tiny("baseline", attn_impl="auto"))
+    assert model.attn_impls(cpu) == ["eager"] and model.attn_impls(gpu) == ["sdpa"]
+
+
+def test_core_attention_dropout_only_in_training_on_every_path():
+    """Attention dropout (0.5) in eval mode: eager and SDPA agree and repeat exactly; in training each path drops
+    (two forwards differ)."""
+    torch.manual_seed(0)
+    attn = core.Attention(tiny(dropout=0.5), 0)
+    q, k, v = torch.randn(3, 2, attn.n_head, 8, attn.head_dim).unbind(0)
+    attn.eval()
+    ref = attn.attend_eager(q, k, v, core.Ctx())
+    torch.testing.assert_close(attn.attend_sdpa(q, k, v, core.Ctx()), ref, atol=1e-5, rtol=0)
+    assert torch.equal(attn.attend_eager(q, k, v, core.Ctx()), ref)
+    attn.train()
+    for path in (attn.attend_eager, attn.attend_sdpa):
+        assert not torch.allclose(path(q, k, v, core.Ctx()), path(q, k, v, core.Ctx()))
 
 
 def test_core_record_reports_probabilities():
@@ -463,6 +567,17 @@ def test_core_lr_schedule_decay_horizon_and_floor():
     assert core.lr_mult(60, wsd) == 0.0
     floor = tiny(lr=1.0, min_lr=0.1, warmup_iters=0, max_iters=100, schedule="wsd", cooldown_frac=0.2)
     assert [core.lr_mult(it, floor) for it in (79, 80, 90, 100)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+    cos, wsd = (tiny(lr=2.0, min_lr=0.2, warmup_iters=0, max_iters=100, schedule=schedule, cooldown_frac=0.2)
+                for schedule in ("cosine", "wsd"))  # the multiplier's floor is min_lr / lr: 0.1 here, not 0.2
+    assert core.lr_mult(100, cos) == pytest.approx(0.1) and core.lr_mult(50, cos) == pytest.approx(0.55)
+    assert core.lr_mult(100, wsd) == pytest.approx(0.1) and core.lr_mult(90, wsd) == pytest.approx(0.55)
+
+
+def test_core_fmt_time_is_minutes_and_seconds_below_an_hour_then_hours_and_minutes():
+    """The ETA of the training line and of evaluate's progress: 2-digit seconds (minutes) below an hour, from one hour
+    on hours and 2-digit minutes."""
+    assert [core.fmt_time(s) for s in (0, 5.9, 65, 3599.9)] == ["0m00s", "0m05s", "1m05s", "59m59s"]
+    assert [core.fmt_time(s) for s in (3600, 3659, 7380, 36000 + 61)] == ["1h00m", "1h00m", "2h03m", "10h01m"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,8 +593,11 @@ def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
                 f.write(header.tobytes())
                 f.write((toks + i * 5000).tobytes())
     (tmp_path / "fineweb_val_notes.bin").write_bytes(b"no shard")  # not *_val_NNNNNN.bin: not read
+    empty = header.copy()
+    empty[2] = 0
+    (tmp_path / "fineweb_train_000002.bin").write_bytes(empty.tobytes())  # a shard of no tokens: its header only
     data = core.TokenData(str(tmp_path))
-    assert data.tokens("train") == 10000 and len(data.splits["val"]) == 2
+    assert data.tokens("train") == 10000 and len(data.splits["train"]) == 3 and len(data.splits["val"]) == 2
     x, y = data.batch("train", 8, 32, 0, 3)
     assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1]) and torch.all(y - x == 1)
     assert torch.equal(x, data.batch("train", 8, 32, 0, 3)[0])      # deterministic in (seed, step)
@@ -491,6 +609,9 @@ def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
     json.dump(dict(dtype="uint8", vocab_size=256), open(plain / "meta.json", "w"))
     x, _ = core.TokenData(str(plain)).batch("val", 4, 16, 1, 0)
     assert x.dtype == torch.int64 and int(x.max()) < 256
+    windows = lambda n: [w.tolist() for w in core.TokenData(str(plain)).windows("val", 16, n)]
+    assert windows(32) == [list(range(17)), list(range(16, 33))]  # 32 tokens: two windows of 16 targets, no third
+    assert len(windows(33)) == 3 and len(windows(0)) == 18  # rounded up to whole windows; 0: all that fit in 300
     nanogpt = tmp_path / "nanogpt"  # nanoGPT's prepare.py writes no meta.json: uint16 GPT-2 ids
     nanogpt.mkdir()
     for split in ("train", "val"):
@@ -502,10 +623,19 @@ def test_core_loader_reads_plain_and_llmc_shards(tmp_path):
         f.truncate(1024 + 100)
     with pytest.raises(core.ConfigError, match="truncated"):
         core.TokenData(str(tmp_path))
+    (tmp_path / "fineweb_val_000001.bin").write_bytes(header.tobytes() + toks.tobytes() + b"\0\0")  # one too many
+    with pytest.raises(core.ConfigError, match="header says 5000 tokens, the file holds 5001"):
+        core.TokenData(str(tmp_path))
     header[1] = 2
     (tmp_path / "fineweb_val_000001.bin").write_bytes(header.tobytes() + toks.tobytes())
     with pytest.raises(core.ConfigError, match="fineweb_val_000001.bin: unsupported shard version 2"):
         core.TokenData(str(tmp_path))
+    for split in ("train", "val"):  # one split alone is not a dataset
+        alone = tmp_path / f"only_{split}"
+        alone.mkdir()
+        np.arange(300, dtype=np.uint16).tofile(alone / f"{split}.bin")
+        with pytest.raises(core.ConfigError, match="needs train and val token files"):
+            core.TokenData(str(alone))
 
 
 def test_core_embedded_default_dataset_trains_without_data(tmp_path, capsys):
@@ -646,6 +776,7 @@ def test_core_loss_falls_and_checkpoint_round_trip(tutorial, tmp_path):
     cfg, model, log = train_tiny(tutorial, tmp_path, max_iters=100, eval_interval=50)
     assert log[0]["loss"] > 4.5 and log[-1]["loss"] < 3.3 and log[-1]["val_loss"] < 3.5
     loaded = core.load_model(core.PAPER, str(tmp_path / "ckpt.pt"))
+    assert not loaded.training  # eval mode: no dropout
     idx = torch.randint(0, 256, (2, 32))
     assert torch.equal(loaded(idx), model.eval()(idx))
     ckpt = core.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -684,6 +815,24 @@ def test_core_resume_after_kill_is_exact(tutorial, tmp_path, monkeypatch):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
 
 
+def test_core_resume_of_a_checkpoint_with_compiled_keys_is_the_same_run(tutorial, tmp_path):
+    """A checkpoint whose weights carry torch.compile's '_orig_mod.' prefix (older runs saved the compiled model's
+    keys): --resume reads it as the same state, and the resumed run is the one resumed from plain keys."""
+    train_tiny(tutorial, tmp_path / "plain", max_iters=10, eval_interval=10)
+    shutil.copytree(tmp_path / "plain", tmp_path / "compiled")
+    ck = core.load_checkpoint(str(tmp_path / "compiled" / "ckpt.pt"))
+    ck["model"] = {"_orig_mod." + k: v for k, v in ck.pop("model").items()}
+    del ck["checksum"]
+    core.save_checkpoint(str(tmp_path / "compiled" / "ckpt.pt"), ck)
+    state = core.read_model(core.PAPER, str(tmp_path / "compiled" / "ckpt.pt"))[1]
+    assert state.keys() == core.GPT(tiny()).state_dict().keys()
+    logs = [train_tiny(tutorial, tmp_path / run, max_iters=20, eval_interval=10, resume=True)[2]
+            for run in ("plain", "compiled")]
+    assert logs[0][-1]["step"] == 20
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in logs[0]] == [
+        (r["step"], r["loss"], r.get("val_loss")) for r in logs[1]]
+
+
 SPARE_CHILDREN = """
 import signal, sys
 if sys.argv[1] == "blocked":  # started with SIGTERM blocked (and so every thread torch starts): only ours takes it
@@ -717,6 +866,46 @@ def test_core_sigterm_to_the_process_group_spares_what_the_training_started():
     assert run("plain") == ["True", str(-signal.SIGTERM)]  # the child dies with the group
     assert run("spare") == ["True", "None"]  # it lives; the handler ran all the same
     assert run("blocked") == ["True", "None"]
+
+
+def test_core_on_sigterm_sets_its_event_calls_then_and_restores_the_handler():
+    """In the main thread: a SIGTERM sets the event and calls then() (bench --compare forwards it to its runs), the
+    process lives on, and the old handler is back afterwards; in another thread nothing is installed."""
+    before, called = signal.getsignal(signal.SIGTERM), []
+    with core.on_sigterm(lambda: called.append(1)) as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs in the main thread, between two bytecodes
+            if stop.is_set():
+                break
+            time.sleep(0.01)
+        assert stop.is_set() and called == [1]
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+
+    def other():
+        with core.on_sigterm() as s:
+            seen.append((s.is_set(), signal.getsignal(signal.SIGTERM)))
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [(False, before)]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_core_sigterm_spares_children_restores_the_threads_signal_mask():
+    """SIGTERM is blocked in the main thread during the training only: afterwards its mask is what it was (a mask
+    left blocking SIGTERM made the process deaf to it once the receiving thread had ended)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    for blocked in (False, True):  # a caller that blocks SIGTERM itself keeps it blocked
+        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, {signal.SIGTERM})
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        try:
+            with core.sigterm_spares_children():
+                assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_core_sigterm_saves_at_the_next_logged_step_and_resume_is_exact(tutorial, tmp_path, monkeypatch):
@@ -757,6 +946,17 @@ def test_core_read_log_skips_a_cut_last_line_and_refuses_damage(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02binary")  # a checkpoint given where a run folder belongs
     with pytest.raises(core.ConfigError, match="no training log at .*ckpt.pt"):
         core.read_log(str(tmp_path / "ckpt.pt"))
+
+
+def test_core_overwrite_starts_over_whatever_the_old_log_holds(tutorial, tmp_path):
+    """--overwrite of a run whose log is damaged mid-file (not only cut at its end): the old log is not read, the new
+    run's log holds its own steps only."""
+    (tmp_path / "ckpt.pt").write_bytes(b"the old run")
+    (tmp_path / "log.jsonl").write_text('{"step": 5, "loss": 4.0}\n{"step": 10, "lo\n{"step": 15, "loss": 3.0}\n')
+    cfg = tiny(data=tutorial, out=str(tmp_path), max_iters=4, eval_interval=4, log_interval=2, eval_iters=1)
+    core.train(core.PAPER, cfg, overwrite=True)
+    assert [r["step"] for r in core.read_log(str(tmp_path))] == [2, 4]
+    assert core.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
 
 
 def test_core_resume_takes_the_optimizer_settings_of_the_flags(tutorial, tmp_path):
@@ -880,6 +1080,64 @@ def test_core_bench_mfu_is_model_flops_over_the_peak(monkeypatch):
     r = core.bench(cfg, core.GPT, steps=2, warmup=1)
     assert r["mfu"] == pytest.approx(core.GPT(cfg).flops_per_token() * r["tok_s"] / 1e10)
 
+def test_core_check_memory_refuses_a_config_over_one_and_a_half_times_the_memory(monkeypatch):
+    """The estimate as documented, fp32 on the CPU: 16 bytes a parameter (wpe included), per token 17 x 4 bytes a layer
+    and channel plus 12 bytes a vocabulary entry, and for the eager path 12 bytes a layer, row, head and T x T entry;
+    a config is refused only above 1.5x the memory."""
+    cpu = torch.device("cpu")
+    for impl in ("eager", "sdpa"):
+        cfg = tiny(attn_impl=impl)  # 2 layers, 4 heads, 64 channels, T 64, B 8, 256 ids
+        model = core.GPT(cfg)
+        need = (16 * model.num_params(False) + 8 * 64 * (17 * 4 * 2 * 64 + 12 * 256)
+                + (impl == "eager") * 12 * 2 * 8 * 4 * 64 * 64)
+        for have, refused in ((math.ceil(need / 1.5), False), (math.ceil(need / 1.5) - 1, True)):
+            monkeypatch.setattr(core.os, "sysconf", lambda name, have=have: 1 if name == "SC_PAGE_SIZE" else have)
+            if refused:
+                with pytest.raises(core.ConfigError, match="needs about 0 GiB and the cpu has 0 GiB"):
+                    core.check_memory(cfg, model, cpu)
+            else:
+                core.check_memory(cfg, model, cpu)
+            monkeypatch.undo()
+
+
+def test_core_device_dtype_and_the_peak_of_the_named_gpu(monkeypatch):
+    """--device cuda or cuda:N without a GPU is one line, auto is the CPU; --dtype bfloat16 is bf16, auto fp32 on the
+    CPU and bf16 on a GPU; the bf16 peak is that of the table's key in the GPU's name (None: unknown GPUs, the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(core.ConfigError, match="no CUDA GPU is available"):
+            core.resolve_device(tiny(device=device))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert core.resolve_device(tiny(device="auto")) == cpu
+    assert [core.amp_dtype(cpu, tiny(dtype=d)) for d in ("auto", "float32", "bfloat16")] == [torch.float32,
+                                                                                              torch.float32,
+                                                                                              torch.bfloat16]
+    assert core.amp_dtype(gpu, tiny()) == torch.bfloat16
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12),
+                       ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert core.peak_flops(gpu) == peak, name
+    assert core.peak_flops(cpu) is None
+
+
+def test_core_bench_times_the_steps_after_the_warm_up_and_its_line(monkeypatch):
+    """ms/step and tokens/s of the timed steps only (a clock read twice: 3 s for 3 steps), ready() between the warm-up
+    and the timed steps, every parameter counted; the printed line of a CPU row and of a GPU row."""
+    calls, clock = [], iter([10.0, 13.0])
+
+    def build(cfg):
+        model = core.GPT(cfg)
+        model.register_forward_pre_hook(lambda *_: calls.append("step"))
+        return model
+    monkeypatch.setattr(core, "time", SimpleNamespace(time=lambda: next(clock)))
+    r = core.bench(tiny(), build, steps=3, warmup=2, ready=lambda: calls.append("ready"))
+    assert calls == ["step"] * 2 + ["ready"] + ["step"] * 3
+    assert r["ms"] == pytest.approx(1000.0) and r["tok_s"] == pytest.approx(8 * 64)
+    assert r["params_m"] == core.GPT(tiny()).num_params(False) / 1e6 and r["mfu"] is None and r["mem_gb"] is None
+    assert core.bench_line(r) == "1000.0 ms/step, 0.5k tok/s, MFU n/a, peak n/a"
+    assert (core.bench_line(dict(ms=41.94, tok_s=123456.0, mfu=0.4567, mem_gb=12.34))
+            == "41.9 ms/step, 123.5k tok/s, MFU 45.7%, peak 12.3 GiB")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # core: a run is never silently wrong, and nothing is lost. Each case: exit code 2, one line, no file changed.
@@ -927,6 +1185,15 @@ def test_core_checkpoint_names_its_script_and_other_scripts_refuse_it(core_run, 
                       "was written by cogformer.py: use python cogformer.py")
     fails_in_one_line(capsys, core_main("--resume", "--out", cog, "--max-iters", "6"), "was written by cogformer.py")
     assert digests(core_run) == before and core.read_log(str(cog))[-1]["step"] == 4
+
+
+def test_core_run_json_records_the_script_command_config_and_dataset(core_run, tutorial):
+    """run.json beside the checkpoint: the script, the model's label, the command line as given (written_by reads its
+    first word for older checkpoints), the config and the dataset, as the checkpoint has them."""
+    run, ckpt = core.read_run(core_run), core.load_checkpoint(os.path.join(core_run, "ckpt.pt"))
+    assert (run["script"], run["label"], run["argv"]) == ("core", "core", sys.argv)
+    assert run["config"] == ckpt["config"] and run["data"] == ckpt["data"] == core.TokenData(tutorial).info()
+    assert run["torch"] == torch.__version__ and run["gpu"] is None
 
 
 def test_core_eval_sample_and_init_from_use_the_checkpoints_dataset(core_run, tmp_path, capsys, tutorial):
@@ -1092,6 +1359,28 @@ def test_core_plots_refuse_runs_of_different_tokenizers(core_run, tutorial, tmp_
     assert os.path.getsize(os.path.join(core_run, "loss.png")) > 1000
     assert core.run_label(core_run) == (f"run (core, {os.path.basename(tutorial)})", "bytes")  # model and dataset
 
+def test_core_plot_runs_draws_each_runs_train_and_val_loss_against_the_step(tmp_path, saved_figures):
+    """One line a run in each panel: the train losses on the left, the val losses on the right, against the step,
+    labelled by the run (its run.json's label, else script/variant, and its dataset); byte runs' unit is the byte."""
+    log = [dict(step=0, tokens=0, loss=5.0), dict(step=10, tokens=5120, loss=4.0, val_loss=4.5),
+           dict(step=20, tokens=10240, loss=3.0, val_loss=3.5)]
+    runs = []
+    for name, label in (("a", None), ("b", "core/custom")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "log.jsonl").write_text("".join(json.dumps(dict(r, loss=r["loss"] + len(runs))) + "\n" for r in log))
+        json.dump(dict(script="core", label=label, config=dict(variant=""),
+                       data=dict(path="/data/tut", tokenizer="bytes")), open(d / "run.json", "w"))
+        runs.append(str(d))
+    core.plot_runs(runs, str(tmp_path / "loss.png"), "two runs")
+    left, right = saved_figures[-1][1].axes
+    assert [l.get_label() for l in left.lines] == [l.get_label() for l in right.lines] == ["a (core, tut)",
+                                                                                           "b (core/custom, tut)"]
+    assert [l.get_xydata().tolist() for l in left.lines] == [[[0, 5.0], [10, 4.0], [20, 3.0]],
+                                                             [[0, 6.0], [10, 5.0], [20, 4.0]]]
+    assert right.lines[0].get_xydata().tolist() == [[10, 4.5], [20, 3.5]]
+    assert (left.get_ylabel(), right.get_ylabel()) == ("train loss (nats per byte)", "val loss (nats per byte)")
+
 
 def test_core_decay_groups_are_matrices_and_embeddings_only():
     model = core.GPT(tiny(bias=True))
@@ -1219,6 +1508,42 @@ def test_core_checksum_covers_each_tensors_dtype_and_shape(tmp_path):
     assert core.load_checkpoint(path)["step"] == 1
 
 
+def test_core_checksum_covers_every_key_list_item_and_value_in_any_order(tmp_path):
+    """A renamed key, a changed value inside a list (the optimizers') or a changed number (the step) is another
+    checkpoint: refused. The digest is of the contents, not of the order a dict was built in."""
+    path = str(tmp_path / "ckpt.pt")
+
+    def rename(o):
+        o["model"] = {"v": o["model"].pop("w")}
+
+    def lr(o):
+        o["optimizers"][0]["lr"] = 2e-3
+
+    def step(o):
+        o["step"] = 2
+    for change in (rename, lr, step):
+        core.save_checkpoint(path, dict(format="attnlab", model={"w": torch.ones(2)}, step=1,
+                                        optimizers=[dict(lr=1e-3, betas=(0.9, 0.95))]))
+        obj = torch.load(path)
+        change(obj)
+        torch.save(obj, path)
+        with pytest.raises(core.ConfigError, match="checksum mismatch: the file is corrupt"):
+            core.load_checkpoint(path)
+    assert core.digest({"a": 1, "b": torch.ones(2)}) == core.digest({"b": torch.ones(2), "a": 1})
+
+
+def test_core_to_host_copies_every_tensor_of_nested_dicts_lists_and_tuples():
+    """The checkpoint's snapshot: every tensor, at any depth, a copy that training's in-place updates leave alone;
+    the containers keep their types and the other values stay as they are."""
+    t = torch.zeros(3)
+    h = core.to_host({"state": {0: {"exp_avg": t}}, "groups": [{"params": [0, 1]}, t], "pair": (t, 0.9), "lr": 1e-3})
+    t.add_(1)
+    assert type(h["groups"]) is list and type(h["pair"]) is tuple and h["lr"] == 1e-3 and h["pair"][1] == 0.9
+    assert h["groups"][0] == {"params": [0, 1]}
+    for copy_ in (h["state"][0]["exp_avg"], h["groups"][1], h["pair"][0]):
+        assert torch.equal(copy_, torch.zeros(3))
+
+
 def test_core_atomic_write_interrupted_keeps_the_old_file_and_no_tmp(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"the old checkpoint")
@@ -1250,6 +1575,22 @@ def test_core_checkpoint_writer_names_the_checkpoint_kept_after_a_failed_write(t
         with pytest.raises(core.ConfigError, match="; none was written before"):
             writer.wait()
     assert core.load_checkpoint(path)["step"] == 4
+
+
+def test_core_checkpoint_writer_finishes_its_write_whatever_ends_the_block(tmp_path, monkeypatch):
+    """An error that ends the training while a checkpoint is being written (not Ctrl-C, not a failed save): the with
+    block ends only once the file is on disk."""
+    path, real = str(tmp_path / "ckpt.pt"), core.save_checkpoint
+
+    def slow_save(p, obj):
+        time.sleep(0.5)
+        real(p, obj)
+    monkeypatch.setattr(core, "save_checkpoint", slow_save)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with core.CheckpointWriter(path, None) as writer:
+            writer.save(2, dict(step=2))
+            raise RuntimeError("out of memory")
+    assert core.load_checkpoint(path)["step"] == 2
 
 
 def test_core_resume_interrupted_before_its_first_save_names_the_checkpoint_it_came_from(tutorial, tmp_path,
@@ -1295,6 +1636,26 @@ def test_core_read_model_takes_the_script_from_the_checkpoint_or_its_run_json(tm
         core.read_model(core.PAPER, path, ckpt=other)
 
 
+def test_core_read_run_of_a_missing_damaged_or_non_object_run_json_is_empty(tmp_path):
+    """read_run: the run.json's object, or {} (no file, not JSON, JSON but no object); written_by then names none."""
+    assert core.read_run(str(tmp_path)) == {}
+    for text in ("{not json", "[1, 2]", '"core.py"'):
+        (tmp_path / "run.json").write_text(text)
+        assert core.read_run(str(tmp_path)) == {}, text
+        assert core.written_by({}, str(tmp_path / "ckpt.pt")) is None
+    (tmp_path / "run.json").write_text(json.dumps(dict(argv=["reflex.py"], config={})))
+    assert core.read_run(str(tmp_path)) == dict(argv=["reflex.py"], config={})
+
+
+def test_core_read_model_of_a_file_holding_no_dict_is_one_line(tmp_path):
+    """A torch file of a bare tensor (no dict): each script says it reads no such file, in one line."""
+    path = str(tmp_path / "w.pt")
+    torch.save(torch.zeros(3), path)
+    for paper in (core.PAPER, ab.PAPER, reflex.PAPER, exo.PAPER, cg.PAPER):
+        with pytest.raises(core.ConfigError, match=f"w.pt: not a checkpoint {paper.name}.py reads"):
+            core.read_model(paper, path)
+
+
 def test_core_load_model_refuses_data_of_another_tokenizer(core_run, tutorial, tmp_path):
     """load_model(data=...) (the papers' analyses, sparse_byte's thesis eval): a model of bytes reads no gpt2 ids."""
     ckpt = os.path.join(core_run, "ckpt.pt")
@@ -1303,6 +1664,18 @@ def test_core_load_model_refuses_data_of_another_tokenizer(core_run, tutorial, t
     with pytest.raises(core.ConfigError, match=r"holds gpt2 tokens \(50257\); the model was trained on bytes \(256\)"):
         core.load_model(core.PAPER, ckpt, data=core.TokenData(gpt2_ids))
     assert core.load_model(core.PAPER, ckpt, data=core.TokenData(tutorial)).cfg.vocab_size == 256
+
+
+def test_core_load_model_of_a_published_file_takes_its_papers_tokenizer(tmp_path, tutorial):
+    """A published checkpoint records no dataset: its paper's tokenizer stands in (attn_bias's nanoGPT files read
+    gpt2 ids), so load_model refuses data of bytes and takes the same ids labelled gpt2."""
+    path = str(tmp_path / "c.pt")
+    torch.save(ab_published("default"), path)
+    assert core.read_model(ab.PAPER, path)[2] == {"tokenizer": "gpt2"}
+    with pytest.raises(core.ConfigError, match=r"holds bytes tokens \(256\); the model was trained on gpt2: pass"):
+        core.load_model(ab.PAPER, path, data=core.TokenData(tutorial))
+    gpt2 = core.TokenData(tutorial_as(tmp_path / "gpt2", "gpt2"))
+    assert core.load_model(ab.PAPER, path, data=gpt2).cfg.n_layer == 2
 
 
 def test_core_out_needs_room_for_two_copies_of_the_checkpoint(tmp_path, monkeypatch):
@@ -1317,6 +1690,17 @@ def test_core_out_needs_room_for_two_copies_of_the_checkpoint(tmp_path, monkeypa
         else:
             with pytest.raises(core.ConfigError, match="MiB free; saving this model's checkpoint atomically needs"):
                 core.prepare_out(cfg, model, overwrite=False)
+
+
+def test_core_prepare_out_takes_a_folder_holding_a_run_only_to_resume_or_overwrite_it(tmp_path):
+    """--out with a ckpt.pt: refused unless --resume or --overwrite; the write check leaves nothing behind."""
+    (tmp_path / "ckpt.pt").write_bytes(b"a run")
+    model = core.GPT(tiny())
+    with pytest.raises(core.ConfigError, match="already holds a run"):
+        core.prepare_out(tiny(out=str(tmp_path)), model, overwrite=False)
+    core.prepare_out(tiny(out=str(tmp_path)), model, overwrite=True)
+    core.prepare_out(tiny(out=str(tmp_path), resume=True), model, overwrite=False)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_core_init_from_refuses_training_at_a_shorter_block_size(core_run, tmp_path, capsys):
@@ -5480,6 +5864,45 @@ def test_bench_parity_passes_and_flags_a_broken_fast_path(monkeypatch):
     assert row["status"] == "FAIL" and "ms" not in row and "tok_s" not in row
     assert "FAIL" in bench.speed_table([row])
 
+def test_bench_parity_error_is_the_worst_relative_error_and_names_its_tensor():
+    """The logits' relative error and each gradient's, a gradient's against max(its norm, 1e-3 x the largest gradient
+    norm); a gradient missing on one side counts as zeros, missing on both is skipped; the worst one and its name."""
+    ref = torch.tensor([3.0, 4.0]), {"w": torch.tensor([0.0, 10.0]), "b": torch.tensor([1e-6, 0.0]), "none": None}
+    out = torch.tensor([3.0, 4.5]), {"w": torch.tensor([0.0, 13.0]), "b": torch.tensor([0.0, 0.0]), "none": None}
+    assert bench.parity_error(out, ref) == pytest.approx((0.3, "w"))  # logits 0.1, b 1e-6 / 1e-2 = 1e-4
+    out[1]["w"] = torch.tensor([0.0, 10.1])
+    assert bench.parity_error(out, ref) == pytest.approx((0.1, "logits"))
+    ref[1]["none"], out[1]["none"] = None, torch.tensor([0.05])  # against 1e-3 x 10
+    assert bench.parity_error(out, ref) == pytest.approx((5.0, "none"))
+
+
+def test_bench_parity_status_is_ok_up_to_the_tolerance_and_a_bf16_floor_widens_it(monkeypatch):
+    """A row passes at err <= tol (fp32: 2e-3) and fails above; in bf16 the tolerance is twice the eager path's own bf16
+    error where that exceeds 5e-2. The check runs without dropout, whatever the row's, on perturbed weights (a
+    zero-initialised projection cannot hide a wrong gradient)."""
+    s = bench.script("core")
+    cfg = bench.make_cfg(s, "", "tiny", device="cpu")
+    assert bench.check_parity(s, dataclasses.replace(cfg, dropout=0.5))["status"] == "ok"
+
+    def zeroed(cfg):  # attention's output projections initialised to zero, as some papers do
+        model = core.GPT(cfg)
+        for block in model.transformer.h:
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+        return model
+    monkeypatch.setattr(core.Attention, "attend_sdpa", lambda self, q, k, v, ctx: F.scaled_dot_product_attention(
+        q.detach(), k, v, is_causal=True))  # the right values, no gradient to q: the perturbed weights reveal it
+    assert bench.check_parity(SimpleNamespace(build_model=zeroed), cfg)["status"] == "FAIL"
+    monkeypatch.undo()
+    errs = []
+    monkeypatch.setattr(bench, "parity_error", lambda out, ref: (errs.pop(0), "logits"))
+    errs[:] = [2e-3]
+    assert bench.check_parity(s, cfg)["status"] == "ok"
+    errs[:] = [2.1e-3]
+    assert bench.check_parity(s, cfg)["status"] == "FAIL"
+    errs[:] = [0.04, 0.07]  # the eager path's bf16 floor, then the fast path's error
+    r = bench.check_parity(s, dataclasses.replace(cfg, dtype="bfloat16"))
+    assert (r["status"], r["floor"], r["tol"], r["err"]) == ("ok", 0.04, 0.08, 0.07)
+
 
 def test_bench_measure_reports_oom_and_refused_configs(monkeypatch):
     spec = dict(script="core", variant="", baseline="", preset="tiny", impl="auto", over=dict(device="cpu"),
@@ -5499,6 +5922,43 @@ def test_bench_row_killed_by_the_os_is_oom(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: killed)
     rows = bench.run_rows([dict(script="core", variant="")], [str(tmp_path / "log.txt")])
     assert rows[0]["status"].startswith("OOM: killed by the OS")
+
+def test_bench_measure_passes_its_steps_and_names_an_error(monkeypatch):
+    """A row's steps and warm-up go to core.bench as given (ready only with a gate); an exception is the row's status:
+    'error: <type>: <first line>', or OOM when its message says out of memory, in any case."""
+    seen = []
+    monkeypatch.setattr(core, "bench", lambda cfg, build, steps, warmup, ready=None: seen.append(
+        (cfg.block_size, steps, warmup, ready)) or dict(ms=1.0))
+    spec = dict(script="core", variant="", baseline="", preset="tiny", impl="auto", over=dict(device="cpu",
+                block_size=32), check=False, steps=3, warmup=1)
+    assert bench.measure(spec) == dict(spec, device="cpu", ms=1.0, status="ok") and seen == [(32, 3, 1, None)]
+
+    def fails(message):
+        def bench_(*a, **k):
+            raise RuntimeError(message)
+        return bench_
+    monkeypatch.setattr(core, "bench", fails("shapes do not match\nsecond line"))
+    assert bench.measure(spec)["status"] == "error: RuntimeError: shapes do not match"
+    monkeypatch.setattr(core, "bench", fails("CUDA error: Out Of Memory"))
+    assert bench.measure(spec)["status"] == "OOM"
+
+
+def test_bench_exit_line_and_a_row_whose_process_failed(tmp_path, monkeypatch):
+    """exit_line: the exit code and the last non-blank line of the log, cut at 200 characters. A row process that
+    exits non-zero is an error row with that line, even if it wrote a result first."""
+    log = tmp_path / "log.txt"
+    log.write_text("Traceback\n  ...\nValueError: " + "x" * 300 + "\n\n   \n")
+    assert bench.exit_line(1, str(log)) == "exit 1: ValueError: " + "x" * 188
+    (tmp_path / "empty.txt").write_text("")
+    assert bench.exit_line(-11, str(tmp_path / "empty.txt")) == "exit -11: "
+
+    def popen(cmd, **kw):
+        kw["stdout"].write("RuntimeError: boom\n")
+        open(cmd[-1], "w").write(json.dumps(dict(status="ok")))  # the result file, then a failure
+        return SimpleNamespace(poll=lambda: 1, wait=lambda timeout=None: 1, args=cmd)
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    rows = bench.run_rows([dict(script="core", variant="")], [str(log)])
+    assert rows == [dict(script="core", variant="", status=f"error: exit 1: RuntimeError: boom (log: {log})")]
 
 
 def test_bench_row_selection_and_scaling_batches():
@@ -5553,6 +6013,60 @@ def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         bench.speed(args, gpu=False)
     assert [r["T"] for r in json.load(open(tmp_path / "cut" / "scaling.json"))["rows"]] == [32, 64]
+
+def test_bench_plot_speed_bars_of_one_T_and_lines_of_several(tmp_path, saved_figures):
+    """One T: a bar of thousands of tokens/s a row, each labelled with its x baseline (a failed row: its status).
+    Several T: a line a kernel of tokens/s (thousands) and of memory (GiB) against T, dashed for a paper's variant."""
+    row = lambda variant, T, tok_s, **kw: dict(script="reflex", variant=variant, baseline="baseline", impl="auto", T=T,
+                                               status="ok", tok_s=tok_s, **kw)
+    rows = [row("baseline", 64, 2000.0, x_baseline=1.0), row("reflex", 64, 1500.0, x_baseline=0.75, x_core=0.5),
+            dict(row("reflex all", 64, None), status="OOM")]
+    bench.plot_speed(rows, str(tmp_path / "bench.png"), "cpu")
+    ax = saved_figures[-1][1].axes[0]
+    assert [p.get_width() for p in ax.patches] == [2.0, 1.5, 0.0]
+    assert [t.get_text() for t in ax.texts] == [" 1.00x", " 0.75x", " OOM"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["reflex/baseline [auto]", "reflex/reflex [auto]",
+                                                            "reflex/reflex all [auto]"]
+    rows = [row(v, T, tok_s, mem_gb=mem) for v, T, tok_s, mem in (("baseline", 64, 2000.0, 0.5), ("reflex", 64, 1500.0,
+            0.75), ("baseline", 128, 1000.0, 1.0), ("reflex", 128, 500.0, 1.5))]
+    bench.plot_speed(rows, str(tmp_path / "scaling.png"), "cpu")
+    left, right = saved_figures[-1][1].axes
+    assert [l.get_xydata().tolist() for l in left.lines] == [[[64, 2.0], [128, 1.0]], [[64, 1.5], [128, 0.5]]]
+    assert [l.get_xydata().tolist() for l in right.lines] == [[[64, 0.5], [128, 1.0]], [[64, 0.75], [128, 1.5]]]
+    assert [l.get_linestyle() for l in left.lines] == ["-", "--"]
+    assert [l.get_label() for l in left.lines] == ["reflex/baseline [auto]", "reflex/reflex [auto]"]
+
+
+def test_bench_speed_times_jobs_rows_a_group_and_specs_of_every_path(tmp_path, monkeypatch):
+    """--jobs 2: the rows go to run_rows two at a time, a later group's row reuses the first check of its variant, and
+    each variant is checked; --append adds a later run's rows to the file. --impl all: every path but auto; a row
+    refused at once keeps the --batch asked; a script given by its file is named by its script and keeps its source."""
+    groups = []
+    monkeypatch.setattr(bench, "run_rows", lambda specs, logs: groups.append(len(specs)) or [
+        dict(s, status="ok", ms=1.0, tok_s=1e3, parity=s.get("parity") or dict(status="ok", err=s["T"] * 1e-6,
+                                                                                impls=["sdpa"])) for s in specs])
+    args = bench.build_parser().parse_args(["--papers", "core", "--scaling", "--seq", "32,64,128", "--device", "cpu",
+                                            "--jobs", "2", "--out", str(tmp_path)])
+    assert bench.speed(args, gpu=False) == 0 and groups == [2, 1]
+    rows = json.load(open(tmp_path / "scaling.json"))["rows"]  # both rows of the first group were checked
+    assert [r["parity"]["err"] for r in rows] == [32e-6, 64e-6, 32e-6]  # a later row reuses the first check
+    args.seq, args.append = "256", True  # a later run's row joins the file's
+    assert bench.speed(args, gpu=False) == 0 and groups == [2, 1, 1]
+    assert [r["T"] for r in json.load(open(tmp_path / "scaling.json"))["rows"]] == [32, 64, 128, 256]
+    args = bench.build_parser().parse_args(["--papers", "reflex", "--variants", "baseline,reflex", "--device", "cpu",
+                                            "--out", str(tmp_path / "two")])
+    assert bench.speed(args, gpu=False) == 0  # each variant its own check
+    assert [(bench.label(r), r.get("check", True)) for r in json.load(open(tmp_path / "two" / "bench.json"))["rows"]] \
+        == [("reflex/baseline", True), ("reflex/reflex", True)]
+    args = bench.build_parser().parse_args(["--papers", "core", "--impl", "all", "--batch", "3", "--device", "cpu"])
+    specs = bench.speed_specs(args, gpu=False)
+    assert [(bench.label(s), s["impl"], s["B"], s.get("status", "run")[:4]) for s in specs] == [
+        ("core", i, 3, "run") for i in ("eager", "sdpa", "flex", "flash")] + [
+        ("core/bf16 residual", i, 3, "skip") for i in ("eager", "sdpa", "flex", "flash")]
+    path = os.path.join(bench.HERE, "reflex.py")
+    args = bench.build_parser().parse_args(["--papers", f"core,{path}", "--variants", "baseline", "--device", "cpu"])
+    assert [(bench.label(s), s.get("source")) for s in bench.speed_specs(args, gpu=False)] == [
+        ("core", None), ("reflex/baseline", path)]
 
 
 def test_bench_impl_cell_names_the_kernels_and_the_document_path():
@@ -6065,6 +6579,8 @@ def test_bench_compare_resumes_a_run_cut_short(tmp_path):
     (out / "ckpt.pt").write_bytes(b"")
     (out / "log.jsonl").write_text(json.dumps(dict(step=4)) + "\n")
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "resume"
+    json.dump(dict(argv=["reflex.py", *cmd[2:], "--overwrite"]), open(out / "run.json", "w"))  # not a flag of the run
+    assert bench.prior_run(str(out), cmd, 8, fresh=False) == "resume"
     (out / "log.jsonl").write_text(json.dumps(dict(step=8)) + "\n")
     assert bench.prior_run(str(out), cmd, 8, fresh=False) == "done"
     assert bench.prior_run(str(out), cmd, 8, fresh=True) == "new"
@@ -6137,6 +6653,35 @@ def test_bench_compare_cmd_of_a_short_run_and_its_eval_iters():
     assert n == 4 and [value(f) for f in ("--max-iters", "--warmup-iters", "--eval-interval", "--log-interval",
                                           "--eval-iters", "--device")] == ["4", "1", "1", "1", "3", "cpu"]
     assert "--attn-impl" not in cmd and "--dtype" not in cmd
+
+def test_bench_train_run_reports_a_failed_or_killed_command_by_its_last_line(tmp_path, monkeypatch):
+    """A training command runs with the environment given and the repo first on PYTHONPATH, its output in
+    <out>/stdout.txt; a non-zero exit, a signal's too, is 'exit CODE: last line', a clean one None."""
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    started = []
+    show = "import os; print(os.environ['PYTHONPATH'], os.environ['FLAG'])"
+    assert bench.train_run([sys.executable, "-c", show], str(tmp_path / "a"), {"FLAG": "on"}, started.append) is None
+    assert (tmp_path / "a" / "stdout.txt").read_text() == f"{bench.HERE}{os.pathsep}/elsewhere on\n"
+    assert len(started) == 1 and started[0].returncode == 0
+    kill = "import os, signal; print('stopping', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    assert bench.train_run([sys.executable, "-c", kill], str(tmp_path / "b")) == "exit -9: stopping"
+    fail = "import sys; print('bad flag'); sys.exit(3)"
+    assert bench.train_run([sys.executable, "-c", fail], str(tmp_path / "c")) == "exit 3: bad flag"
+
+
+def test_bench_compare_cmd_of_a_long_run_from_a_token_budget():
+    """--tokens sets the steps, rounded up, from the row's tokens per step; warm-up a tenth of them, --evals
+    evaluations, a log line every 25 steps at most; --no-compile unless --compile; the row's batch and block size."""
+    parse = lambda *flags: bench.build_parser().parse_args(["--compare", "--tokens", "1e6", "--data", "d", "--device",
+                                                            "cpu", "--batch-size", "4", "--block-size", "32", *flags])
+    cmd, n, _ = bench.compare_cmd(parse("--no-compile"), bench.script("reflex"), "reflex.py", "reflex", "tiny")
+    value = lambda flag: cmd[cmd.index(flag) + 1]
+    assert n == 7813  # 1e6 / (4 x 32) = 7812.5
+    assert [value(f) for f in ("--max-iters", "--warmup-iters", "--eval-interval", "--log-interval", "--batch-size",
+                               "--block-size")] == ["7813", "781", "1302", "25", "4", "32"]
+    assert "--no-compile" in cmd
+    assert "--no-compile" not in bench.compare_cmd(parse("--compile"), bench.script("reflex"), "reflex.py", "reflex",
+                                                   "tiny")[0]
 
 
 def test_bench_summarize_peak_memory_is_the_largest_record():
