@@ -456,9 +456,18 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in fp32, returned in its input's dtype. A bf16 input (the bf16 residual stream, a head's projection
+    under autocast) and the fp32 weight are a pair the fused kernel refuses (its fallback warns and runs unfused):
+    the input goes in as fp32, which is the fallback's own math, on the fused kernel."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
 def make_norm(cfg):
     if cfg.family == "llama":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 

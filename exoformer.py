@@ -180,15 +180,6 @@ class DynamicMixing(nn.Module):
         return torch.sigmoid(self.fc2(F.gelu(self.fc1(x))))  # (B, T, n_out)
 
 
-class HeadNorm(nn.RMSNorm):
-    """RMSNorm of one head's projection (QK-norm, the anchors' norms). Under autocast the projection is bf16 and the
-    weight fp32, a pair the fused kernel refuses (its fallback warns and runs unfused): the input goes in as fp32,
-    which is the fallback's own math, and the result leaves in the input's dtype."""
-
-    def forward(self, x):
-        return super().forward(x.float()).type_as(x)
-
-
 class ExoAttention(core.Attention):
     """One attention for every variant: c_attn -> mix with the anchor -> QK-norm -> RoPE -> attend -> gate -> c_proj."""
     FAST_CPU = "eager"  # FlexAttention (document masks) has no CPU backward
@@ -199,7 +190,7 @@ class ExoAttention(core.Attention):
         self.gated = cfg.gate == "on"
         self.c_attn = nn.Linear(C, (4 if self.gated else 3) * C, bias=False)  # q, k, v[, g] blocks
         self.c_proj = nn.Linear(C, C, bias=False)
-        self.q_norm, self.k_norm = HeadNorm(D, eps=cfg.norm_eps), HeadNorm(D, eps=cfg.norm_eps)
+        self.q_norm, self.k_norm = core.RMSNorm(D, eps=cfg.norm_eps), core.RMSNorm(D, eps=cfg.norm_eps)
         # exogenous anchors exist before layer 0 and are mixed everywhere; layer 0's own projections only later
         self.mix = cfg.mix if cfg.anchor == "exo" or layer > 0 else ""
         self.span = span(cfg.mix)
@@ -212,7 +203,7 @@ class ExoAttention(core.Attention):
         if self.makes_anchor:  # q/k anchors are normalised by this layer's QK-norm, v/g by their own
             for p in "vg"[:2 if self.gated else 1]:
                 if p in cfg.anchor_norm:
-                    setattr(self, f"{p}_res_norm", HeadNorm(D, eps=cfg.norm_eps))
+                    setattr(self, f"{p}_res_norm", core.RMSNorm(D, eps=cfg.norm_eps))
         if cfg.dynamic == "on" and self.mix:
             self.dynamic_mixing = DynamicMixing(C, cfg.dynamic_hidden, 2 * (4 if self.gated else 3))
 
@@ -282,7 +273,7 @@ class ExoGPT(core.GPT):
             self.anchor_proj = nn.Linear(C, (4 if cfg.gate == "on" else 3) * C, bias=False)
             for p in PATHS[:4 if cfg.gate == "on" else 3]:
                 if p in cfg.anchor_norm:
-                    setattr(self, f"anchor_{p}_norm", HeadNorm(D, eps=cfg.norm_eps))
+                    setattr(self, f"anchor_{p}_norm", core.RMSNorm(D, eps=cfg.norm_eps))
             self.init_weights()
 
     def init_weights(self, std=0.02):

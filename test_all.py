@@ -247,10 +247,39 @@ def test_core_fast_paths_match_eager(family, flex_cpu_grad):
                 assert torch.allclose(g, ref[1][n], atol=1e-5, rtol=1e-4), (impl, n)
 
 
+@pytest.fixture
+def rms_norm_dtypes(monkeypatch):
+    """The (input, weight) dtypes of every F.rms_norm call from here on."""
+    pairs, rms_norm = [], F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, w, eps: pairs.append((x.dtype, w.dtype)) or
+                        rms_norm(x, shape, w, eps))
+    return pairs
+
+
+def test_core_rms_norm_is_the_mixed_dtype_fallback_on_the_fused_kernel(rms_norm_dtypes):
+    """A bf16 input and the fp32 weight, a pair the fused RMSNorm refuses (it falls back to unfused ops): core.RMSNorm
+    gives the fallback's own result bit for bit, output and input gradient, with the fused kernel's dtypes."""
+    torch.manual_seed(0)
+    norm = core.RMSNorm(8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 5, 3, 8).bfloat16().requires_grad_()
+    y = norm(x)
+    (gx,) = torch.autograd.grad(y.float().square().sum(), x)
+    assert rms_norm_dtypes == [(torch.float32, torch.float32)]
+    with warnings.catch_warnings():  # the fallback's warning (once per process)
+        warnings.simplefilter("ignore")
+        ref = torch.nn.RMSNorm.forward(norm, x)  # the mixed-dtype fallback
+    (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref) and torch.equal(gx, g_ref)
+    x32 = x.detach().float()  # fp32: the plain RMSNorm
+    assert torch.equal(norm(x32), torch.nn.RMSNorm.forward(norm, x32))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_core_bf16_residual_stream_rounds_only_under_autocast(family):
+def test_core_bf16_residual_stream_rounds_only_under_autocast(family, rms_norm_dtypes):
     """--residual-dtype bfloat16: under bf16 autocast every block reads and returns a bf16 stream and the model stays
-    within bf16 rounding of the fp32 stream (logits and gradients); in fp32 the flag changes nothing, bit for bit."""
+    within bf16 rounding of the fp32 stream (logits and gradients); in fp32 the flag changes nothing, bit for bit.
+    Llama's RMSNorms take the bf16 stream in fp32 (the fused kernel, not its mixed-dtype fallback)."""
     torch.manual_seed(0)
     idx = torch.randint(0, 256, (2, 49))
     models = {r: core.GPT(tiny(family=family, residual_dtype=r)) for r in ("float32", "bfloat16")}
@@ -277,6 +306,7 @@ def test_core_bf16_residual_stream_rounds_only_under_autocast(family):
     assert abs(loss - loss_amp) < 2e-2 * loss_amp
     for g, h in zip(grads, grads_amp):
         assert (g - h).norm() <= 0.1 * h.norm() + 1e-6
+    assert all(x == w for x, w in rms_norm_dtypes) and bool(rms_norm_dtypes) == (family == "llama")  # no fallback
 
 
 def test_core_bench_times_the_bf16_residual_beside_the_core():
@@ -3727,24 +3757,10 @@ def test_exoformer_fast_paths_match_eager(variant, impl, sep, flex_cpu_grad):
 
 @pytest.mark.parametrize("variant", ["dynamic_exoformer", "nuresformer"])  # exogenous / layer-0 anchors, all normed
 @pytest.mark.usefixtures("exo_one_thread")
-def test_exoformer_head_norms_take_bf16_projections_without_the_unfused_fallback(variant, monkeypatch):
-    """Under bf16 autocast the QK-norm and the anchors' norms get bf16 projections and fp32 weights, a pair the fused
-    RMSNorm refuses (it falls back to unfused ops): HeadNorm gives the fallback's own result bit for bit, output and
-    input gradient, and every RMSNorm of the model gets an input of its weight's dtype."""
-    torch.manual_seed(0)
-    norm = exo.HeadNorm(8, eps=1e-6)
-    torch.nn.init.normal_(norm.weight)
-    x = torch.randn(2, 5, 3, 8).bfloat16().requires_grad_()
-    y = norm(x)
-    (gx,) = torch.autograd.grad(y.float().square().sum(), x)
-    with warnings.catch_warnings():  # the fallback's warning (once per process)
-        warnings.simplefilter("ignore")
-        ref = torch.nn.RMSNorm.forward(norm, x)  # the mixed-dtype fallback
-    (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, ref) and torch.equal(gx, g_ref)
-    pairs, rms_norm = [], F.rms_norm
-    monkeypatch.setattr(F, "rms_norm", lambda x, shape, w, eps: pairs.append((x.dtype, w.dtype)) or
-                        rms_norm(x, shape, w, eps))
+def test_exoformer_head_norms_take_bf16_projections_without_the_unfused_fallback(variant, rms_norm_dtypes):
+    """Under bf16 autocast the QK-norm and the anchors' norms get bf16 projections and fp32 weights: every RMSNorm of
+    the model gets an input of its weight's dtype (core.RMSNorm)."""
+    pairs = rms_norm_dtypes
     model = live(exo.ExoGPT(exo_tiny(variant)))
     idx = tokens(sep_at=(9,))
     with torch.autocast("cpu", torch.bfloat16):
