@@ -948,15 +948,33 @@ def sigterm_spares_children():
 
 
 class StandIn:
-    """An unpickled object whose class this process lacks (a notebook's __main__.GPTConfig): its attributes only."""
+    """An unpickled object of a class not on SAFE_GLOBALS (a notebook's __main__.GPTConfig): its attributes only.
+    Called with arguments it fails, so a file cannot run code through a global it names (os.system, exec)."""
+
+
+SAFE_GLOBALS = {  # what older pickles need beyond weights_only's set: containers, tensors, numpy scalars and arrays
+    "collections": {"OrderedDict"}, "builtins": {"set", "frozenset", "complex", "slice", "bytearray"},
+    "_codecs": {"encode"}, "copyreg": {"_reconstructor"},
+    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"},
+    "numpy": {"dtype", "ndarray"}, "numpy.core.multiarray": {"scalar", "_reconstruct"},
+    "numpy._core.multiarray": {"scalar", "_reconstruct"}}
+
+
+def safe_global(module, name):
+    if module == "torch":  # torch.float16 pickles as a global; Size, device and the storage types
+        return name in ("Size", "device") or name.endswith("Storage") or isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)
+    return name in SAFE_GLOBALS.get(module, ()) or module == "numpy.dtypes" and name.endswith("DType")
 
 
 class LenientUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (AttributeError, ImportError):
-            return type(name, (StandIn,), {"__module__": module})
+        if safe_global(module, name):
+            try:
+                return super().find_class(module, name)
+            except (AttributeError, ImportError):
+                pass
+        return type(name, (StandIn,), {"__module__": module})
 
 
 class lenient_pickle:  # torch.load's pickle_module: pickle, with LenientUnpickler
@@ -970,7 +988,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        try:  # older pickles (numpy scalars, a notebook's own config class) need the full unpickler
+        try:  # older pickles (numpy scalars, a notebook's own config class): pickle, globals allow-listed
             ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient_pickle)
         except Exception as e:
             raise ConfigError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None

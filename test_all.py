@@ -1306,6 +1306,36 @@ def test_core_corrupt_truncated_or_foreign_checkpoint_is_one_line(core_run, tmp_
             core.load_checkpoint(str(path))
 
 
+class Payload:  # a hostile pickle: unpickling it calls exec, which writes the marker file
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_core_load_checkpoint_reads_older_pickles_and_never_runs_their_code(tmp_path, monkeypatch, zipped):
+    Config = dataclasses.make_dataclass("Config", [("n_layer", int, 12)])
+    Config.__module__ = "__main__"  # a notebook's own class, which the loading process lacks
+    monkeypatch.setattr(sys.modules["__main__"], "Config", Config, raising=False)
+    old = dict(model=collections.OrderedDict(w=torch.ones(2, dtype=torch.float16)), dtype=torch.bfloat16,
+               step=np.int64(7), lr=np.float64(0.5), losses=np.array([2.5, 2.0]), config=Config(),
+               best=torch.tensor(3.5), shape=torch.Size([2, 3]))
+    torch.save(old, tmp_path / "old.pt", _use_new_zipfile_serialization=zipped)
+    monkeypatch.delattr(sys.modules["__main__"], "Config")
+    got = core.load_checkpoint(str(tmp_path / "old.pt"))
+    assert isinstance(got["config"], core.StandIn) and got["config"].n_layer == 12
+    assert got["step"] == 7 and type(got["step"]) is np.int64 and got["lr"] == 0.5 and got["dtype"] is torch.bfloat16
+    assert got["losses"].tolist() == [2.5, 2.0] and got["shape"] == torch.Size([2, 3]) and got["best"].item() == 3.5
+    assert got["model"]["w"].dtype == torch.float16 and type(got["model"]) is collections.OrderedDict
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": Payload(str(marker))}, tmp_path / "bad.pt", _use_new_zipfile_serialization=zipped)
+    with pytest.raises(core.ConfigError, match="not a readable checkpoint"):
+        core.load_checkpoint(str(tmp_path / "bad.pt"))
+    assert not marker.exists()
+
+
 def test_core_unwritable_or_full_output_is_refused_before_training(tmp_path, capsys, tutorial, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", tutorial,
