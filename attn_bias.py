@@ -425,7 +425,12 @@ def analyze_source(source, data, tok, seed, device):
         with core.atomic(kept, "w") as f:
             json.dump(res, f)
         return res
-    res = json.load(open(kept))
+    try:
+        res = json.load(open(kept))
+    except ValueError:  # cut short, e.g. a copy that stopped
+        res = None
+    if not isinstance(res, dict):
+        raise core.ConfigError(f"{kept}: not a result of --analyze (damaged?): analyze its checkpoint again")
     if res.get("val_loss_log") != last_val_loss(core.read_log(source)):
         raise core.ConfigError(f"{kept} is of an earlier model than the run's log: analyze its checkpoint again")
     if res.get("measured_on") != measured_on(data, seed):

@@ -3094,6 +3094,21 @@ def test_attn_bias_analyze_keeps_each_runs_result_for_runs_without_a_checkpoint(
     assert_one_line_error(capsys.readouterr().err, "checkpoint not found")
 
 
+
+def test_attn_bias_analyze_of_a_damaged_kept_result_is_one_line(tutorial, tmp_path, capsys):
+    """A run folder without its checkpoint whose activations.json was cut short (a copy that stopped) or holds no
+    result: one line (it was a JSONDecodeError or AttributeError traceback), nothing written."""
+    run = tmp_path / "sink"
+    os.makedirs(run)
+    (run / "log.jsonl").write_text(json.dumps(dict(step=1, val_loss=2.5)) + "\n")
+    kept = json.dumps(ab_result("sink", 2, [1.0, 2.0], [1.0, 1.0], [0.1, 0.2], 3.0, 2.5))
+    for text in (kept[:100], "[1, 2]"):
+        (run / "activations.json").write_text(text)
+        assert ab.main(["--analyze", "--runs", str(run), "--data", tutorial, "--out", str(tmp_path / "o"),
+                        "--device", "cpu"]) == 2
+        assert_one_line_error(capsys.readouterr().err, f"{run / 'activations.json'}: not a result of --analyze")
+    assert not (tmp_path / "o").exists()
+
 # ----------------------------------------------------------------------------------------------------------------
 # attn_bias: GPU: the private kernels, compiled FlexAttention, the compiled model
 
