@@ -843,9 +843,13 @@ def read_metrics_csv(path):
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error):  # e.g. a checkpoint given for a run folder
         rows = []
-    if not rows or any(c not in rows[0] for c in ("layer", "head", *METRICS)):
-        raise core.ConfigError(f"{path}: not a head_metrics.csv (columns layer,head,{','.join(METRICS)})")
-    return [(int(r["layer"]), int(r["head"])) for r in rows], np.array([[float(r[c]) for c in METRICS] for r in rows])
+    try:
+        if rows and all(c in rows[0] for c in ("layer", "head", *METRICS)):
+            return ([(int(r["layer"]), int(r["head"])) for r in rows],
+                    np.array([[float(r[c]) for c in METRICS] for r in rows]))
+    except (TypeError, ValueError):  # a row cut short (a copy that stopped) or a value that is no number
+        pass
+    raise core.ConfigError(f"{path}: not a head_metrics.csv (columns layer,head,{','.join(METRICS)} of numbers)")
 
 
 def metrics_action(cfg, args):

@@ -5031,6 +5031,20 @@ def test_sparse_byte_cluster_of_a_checkpoint_gives_one_line(tmp_path, capsys):
     assert not (tmp_path / "heads").exists()
 
 
+def test_sparse_byte_cluster_of_a_cut_or_edited_metrics_file_gives_one_line(tmp_path, capsys):
+    """A head_metrics.csv cut inside a row (a copy that stopped) or with a value that is no number: one line naming
+    the file (it was a TypeError or ValueError traceback), nothing written."""
+    path = tmp_path / "run" / "head_metrics.csv"
+    os.makedirs(path.parent)
+    sb.write_metrics_csv(str(path), np.ones((2, 4, 3)))
+    whole = path.read_text()
+    for text in (whole[:-10], whole.replace("1.0", "x", 1)):
+        path.write_text(text)
+        assert sb.main(["--cluster", "--runs", str(path.parent), "--out", str(tmp_path / "heads")]) == 2
+        assert_one_line_error(capsys.readouterr().err, f"{path}: not a head_metrics.csv")
+    assert not (tmp_path / "heads").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_sparse_byte_kernel_bench_refused_on_cpu(capsys):
     assert sb.main(["--kernel-bench", "--device", "cpu"]) == 2
