@@ -255,13 +255,13 @@ def charts(cfg, args):
     paths = core.run_dirs(cfg, args)
     labels = [core.run_label(p)[0] for p in paths]  # 'dir (script/variant split, data)'
     runs = dict(zip(labels if len(set(labels)) == len(paths) else paths, paths))  # alike labels: their paths
-    print(core.plot_runs(paths, os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
     speed = {}
-    for label, path in runs.items():
+    for label, path in runs.items():  # before any figure: a refused command leaves --out as it was
         log = [r for r in core.read_log(path) if r.get("tok_s")]
         if not log:
             raise core.ConfigError(f"{path}: no training step logged yet")
         speed[label] = speed_of(log)
+    print(core.plot_runs(paths, os.path.join(cfg.out, "loss.png"), title="reflex attention: loss"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = list(speed)
     axes[0].bar(labels, [speed[k][0] / 1e3 for k in labels])

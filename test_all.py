@@ -5599,6 +5599,18 @@ def test_reflex_cli_charts(reflex_runs, tutorial, tmp_path, capsys):
     assert cli(capsys, "--charts", "--out", reflex_runs["base"], "--runs", tmp_path)[0] == 2
 
 
+def test_reflex_charts_refused_for_a_run_without_steps_writes_no_figure(tmp_path, capsys):
+    """--charts with a run killed before its first log line: one line, and --out keeps no new loss.png (it was written
+    before the refusal)."""
+    os.makedirs(tmp_path / "a")
+    (tmp_path / "a" / "log.jsonl").write_text(json.dumps(dict(step=1, loss=5.0, tok_s=1000.0, mfu=None)) + "\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.jsonl").write_text("")
+    rc, _, err = cli(capsys, "--charts", "--out", tmp_path / "a", "--runs", tmp_path / "b")
+    assert rc == 2
+    assert_one_line_error(err, f"{tmp_path / 'b'}: no training step logged yet")
+    assert sorted(os.listdir(tmp_path / "a")) == ["log.jsonl"]
+
 def test_reflex_speed_skips_the_first_logged_interval():
     log = [dict(tok_s=1.0, mfu=0.01), dict(tok_s=100.0, mfu=0.5), dict(tok_s=110.0, mfu=0.6)]
     assert reflex.speed_of(log) == (105.0, pytest.approx(0.55))
