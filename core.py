@@ -1159,6 +1159,15 @@ def prepare_out(cfg, model, overwrite):
                           f"atomically needs about {need / 2**20:,.0f} MiB")
 
 
+def check_out(out):
+    """A paper's action, before any work and creating nothing: --out is a folder, or a path where one can be made."""
+    p = os.path.abspath(out)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"cannot write to --out {out}: {p} is a file")
+
+
 def train(paper, cfg, model=None, ckpt=None, overwrite=False):
     """The loop: eval/checkpoint block, micro-steps, clip, step, log. model: start from these weights (--init-from);
     ckpt: the run's checkpoint (--resume)."""
@@ -1658,6 +1667,7 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
               f"{cfg.vocab_size:,}) on {device}", flush=True)
         print(f"{label}: {bench_line(bench(cfg, paper.build_model))}")
     else:
+        check_out(cfg.out)
         paper.actions[a][1](cfg, args)
 
 

@@ -1886,6 +1886,34 @@ def test_core_cli_user_mistakes_give_one_line(args, msg):
     assert_one_line_error(err, msg)
 
 
+@pytest.mark.parametrize("paper, action, reads", [
+    (ab.PAPER, "--analyze", "--runs"), (cg.PAPER, "--attn-grid", "--init-from"), (cg.PAPER, "--probe", "--init-from"),
+    (cg.PAPER, "--neg-mass", "--init-from"), (sb.PAPER, "--metrics", "--init-from"), (sb.PAPER, "--cluster", "--runs"),
+    (exo.PAPER, "--analyze", "--init-from")], ids=lambda x: getattr(x, "name", None))
+def test_core_paper_action_into_an_out_that_is_a_file_is_one_line(paper, action, reads, tutorial, tmp_path, capsys):
+    """A paper's action reading a run, with --out naming a file (or a path below one): one line before any work, the
+    file kept (it was a FileExistsError or NotADirectoryError traceback, after the work)."""
+    torch.manual_seed(0)
+    model = paper.build_model(tiny(paper.config, data=tutorial))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script=paper.name, model=model.state_dict(),
+                                                   config=dataclasses.asdict(model.cfg),
+                                                   data=core.TokenData(tutorial).info()))
+    sb.write_metrics_csv(str(run / "head_metrics.csv"), np.ones((2, 4, 3)))  # what --cluster reads
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "an"):
+        src = run / "ckpt.pt" if reads == "--init-from" else run
+        assert paper_main(paper, action, reads, src, "--data", tutorial, "--out", out, "--device", "cpu") == 2
+        assert_one_line_error(capsys.readouterr().err, f"cannot write to --out {out}: {tmp_path / 'notes.txt'} is "
+                                                       "a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(os.listdir(run)) == ["ckpt.pt",
+                                                                                         "head_metrics.csv"]
+
+
+def paper_main(paper, *args):
+    return core.main(paper, [str(a) for a in args])
+
 def test_core_cli_bench_without_preset_is_tiny_on_cpu():
     """--help's promise: with neither --preset nor --data, tiny on a CPU (it timed the 124m model: minutes a step)."""
     rc, out, err = run_cli("core.py", "--bench", "--device", "cpu")
