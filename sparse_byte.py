@@ -135,8 +135,8 @@ class SparseByteConfig(core.Config):
             raise core.ConfigError("--attn-impl triton is the sparse variant's kernel (dense: auto, sdpa, flex, ...)")
         if not self.mask_subset or set(self.mask_subset) - set("0123"):
             raise core.ConfigError(f"--mask-subset takes cluster ids 0-3 (e.g. 0123 or 03), not {self.mask_subset!r}")
-        if self.num_epochs < 0:
-            raise core.ConfigError("--num-epochs must be >= 0")
+        if not 0 <= self.num_epochs < math.inf:  # nan fails both
+            raise core.ConfigError(f"--num-epochs must be a finite number >= 0, not {self.num_epochs}")
         if self.body == "thesis" and self.n_embd % 2:
             raise core.ConfigError("--body thesis needs an even --n-embd (its sinusoidal position table)")
 

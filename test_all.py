@@ -5341,6 +5341,8 @@ def test_sparse_byte_thesis_init_and_weight_decay_groups():
     (["--train", "--body", "thesis", "--family", "llama"], "--body must be ours or thesis"),
     (["--train", "--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
     (["--train", "--body", "thesis", "--n-head", "1", "--n-embd", "63"], "needs an even --n-embd"),
+    (["--train", "--num-epochs", "inf"], "--num-epochs must be a finite number >= 0"),  # were Overflow-
+    (["--train", "--num-epochs", "nan"], "--num-epochs must be a finite number >= 0"),  # and ValueError tracebacks
 ])
 def test_sparse_byte_thesis_flag_mistakes_give_one_line(argv, message, capsys):
     assert sb.main(argv) == 2
