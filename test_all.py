@@ -1330,7 +1330,8 @@ def test_core_load_checkpoint_reads_older_pickles_and_never_runs_their_code(tmp_
     assert got["losses"].tolist() == [2.5, 2.0] and got["shape"] == torch.Size([2, 3]) and got["best"].item() == 3.5
     assert got["model"]["w"].dtype == torch.float16 and type(got["model"]) is collections.OrderedDict
     marker = tmp_path / "pwned"
-    torch.save({"model": {}, "config": Payload(str(marker))}, tmp_path / "bad.pt", _use_new_zipfile_serialization=zipped)
+    torch.save({"model": {}, "config": Payload(str(marker))}, tmp_path / "bad.pt",
+               _use_new_zipfile_serialization=zipped)
     with pytest.raises(core.ConfigError, match="not a readable checkpoint"):
         core.load_checkpoint(str(tmp_path / "bad.pt"))
     assert not marker.exists()
