@@ -1905,15 +1905,13 @@ def test_core_paper_action_into_an_out_that_is_a_file_is_one_line(paper, action,
     (tmp_path / "notes.txt").write_text("mine")
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "an"):
         src = run / "ckpt.pt" if reads == "--init-from" else run
-        assert paper_main(paper, action, reads, src, "--data", tutorial, "--out", out, "--device", "cpu") == 2
+        argv = [action, reads, src, "--data", tutorial, "--out", out, "--device", "cpu"]
+        assert core.main(paper, [str(a) for a in argv]) == 2
         assert_one_line_error(capsys.readouterr().err, f"cannot write to --out {out}: {tmp_path / 'notes.txt'} is "
                                                        "a file")
     assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(os.listdir(run)) == ["ckpt.pt",
                                                                                          "head_metrics.csv"]
 
-
-def paper_main(paper, *args):
-    return core.main(paper, [str(a) for a in args])
 
 def test_core_cli_bench_without_preset_is_tiny_on_cpu():
     """--help's promise: with neither --preset nor --data, tiny on a CPU (it timed the 124m model: minutes a step)."""
