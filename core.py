@@ -1205,6 +1205,11 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
         if ddp:
             torch.distributed.destroy_process_group()
         return model
+    if cfg.wandb and master:  # before --out is written to
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     if master:
         prepare_out(cfg, model, overwrite)
@@ -1220,13 +1225,7 @@ def train(paper, cfg, model=None, ckpt=None, overwrite=False):
               f"(compute), attention {'+'.join(impls)}, on {device}\ndata {data.path} ({data.tokenizer}, "
               f"{data.tokens('train'):,} train tokens): {cfg.max_iters - start} steps x {tokens_per_step:,} tokens "
               f"= {epochs:.3g} epochs" + (f"\nresumed from step {start} of {cfg.out}" if ckpt else ""), flush=True)
-    wandb_run = None
-    if cfg.wandb and master:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb needs the wandb package: pip install wandb")
-        wandb_run = wandb.init(project="attnlab", config=asdict(cfg))
+    wandb_run = wandb.init(project="attnlab", config=asdict(cfg)) if cfg.wandb and master else None
 
     compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     fast = compiled

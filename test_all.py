@@ -1347,6 +1347,16 @@ def test_core_unwritable_or_full_output_is_refused_before_training(tmp_path, cap
     assert not os.path.exists(tmp_path / "full" / "log.jsonl")
 
 
+def test_core_wandb_missing_is_refused_before_the_run_folder_is_touched(core_run, tmp_path, capsys, monkeypatch):
+    """--overwrite --wandb without wandb: it emptied log.jsonl and replaced run.json beside the old ckpt.pt."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    run = shutil.copytree(core_run, tmp_path / "run")
+    before = digests(run)
+    fails_in_one_line(capsys, quick(lambda a: core.main(core.PAPER, a), run, "--overwrite", "--wandb"),
+                      "--wandb needs the wandb package")
+    assert digests(run) == before
+
+
 def test_core_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(tmp_path, capsys, tutorial, monkeypatch):
     real, saves = torch.save, []
 
