@@ -154,6 +154,8 @@ class Config:
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "need 0 < lr and 0 <= min_lr <= lr")
         check(self.warmup_iters >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
               "--warmup-iters, --weight-decay and --grad-clip must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
+        check(0 <= self.seed < 2**63, "--seed must be in [0, 2**63)")  # numpy's and torch's seeds (seed + step)
 
     def label(self):
         """The model as output names it: its variant, and a paper's knob that tells its runs apart (reflex's split)."""

@@ -1889,6 +1889,8 @@ def test_core_help_examples_are_one_command_a_line_on_folders_prepare_writes():
     (["--train", "--data", "/nonexistent"], "dataset directory not found"),
     (["--eval", "--init-from", "/nonexistent.pt"], "checkpoint not found"),
     (["--train", "--max-iters", "ten"], "invalid int value"),
+    (["--train", "--seed", "-1"], "--seed must be in [0, 2**63)"),  # numpy's and torch's tracebacks
+    (["--train", "--beta2", "1.5"], "--beta1 and --beta2 must be in [0, 1)"),  # AdamW's
     (["--eval", "--out", "/nonexistent"], "checkpoint not found"),
 ])
 def test_core_cli_user_mistakes_give_one_line(args, msg):
