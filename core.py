@@ -1656,7 +1656,7 @@ def run_action(paper, a, cfg, args, model, ckpt=None):
     elif a == "sample":
         tok = get_tokenizer(TokenData(cfg.data).tokenizer)
         ids = tok.encode(args.prompt)
-        if not ids or args.max_new_tokens < 0 or args.top_k < 0 or args.temperature <= 0:
+        if not ids or args.max_new_tokens < 0 or args.top_k < 0 or not args.temperature > 0:  # nan too
             raise ConfigError("--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, "
                               "--temperature > 0")
         idx = torch.tensor([ids], device=device)

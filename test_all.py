@@ -1268,8 +1268,9 @@ def test_core_sample_is_seeded_and_takes_top_k_and_max_new_tokens(core_run, caps
     assert capsys.readouterr().out == tok.decode(want) + "\n"  # top-k 1 is greedy, whatever the temperature
     assert core_main("--sample", "--init-from", ckpt, "--prompt", "def ", "--max-new-tokens", "0") == 0
     assert capsys.readouterr().out == "def \n"
-    fails_in_one_line(capsys, core_main("--sample", "--init-from", ckpt, "--temperature", "0"),
-                      "--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, --temperature > 0")
+    for temperature in ("0", "nan"):  # nan: torch.multinomial's traceback
+        fails_in_one_line(capsys, core_main("--sample", "--init-from", ckpt, "--temperature", temperature),
+                          "--sample needs a non-empty --prompt, --max-new-tokens and --top-k >= 0, --temperature > 0")
     assert tok.decode([0xff, 65]) == "\ufffdA"  # a byte model may sample invalid UTF-8: printed, not raised
 
 
