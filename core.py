@@ -710,7 +710,7 @@ class TokenData:
         try:
             self.meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
             dtype = np.dtype(self.meta.get("dtype", "uint16"))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:  # AttributeError: JSON, but not an object
             raise ConfigError(f"{meta_path}: not a valid dataset description ({e})") from None
         self.splits = {}
         for split in ("train", "val", "test"):

@@ -1393,12 +1393,13 @@ def test_core_checks_come_before_training(core_run, tmp_path, capsys, tutorial):
 
 @pytest.mark.parametrize("damage,message", [("empty", "is not a whole number of uint16 tokens"),
                                             ("odd", "is not a whole number of uint16 tokens"),
-                                            ("meta", "not a valid dataset description")])
+                                            ("meta", "not a valid dataset description"),
+                                            ("meta-list", "not a valid dataset description")])
 def test_core_damaged_dataset_files_are_one_line(tmp_path, capsys, damage, message):
     data = write_dataset(tmp_path / "d", {"train": np.arange(2000), "val": np.arange(900)}, tokenizer="gpt2",
                          vocab_size=50257)
-    if damage == "meta":
-        (tmp_path / "d" / "meta.json").write_text("{not json")
+    if damage.startswith("meta"):
+        (tmp_path / "d" / "meta.json").write_text("{not json" if damage == "meta" else "[]")
     else:
         (tmp_path / "d" / "train.bin").write_bytes(b"" if damage == "empty" else b"\x00" * 2001)
     fails_in_one_line(capsys, core_main("--train", "--preset", "tiny", "--device", "cpu", "--data", data,
