@@ -1434,7 +1434,10 @@ def read_log(path):
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path) or not path.endswith(".jsonl"):  # e.g. a checkpoint given for a run folder
         raise ConfigError(f"no training log at {path}")
-    lines = [l for l in open(path) if l.strip()]
+    try:
+        lines = [l for l in open(path, encoding="utf-8") if l.strip()]
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a training log (not UTF-8 text)") from None
     recs = []
     for i, l in enumerate(lines):
         try:
@@ -1442,6 +1445,9 @@ def read_log(path):
         except json.JSONDecodeError:
             if i < len(lines) - 1:  # a cut last line is a write the run did not finish; anything else is damage
                 raise ConfigError(f"{path}: line {i + 1} is not JSON") from None
+            continue
+        if not isinstance(recs[-1], dict):
+            raise ConfigError(f"{path}: line {i + 1} is not a JSON object (not a training log)")
     return recs
 
 
@@ -1486,9 +1492,13 @@ def plot_runs(paths, out_png, title=""):
         ax.legend(fontsize=8)
     fig.suptitle(title)
     layout(fig)
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out_png}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return out_png
 
 

@@ -1416,6 +1416,18 @@ def test_core_divergence_without_a_checkpoint_says_so(tutorial, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
+def test_core_plot_of_a_damaged_log_or_an_unwritable_png_is_one_line(core_run, tmp_path, capsys):
+    """Tracebacks before: UnicodeDecodeError, AttributeError ('list' has no .get), IsADirectoryError."""
+    for name, text in (("binary", b"\xff\xfe\n"), ("lists", b"[1]\n[2]\n")):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_bytes(text)
+        fails_in_one_line(capsys, core_main("--plot", "--out", tmp_path / name), "log.jsonl: " +
+                          ("not a training log (not UTF-8 text)" if name == "binary" else "line 1 is not a JSON object"))
+    run = shutil.copytree(core_run, tmp_path / "run")
+    os.makedirs(run / "loss.png")
+    fails_in_one_line(capsys, core_main("--plot", "--out", run), "cannot write")
+
+
 def test_core_run_dirs_name_each_run_once():
     """--out and --runs of a comparing action (--plot, attn_bias --trends, reflex --charts): --out first, none twice."""
     given = types.SimpleNamespace(out="runs/a", runs=["runs/b", "runs/a/", "./runs/b"])
