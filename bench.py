@@ -1028,21 +1028,29 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
     src, state, info, _ = core.read_model(s, path, ckpt=ckpt)
     model = core.load_state(s.build_model(core.config_from_dict(s.config, src)), state, path)
     device = core.resolve_device(argparse.Namespace(device=device))
-    return Scorer(model.to(device), *tokenizer_of(data or (info or {}).get("path") or src.get("data")),
-                  batch_size=batch_size)
+    tok, prefix = tokenizer_of(data or (info or {}).get("path") or src.get("data"))
+    if (info or {}).get("tokenizer") not in (None, tok.name):  # its ids would index another vocabulary
+        raise core.ConfigError(f"{data} holds {tok.name} tokens; the model was trained on {info['tokenizer']}: pass "
+                               "--data with its tokenizer")
+    return Scorer(model.to(device), tok, prefix, batch_size=batch_size)
 
 
 def read_mc(path):
     docs = []
-    for i, line in enumerate(open(path), 1):
+    try:
+        lines = open(path, encoding="utf-8").readlines()
+    except UnicodeDecodeError:
+        raise core.ConfigError(f"{path}: not UTF-8 text") from None
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         d = None
         with contextlib.suppress(ValueError):
             d = json.loads(line)
-        if not (isinstance(d, dict) and isinstance(d.get("context"), str) and d.get("choices")
+        if not (isinstance(d, dict) and isinstance(d.get("context"), str) and isinstance(d.get("choices"), list)
+                and d["choices"] and all(isinstance(c, str) for c in d["choices"])
                 and isinstance(d.get("label"), int) and 0 <= d["label"] < len(d["choices"])):
-            raise core.ConfigError(f"{path}, line {i}: needs context (str), choices (list), label (index)")
+            raise core.ConfigError(f"{path}, line {i}: needs context (str), choices (list of str), label (index)")
         docs.append(d)
     if not docs:
         raise core.ConfigError(f"{path}: no examples")
@@ -1217,6 +1225,8 @@ def main(argv=None):
         if args.eval_tasks:
             if not args.ckpt:
                 raise core.ConfigError("--eval-tasks needs --init-from (a checkpoint of any script)")
+            if args.limit < 0:
+                raise core.ConfigError("--limit must be >= 0 (0: every example)")
             run_tasks(load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16), args.eval_tasks,
                       args.limit)
             return 0

@@ -6335,6 +6335,13 @@ def test_bench_bad_mc_file_is_one_clear_error(scorer, tmp_path):
     path.write_text(json.dumps(dict(context="a", choices=["b"], label=0)) + "\n\n[1]\n")  # not an object
     with pytest.raises(core.ConfigError, match="line 3"):
         bench.mc_score(scorer, str(path))
+    for choices in ("bc", [1, 2]):  # a string scored as its letters; numbers: a TypeError traceback
+        path.write_text(json.dumps(dict(context="a", choices=choices, label=1)) + "\n")
+        with pytest.raises(core.ConfigError, match=r"line 1: needs context \(str\), choices \(list of str\)"):
+            bench.mc_score(scorer, str(path))
+    path.write_bytes(b"\xff\xfe\n")  # a UnicodeDecodeError traceback
+    with pytest.raises(core.ConfigError, match="bad.jsonl: not UTF-8 text"):
+        bench.mc_score(scorer, str(path))
 
 
 @pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="needs the offline gpt2.tiktoken")
@@ -6432,6 +6439,19 @@ def test_bench_eval_tasks_of_a_checkpoint(tiny_ckpt, mc_file, capsys):
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in out and f"| acc_norm | {want['acc_norm']:.4f} |" in out
     assert bench.main(["--eval-tasks", mc_file, "--ckpt", path, "--device", "cpu"]) == 0  # the older spelling
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="needs the offline gpt2.tiktoken")
+def test_bench_eval_tasks_data_of_another_tokenizer_or_negative_limit_is_one_line(tiny_ckpt, mc_file, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A byte model given GPT-2 data: ids past its vocabulary raised an IndexError traceback (or, below 256, scored
+    the other tokenizer's ids); --limit -1 divided by zero."""
+    monkeypatch.setenv("ATTNLAB_TIKTOKEN", TIKTOKEN)
+    gpt2 = write_dataset(tmp_path / "gpt2", {"train": np.arange(200), "val": np.arange(200)}, "gpt2", 50257, 50256)
+    fails_in_one_line(capsys, bench.main(["--eval-tasks", mc_file, "--ckpt", tiny_ckpt[0], "--device", "cpu",
+                                          "--data", gpt2]), "holds gpt2 tokens; the model was trained on bytes")
+    fails_in_one_line(capsys, bench.main(["--eval-tasks", mc_file, "--ckpt", tiny_ckpt[0], "--device", "cpu",
+                                          "--limit", "-1"]), "--limit must be >= 0")
 
 
 def test_bench_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
