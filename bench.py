@@ -132,6 +132,14 @@ def row_flags(s, variant):
     return [x for k, v in row_over(s, variant).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def check_presets(presets, names):
+    """--preset: each entry a preset of one of the scripts (script=NAME: of that script), not a skip of every row."""
+    for who, preset in presets.items():
+        if not any(who in ("*", n, script(n).name) and preset in script(n).config.PRESETS for n in names):
+            raise core.ConfigError(f"--preset {'' if who == '*' else who + '='}{preset}: not a preset of " + ", ".join(
+                f"{script(n).name} ({', '.join(sorted(script(n).config.PRESETS))})" for n in names))
+
+
 def check_variants(which, names):
     """--variants: each name a row of one of the scripts (all and main pick rows of each)."""
     if which in (None, "", "all", "main"):
@@ -309,6 +317,7 @@ def speed_specs(args, gpu):
     """Rows to run; configs that the script refuses become 'skip' rows right away."""
     presets, seqs, specs = parse_presets(args.preset), seq_list(args, gpu), []
     check_variants(args.variants, papers(args.papers, with_core=True))
+    check_presets(presets, papers(args.papers, with_core=True))
     for name in papers(args.papers, with_core=True):
         s = script(name)
         preset = preset_for(name, presets, gpu)
@@ -1232,6 +1241,8 @@ def main(argv=None):
             return 0
         if args.jobs < 1:
             raise core.ConfigError("--jobs must be at least 1")
+        if args.batch < 0 or args.steps < 1 or args.warmup < 0:  # every row skipped, or a ZeroDivisionError row
+            raise core.ConfigError("--batch-size must be >= 0 (0: the preset's), --steps >= 1, --warmup >= 0")
         args.data = args.data or "data/docs"
         args.out = args.out or os.path.join("runs", "compare" if args.compare else "ddp" if args.ddp else "bench")
         if args.compare:

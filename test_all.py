@@ -6268,6 +6268,19 @@ def test_bench_cli_errors(capsys):
         assert capsys.readouterr().err == "error: --jobs must be at least 1\n"
 
 
+
+def test_bench_speed_flag_mistakes_are_one_line_before_any_row(tmp_path, capsys):
+    """Each skipped every row (or timed 0 steps: a ZeroDivisionError row, a negative time and a traceback) and
+    exited 0, replacing <out>'s bench.json with that table."""
+    for flags, message in ((["--preset", "tinny"], "--preset tinny: not a preset of core (124m, tiny)"),
+                           (["--preset", "cor=tiny"], "--preset cor=tiny: not a preset of core"),
+                           (["--batch-size", "-1"], "--batch-size must be >= 0"),
+                           (["--steps", "0"], "--steps >= 1"), (["--warmup", "-1"], "--warmup >= 0")):
+        fails_in_one_line(capsys, bench.main(["--papers", "core", "--device", "cpu", "--out", str(tmp_path), *flags]),
+                          message)
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bench: downstream: multiple choice, rolling log-likelihood, generation
 
