@@ -1243,6 +1243,10 @@ def main(argv=None):
             raise core.ConfigError("--jobs must be at least 1")
         if args.batch < 0 or args.steps < 1 or args.warmup < 0:  # every row skipped, or a ZeroDivisionError row
             raise core.ConfigError("--batch-size must be >= 0 (0: the preset's), --steps >= 1, --warmup >= 0")
+        if args.max_iters < 1 or not 0 <= args.tokens < math.inf:  # nan too: a traceback; 0 steps: a run of nothing
+            raise core.ConfigError("--max-iters must be at least 1 and --tokens a number >= 0")
+        if args.ddp < 0 or args.ddp == 1:  # --ddp 1 trained into ddp1 twice
+            raise core.ConfigError("--ddp takes a number of processes >= 2")
         args.data = args.data or "data/docs"
         args.out = args.out or os.path.join("runs", "compare" if args.compare else "ddp" if args.ddp else "bench")
         if args.compare:

@@ -6247,7 +6247,7 @@ def test_bench_variant_roles_of_every_paper():
             assert bench.make_cfg(s, v, bench.preset_for(n, {}, gpu=True)).n_embd >= 768
 
 
-def test_bench_cli_errors(capsys):
+def test_bench_cli_errors(capsys, tmp_path):
     assert bench.main(["--papers", "nope", "--device", "cpu"]) == 2
     assert bench.main(["--compare", "--data", "/nonexistent/dir"]) == 2
     assert bench.main(["--eval-tasks", "mc.jsonl"]) == 2
@@ -6261,6 +6261,13 @@ def test_bench_cli_errors(capsys):
                            (["--report", "--out", "/nonexistent/dir"], "--report: no runs in /nonexistent/dir")):
         assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--device", "cpu", *flags]) == 2
         assert_one_line_error(capsys.readouterr().err, message)
+    for flags, message in ((["--compare", "--tokens", "nan"], "--tokens a number >= 0"),  # a ValueError traceback
+                           (["--compare", "--tokens", "-1"], "--max-iters must be at least 1"),  # trained 0 steps, rc 0
+                           (["--compare", "--max-iters", "0"], "--max-iters must be at least 1"),
+                           (["--ddp", "1"], "--ddp takes a number of processes >= 2")):
+        assert bench.main(["--data", core.DEFAULT_DATA, "--device", "cpu", "--out", str(tmp_path), *flags]) == 2
+        assert_one_line_error(capsys.readouterr().err, message)
+    assert os.listdir(tmp_path) == []
     assert bench.main(["--compare", "--data", core.DEFAULT_DATA, "--evals", "0", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: --evals must be at least 1\n"
     for action in ([], ["--compare", "--data", core.DEFAULT_DATA]):
