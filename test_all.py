@@ -1418,11 +1418,11 @@ def test_core_divergence_without_a_checkpoint_says_so(tutorial, tmp_path):
 
 def test_core_plot_of_a_damaged_log_or_an_unwritable_png_is_one_line(core_run, tmp_path, capsys):
     """Tracebacks before: UnicodeDecodeError, AttributeError ('list' has no .get), IsADirectoryError."""
-    for name, text in (("binary", b"\xff\xfe\n"), ("lists", b"[1]\n[2]\n")):
+    for name, text, message in (("binary", b"\xff\xfe\n", "not a training log (not UTF-8 text)"),
+                                ("lists", b"[1]\n[2]\n", "line 1 is not a JSON object")):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "log.jsonl").write_bytes(text)
-        fails_in_one_line(capsys, core_main("--plot", "--out", tmp_path / name), "log.jsonl: " +
-                          ("not a training log (not UTF-8 text)" if name == "binary" else "line 1 is not a JSON object"))
+        fails_in_one_line(capsys, core_main("--plot", "--out", tmp_path / name), "log.jsonl: " + message)
     run = shutil.copytree(core_run, tmp_path / "run")
     os.makedirs(run / "loss.png")
     fails_in_one_line(capsys, core_main("--plot", "--out", run), "cannot write")
