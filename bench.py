@@ -140,6 +140,14 @@ def check_presets(presets, names):
                 f"{script(n).name} ({', '.join(sorted(script(n).config.PRESETS))})" for n in names))
 
 
+def check_impls(which, names):
+    """--impl: each name an attention path of one of the scripts (a typo dropped silently timed the others only)."""
+    unknown = set(which.split(",")) - {"all"} - {i for n in names for i in script(n).config.ATTN_IMPLS}
+    if unknown:
+        raise core.ConfigError(f"--impl {','.join(sorted(unknown))}: not an attention path of " + ", ".join(
+            f"{script(n).name} ({', '.join(script(n).config.ATTN_IMPLS)})" for n in names))
+
+
 def check_variants(which, names):
     """--variants: each name a row of one of the scripts (all and main pick rows of each)."""
     if which in (None, "", "all", "main"):
@@ -316,9 +324,11 @@ def run_rows(specs, log_paths):
 def speed_specs(args, gpu):
     """Rows to run; configs that the script refuses become 'skip' rows right away."""
     presets, seqs, specs = parse_presets(args.preset), seq_list(args, gpu), []
-    check_variants(args.variants, papers(args.papers, with_core=True))
-    check_presets(presets, papers(args.papers, with_core=True))
-    for name in papers(args.papers, with_core=True):
+    names = papers(args.papers, with_core=True)
+    check_variants(args.variants, names)
+    check_presets(presets, names)
+    check_impls(args.impl, names)
+    for name in names:
         s = script(name)
         preset = preset_for(name, presets, gpu)
         impls = [i for i in s.config.ATTN_IMPLS if i != "auto"] if args.impl == "all" else args.impl.split(",")

@@ -156,6 +156,7 @@ class Config:
               "--warmup-iters, --weight-decay and --grad-clip must be >= 0")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
         check(0 <= self.seed < 2**63, "--seed must be in [0, 2**63)")  # numpy's and torch's seeds (seed + step)
+        check(self.norm_eps > 0 and self.rope_theta > 0, "--norm-eps and --rope-theta must be > 0")
 
     def label(self):
         """The model as output names it: its variant, and a paper's knob that tells its runs apart (reflex's split)."""

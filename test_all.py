@@ -1905,6 +1905,7 @@ def test_core_help_examples_are_one_command_a_line_on_folders_prepare_writes():
     (["--train", "--max-iters", "ten"], "invalid int value"),
     (["--train", "--seed", "-1"], "--seed must be in [0, 2**63)"),  # numpy's and torch's tracebacks
     (["--train", "--beta2", "1.5"], "--beta1 and --beta2 must be in [0, 1)"),  # AdamW's
+    (["--train", "--norm-eps", "-1"], "--norm-eps and --rope-theta must be > 0"),  # it said: training diverged
     (["--eval", "--out", "/nonexistent"], "checkpoint not found"),
 ])
 def test_core_cli_user_mistakes_give_one_line(args, msg):
@@ -6282,7 +6283,8 @@ def test_bench_speed_flag_mistakes_are_one_line_before_any_row(tmp_path, capsys)
     for flags, message in ((["--preset", "tinny"], "--preset tinny: not a preset of core (124m, tiny)"),
                            (["--preset", "cor=tiny"], "--preset cor=tiny: not a preset of core"),
                            (["--batch-size", "-1"], "--batch-size must be >= 0"),
-                           (["--steps", "0"], "--steps >= 1"), (["--warmup", "-1"], "--warmup >= 0")):
+                           (["--steps", "0"], "--steps >= 1"), (["--warmup", "-1"], "--warmup >= 0"),
+                           (["--impl", "sdpa,flexx"], "--impl flexx: not an attention path of core (auto, ")):
         fails_in_one_line(capsys, bench.main(["--papers", "core", "--device", "cpu", "--out", str(tmp_path), *flags]),
                           message)
     assert os.listdir(tmp_path) == []
