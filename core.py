@@ -1548,6 +1548,9 @@ def build_parser(paper):
             kw["type"] = type(f.default)
         if f.name == "variant" and cfg_cls.VARIANTS:
             kw.update(choices=list(cfg_cls.VARIANTS), help=f"the model (default: {paper.main}; see below)")
+        if f.name == "attn_impl":  # the paths of this script's config (a paper's differ from the core's)
+            kw["help"] = (f"attention path: {', '.join(cfg_cls.ATTN_IMPLS)} (auto: the fastest available; eager: the "
+                          f"reference) (default: {f.default!r})")
         c.add_argument(f"--{f.name.replace('_', '-')}", **kw)
     return p
 

@@ -1838,6 +1838,16 @@ def test_core_cli_help_lists_every_field():
         assert "--" + f.replace("_", "-") in out
 
 
+@pytest.mark.parametrize("name", ["core", *bench.PAPERS])
+def test_core_help_names_the_scripts_own_attention_paths(name):
+    """--attn-impl's help lists the paths its script accepts (cogformer's said sdpa, flex, flash, which it refuses, and
+    not flex2x or triton)."""
+    paper = bench.script(name)
+    text = " ".join(core.build_parser(paper).format_help().split())
+    line = re.search(r"--attn-impl ATTN_IMPL attention path: (.*?) \(default", text).group(1)
+    assert re.findall(r"\w+", line.split(" (")[0]) == list(paper.config.ATTN_IMPLS), line
+
+
 def readme_commands():
     """Every `python <script>.py ...` line of the README's bash blocks as (script, argv): `<script>` stands for each
     script, `[...]` (optional flags) and `<...>` (a value to fill in) are dropped or filled, shell loops unrolled."""
