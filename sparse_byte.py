@@ -90,7 +90,8 @@ class SparseByteConfig(core.Config):
     seq_length: int = core.opt(0, "thesis --seq_length: sets block_size (0: keep --block-size)")
     num_epochs: float = core.opt(0.0, "thesis --num_epochs: sets max_iters = epochs * (train tokens // (batch_size "
                                       "* block_size)) // (grad_accum * processes) (0: keep --max-iters)", True)
-    mask_subset: str = core.opt("0123", "sparse: thesis clusters kept (0 local-16, 3 local-32, 1 strided, 2 global)")
+    mask_subset: str = core.opt("0123", "sparse: thesis clusters kept (0 local i-j <= 8, 3 local <= 16, 1 strided, "
+                                        "2 global)")
     body: str = core.opt("ours", "ours (core GPT-2 body) or thesis (the thesis's own: dense EnhancedCharTransformer, "
                                  "sparse SparseByteTransformer; always with biases)")
     inverted_mask: bool = core.opt(False, "sparse: the thesis's as-run SDPA mask, the inverse of the pattern: the "
