@@ -84,7 +84,7 @@ class Config:
     rope_theta: float = opt(10000.0, "RoPE base (llama family)")
     variant: str = opt("", "model variant (a paper script lists its own at the end of --help)")
     # run
-    attn_impl: str = opt("auto", "attention path: auto (fastest available), eager (reference), sdpa, flex, flash", True)
+    attn_impl: str = opt("auto", "attention path; auto: the fastest available, eager: the reference", True)
     dropout: float = opt(0.0, "dropout probability", True)
     data: str = opt("", "dataset directory made by prepare.py ('' = the checkpoint's, else the embedded Python "
                         "tutorial, bytes)", True)
@@ -1541,16 +1541,16 @@ def build_parser(paper):
         g.add_argument(flag, **kw)
     c = p.add_argument_group("config")
     for f in dataclasses.fields(cfg_cls):
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
+        text = f.metadata.get("help", "")
+        if f.name == "attn_impl":  # this script's paths (a paper's differ from the core's)
+            text += f"; one of {', '.join(cfg_cls.ATTN_IMPLS)}"
+        kw = dict(default=argparse.SUPPRESS, help=f"{text} (default: {f.default!r})")
         if f.type in (bool, "bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = type(f.default)
         if f.name == "variant" and cfg_cls.VARIANTS:
             kw.update(choices=list(cfg_cls.VARIANTS), help=f"the model (default: {paper.main}; see below)")
-        if f.name == "attn_impl":  # the paths of this script's config (a paper's differ from the core's)
-            kw["help"] = (f"attention path: {', '.join(cfg_cls.ATTN_IMPLS)} (auto: the fastest available; eager: the "
-                          f"reference) (default: {f.default!r})")
         c.add_argument(f"--{f.name.replace('_', '-')}", **kw)
     return p
 
