@@ -1123,7 +1123,7 @@ def lr_mult(it, cfg):
     if it < cfg.warmup_iters:
         return (it + 1) / (cfg.warmup_iters + 1)
     if cfg.schedule == "wsd":
-        cool = cfg.cooldown_frac * decay
+        cool = int(cfg.cooldown_frac * decay)  # whole steps, as the ExoFormer's train.py (warmdown_steps)
         return 1.0 if it < decay - cool else max(floor, floor + (1 - floor) * (decay - it) / max(cool, 1))
     progress = min(1.0, (it - cfg.warmup_iters) / max(1, decay - cfg.warmup_iters))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -36,14 +36,17 @@ gates are elementwise work around it that torch.compile fuses; no T x T tensor o
 
 Deviations: fp32 master weights under bf16 autocast (the paper casts the weights themselves to bf16); fp32 RoPE tables;
 warm-up (it+1)/(W+1) (core's schedule) instead of (it+1)/W; the reported val loss is plain cross-entropy (the paper's
-printed val loss includes the z-term, about 1e-5 x lse^2); FlexAttention instead of flash-attn varlen for document
-masks (same math). Our Muon is the published rule (muon/muon.py: Polar Express, NorMuon second moment, cautious weight
-decay) in plain PyTorch ops; torch.optim.Muon (torch >= 2.9) is not used because it runs Newton-Schulz with one fixed
-coefficient triple, plain decoupled decay and no second moment, a different update. The paper text was not
-available here: the variant definitions above follow the official code and README; ResFormer is taken ungated as in
-Zhou et al. Downstream tasks (run_eval.py) go through bench.py --eval-tasks (not checked here). Not reproduced:
-options off in the paper runs (smear gate, per-layer backout, anchor delta, YaRN, SkyLadder): such checkpoints are
-refused.
+printed val loss includes the z-term, about 1e-5 x lse^2); FlexAttention instead of flash-attn varlen for document masks
+(same math). Ambiguity: model3.py (the static ExoFormer) doubles its lambda init when its config's
+dynamic_mixing_enabled is on, and that flag defaults to on in model3's config and train.py although model3 has no
+dynamic module; whether the paper's static runs switched it off is not recorded. Ours starts at 0.5 (--lambda-init 1.0
+gives model3's default; published files carry their own lambdas). Our Muon is the published rule (muon/muon.py: Polar
+Express, NorMuon second moment, cautious weight decay) in plain PyTorch ops; torch.optim.Muon (torch >= 2.9) is not used
+because it runs Newton-Schulz with one fixed coefficient triple, plain decoupled decay and no second moment, a different
+update. The paper text was not available here: the variant definitions above follow the official code and README;
+ResFormer is taken ungated as in Zhou et al. Downstream tasks (run_eval.py) go through bench.py --eval-tasks (not
+checked here). Not reproduced: options off in the paper runs (smear gate, per-layer backout, anchor delta, YaRN,
+SkyLadder): such checkpoints are refused.
 
     python exoformer.py --train --preset small --data data/docs --out runs/exo_dyn           # Dynamic E-ExoFormer
     python exoformer.py --train --preset small --data data/docs --variant resformer --out runs/exo_res

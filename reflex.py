@@ -36,9 +36,8 @@ baseline's (reflex changes which K/V a head reads, not how much work it does), s
 count. `--attn-impl eager` runs the reference: one eager attention call per head group against its own layer's K/V,
 as the original does.
 
-Deviations from the original:
-  - One fused c_attn (C -> 3C) instead of three Linear layers query/key/value: the same map (c_attn's rows are
-    [W_q; W_k; W_v]) and the same N(0, 0.02) init, so the models are equivalent.
+Deviations from the original (its model.py at HEAD has one fused c_attn, as here; separate query/key/value Linears
+existed only between commits 05cfd6c and ef15ae3, and from_original reads both):
   - The original's LayerNorm eps 1e-6 is kept as this script's default --norm-eps (the core default is 1e-5).
   - The core model has no residual dropout after c_proj (the original's resid_dropout); its experiments use dropout 0.
   - Training uses the core loop: its warm-up is (it+1)/(warmup+1) (nanoGPT: it/warmup), batches are a pure function

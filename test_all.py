@@ -601,6 +601,9 @@ def test_core_lr_schedule_decay_horizon_and_floor():
                 for schedule in ("cosine", "wsd"))  # the multiplier's floor is min_lr / lr: 0.1 here, not 0.2
     assert core.lr_mult(100, cos) == pytest.approx(0.1) and core.lr_mult(50, cos) == pytest.approx(0.55)
     assert core.lr_mult(100, wsd) == pytest.approx(0.1) and core.lr_mult(90, wsd) == pytest.approx(0.55)
+    paper = tiny(lr=1.0, min_lr=0.1, warmup_iters=0, max_iters=38147, schedule="wsd", cooldown_frac=0.2)
+    assert core.lr_mult(30517, paper) == core.lr_mult(30518, paper) == 1.0  # the cool-down: int(0.2 x 38147) = 7629
+    assert core.lr_mult(38146, paper) == pytest.approx(0.1 + 0.9 / 7629, rel=1e-12)  # steps, as the ExoFormer's
 
 
 def test_core_fmt_time_is_minutes_and_seconds_below_an_hour_then_hours_and_minutes():
