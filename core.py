@@ -353,7 +353,9 @@ class Attention(nn.Module):
         """The reference: materialises the (T, S) scores; reports probabilities when recording."""
         T, S = q.size(-2), k.size(-2)
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, S)
-        att = att.masked_fill(~self.eager_mask(T, S, ctx, q.device), float("-inf")).softmax(dim=-1)
+        mask = self.eager_mask(T, S, ctx, q.device)
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a row without a key: zeros, as SDPA's (not NaN)
         if ctx.record is not None:
             ctx.record(self.layer, att)
         att = F.dropout(att, self.dropout, self.training)

@@ -5291,6 +5291,8 @@ def test_sparse_byte_thesis_sparse_file_reproduces_both_attention_paths(tmp_path
         later[:, 40] = (later[:, 40] + 1) % 256
         assert not torch.allclose(as_run(later)[:, :40], as_run(idx)[:, :40])  # as run, it reads the future
         torch.testing.assert_close(intended(later)[:, :40], intended(idx)[:, :40])
+        short = idx[:, :16]  # rows the inverted mask leaves without a key: zero weights in every path, as SDPA's
+        torch.testing.assert_close(as_run(short, record=lambda layer, p: None), as_run(short), atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_byte_thesis_file_settings_block_size_from_positions_mask_subset_and_other_dropouts(tmp_path, capsys):
