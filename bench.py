@@ -132,20 +132,25 @@ def row_flags(s, variant):
     return [x for k, v in row_over(s, variant).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def offers(names, values):
+    """'core (124m, tiny), reflex (...)': what each script offers, for an error line. values: config -> names."""
+    return ", ".join(f"{script(n).name} ({', '.join(values(script(n).config))})" for n in names)
+
+
 def check_presets(presets, names):
     """--preset: each entry a preset of one of the scripts (script=NAME: of that script), not a skip of every row."""
     for who, preset in presets.items():
         if not any(who in ("*", n, script(n).name) and preset in script(n).config.PRESETS for n in names):
-            raise core.ConfigError(f"--preset {'' if who == '*' else who + '='}{preset}: not a preset of " + ", ".join(
-                f"{script(n).name} ({', '.join(sorted(script(n).config.PRESETS))})" for n in names))
+            raise core.ConfigError(f"--preset {'' if who == '*' else who + '='}{preset}: not a preset of "
+                                   + offers(names, lambda c: sorted(c.PRESETS)))
 
 
 def check_impls(which, names):
     """--impl: each name an attention path of one of the scripts (a typo dropped silently timed the others only)."""
     unknown = set(which.split(",")) - {"all"} - {i for n in names for i in script(n).config.ATTN_IMPLS}
     if unknown:
-        raise core.ConfigError(f"--impl {','.join(sorted(unknown))}: not an attention path of " + ", ".join(
-            f"{script(n).name} ({', '.join(script(n).config.ATTN_IMPLS)})" for n in names))
+        raise core.ConfigError(f"--impl {','.join(sorted(unknown))}: not an attention path of "
+                               + offers(names, lambda c: c.ATTN_IMPLS))
 
 
 def check_variants(which, names):
@@ -1047,7 +1052,8 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
     src, state, info, _ = core.read_model(s, path, ckpt=ckpt)
     model = core.load_state(s.build_model(core.config_from_dict(s.config, src)), state, path)
     device = core.resolve_device(argparse.Namespace(device=device))
-    tok, prefix = tokenizer_of(data or (info or {}).get("path") or src.get("data"))
+    data = data or (info or {}).get("path") or src.get("data")
+    tok, prefix = tokenizer_of(data)
     if (info or {}).get("tokenizer") not in (None, tok.name):  # its ids would index another vocabulary
         raise core.ConfigError(f"{data} holds {tok.name} tokens; the model was trained on {info['tokenizer']}: pass "
                                "--data with its tokenizer")
