@@ -152,6 +152,9 @@ class ExoConfig(core.Config):
         check(self.anchor in ("none", "layer0", "exo"), f"--anchor must be none, layer0 or exo, not {self.anchor!r}")
         check(set(self.mix) <= set(PATHS) and set(self.anchor_norm) <= set(PATHS),
               "--mix and --anchor-norm take a subset of the letters qkvg")
+        # in PATHS order, each letter once: --mix gv is nuresformer_nkqr's vg (its label, the saved config)
+        self.mix, self.anchor_norm = ("".join(p for p in PATHS if p in s) for s in (self.mix, self.anchor_norm))
+        check(self.anchor != "none" or not self.anchor_norm, "--anchor-norm needs an anchor (--anchor layer0 or exo)")
         check("g" not in self.mix or self.gate == "on", "mixing the gate (--mix with g) needs --gate on")
         check(bool(self.mix) == (self.anchor != "none"), "--mix and --anchor go together: both set or both none")
         check(self.dynamic == "off" or set(self.mix) == set(PATHS[:4 if self.gate == "on" else 3]),

@@ -4330,6 +4330,7 @@ def test_exoformer_label_names_the_model_the_axes_make():
     assert exo.ExoConfig(variant="baseline", gate="on").label() == "gated"  # numbers printed under its real name
     assert exo.ExoConfig(variant="baseline", gate="on", mix="g", anchor="layer0").label() == \
         "baseline with gate=on, mix=g, anchor=layer0"
+    assert exo.ExoConfig(variant="resformer", gate="on", mix="gv").label() == "nuresformer_nkqr"  # any letter order
 
 
 def test_exoformer_cli_errors_are_one_line(capsys):
@@ -4337,6 +4338,7 @@ def test_exoformer_cli_errors_are_one_line(capsys):
                       (["--train", "--family", "gpt2"], "--family must be llama"),
                       (["--train", "--gate", "off", "--mix", "qg", "--anchor", "exo"], "needs --gate on"),
                       (["--train", "--variant", "baseline", "--mix", "v"], "--mix and --anchor go together"),
+                      (["--train", "--variant", "baseline", "--anchor-norm", "qkvg"], "--anchor-norm needs an anchor"),
                       (["--train", "--doc-sep", "-5"], "--doc-sep must be a token id, or -1 for off"),
                       (["--analyze", "--init-from", "missing.pt"], "checkpoint not found")):
         assert exo.main(args) == 2
