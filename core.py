@@ -1576,6 +1576,11 @@ def configure(paper, args, chosen):
         cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=min(cfg.warmup_iters, steps // 10),
                                   eval_interval=min(cfg.eval_interval, steps // 5))
     cfg.out = cfg.out or paper.default_out(cfg)
+    if cfg.resume and (args.overwrite or cfg.init_from):
+        raise ConfigError(f"--resume continues the run in {cfg.out}; --{'overwrite' if args.overwrite else 'init-from'} "
+                          "starts a new one: pass one of them")
+    if "train" in chosen and not cfg.max_iters:
+        raise ConfigError("--max-iters 0: nothing to train")
     info = model = ckpt = None
     schedule = []  # --resume: schedule flags that differ from the run's
     if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):

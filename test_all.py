@@ -1920,6 +1920,9 @@ def test_core_help_examples_are_one_command_a_line_on_folders_prepare_writes():
     (["--train", "--beta2", "1.5"], "--beta1 and --beta2 must be in [0, 1)"),  # AdamW's
     (["--train", "--norm-eps", "-1"], "--norm-eps and --rope-theta must be > 0"),  # it said: training diverged
     (["--eval", "--out", "/nonexistent"], "checkpoint not found"),
+    (["--train", "--max-iters", "0"], "--max-iters 0: nothing to train"),  # it exited 0 with an empty run folder
+    (["--train", "--resume", "--overwrite", "--out", "/nonexistent"], "--overwrite starts a new one"),  # ignored
+    (["--train", "--resume", "--init-from", "x.pt", "--out", "/nonexistent"], "--init-from starts a new one"),
 ])
 def test_core_cli_user_mistakes_give_one_line(args, msg):
     rc, out, err = run_cli("core.py", *args, "--device", "cpu")
