@@ -559,6 +559,8 @@ class GPT(nn.Module):
         doc = self.doc_ids(idx) if doc is None else doc
         ctx = Ctx(doc=None if doc is None else documents(doc, idx.device, self.paths), record=record)
         T = idx.size(1)
+        if T > self.cfg.block_size:  # RoPE's tables and wpe stop there (it was a raw size mismatch or IndexError)
+            raise ValueError(f"{T} tokens are more than the model's block_size ({self.cfg.block_size})")
         if ctx.doc is not None and idx.is_cuda and self.cfg.attn_impl != "eager":  # the fast paths' document mask
             flex_block_mask(ctx, doc_causal_mask_mod(ctx), T, T, idx.device)
         if self.cfg.family == "llama":

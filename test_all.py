@@ -192,6 +192,8 @@ def test_core_forward_backward_shapes(family):
         assert model.lm_head.weight is model.transformer.wte.weight
     else:
         assert model.lm_head.weight is not model.transformer.wte.weight and "wpe" not in model.transformer
+    with pytest.raises(ValueError, match=r"^65 tokens are more than the model's block_size \(64\)$"):
+        model(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))  # a raw size mismatch or IndexError before
 
 
 def test_core_gpt2_small_parameter_count():
