@@ -391,9 +391,10 @@ def last_val_loss(log):
     return next((r["val_loss"] for r in reversed(log) if r.get("val_loss") is not None), None)
 
 
-def analyze_model(path, data, tok, seed, device):
-    """layer_stats over N_WINDOWS val windows, and |h| of one block over positions × channels for PROMPT."""
-    model = core.load_model(PAPER, path, device, data=data).float()
+def analyze_model(path, data, tok, seed, device, given=None):
+    """layer_stats over N_WINDOWS val windows, and |h| of one block over positions × channels for PROMPT. given: the
+    command line's flags (a model flag that contradicts the checkpoint is refused)."""
+    model = core.load_model(PAPER, path, device, given, data).float()
     cfg, L = model.cfg, model.cfg.n_layer
     s = layer_stats(model, [data.batch("val", 1, cfg.block_size, seed, 0, i, device) for i in range(N_WINDOWS)])
     ids, layer, out = tok.encode(PROMPT)[:cfg.block_size], min(5, L - 1), []  # a model of few positions: its share
@@ -413,15 +414,15 @@ def analyze_model(path, data, tok, seed, device):
                             abs=[sig(r) for r in grid.tolist()]))
 
 
-def analyze_source(source, data, tok, seed, device):
+def analyze_source(source, data, tok, seed, device, given=None):
     """analyze_model of a checkpoint; a run folder's result is kept in it (activations.json), so that the figure of
     several runs can be drawn where their checkpoints are gone (logs copied back from a GPU machine, each run
     trained in its own lease) as long as the kept result is of the run's final model (its log's last val loss)."""
     if not os.path.isdir(source):
-        return analyze_model(source, data, tok, seed, device)
+        return analyze_model(source, data, tok, seed, device, given)
     ckpt, kept = os.path.join(source, "ckpt.pt"), os.path.join(source, "activations.json")
     if os.path.exists(ckpt) or not os.path.exists(kept):
-        res = analyze_model(ckpt, data, tok, seed, device)  # no checkpoint, nothing kept: its one-line error
+        res = analyze_model(ckpt, data, tok, seed, device, given)  # no checkpoint, nothing kept: its one-line error
         with core.atomic(kept, "w") as f:
             json.dump(res, f)
         return res
@@ -452,7 +453,8 @@ def analyze(cfg, args):
     device = core.resolve_device(cfg)
     data = core.TokenData(cfg.data)
     tok = core.get_tokenizer(data.tokenizer)
-    results = [analyze_source(s, data, tok, cfg.seed, device) for s in args.runs or [cfg.init_from or cfg.out]]
+    sources = args.runs or [cfg.init_from or cfg.out]
+    results = [analyze_source(s, data, tok, cfg.seed, device, vars(args)) for s in sources]
     base = next((r["step_ms"] for r in results if r["variant"] == "default" and r["step_ms"]), None)
     for r in results:
         r["x_default"] = round(r["step_ms"] / base, 3) if base and r["step_ms"] else None

@@ -469,10 +469,10 @@ PROBES = {"count_ones": ("How many ones are in the following sequences?", lambda
 PROBE_LENGTHS = (200, 400, 600, 800, 1000, 2000)
 
 
-def model_and_tokenizer(cfg):
+def model_and_tokenizer(cfg, args):
     """The model (--init-from or <out>/ckpt.pt), its device and the dataset's tokenizer."""
     data = core.TokenData(cfg.data)
-    model = core.load_model(PAPER, checkpoint(cfg), data=data)
+    model = core.load_model(PAPER, checkpoint(cfg), given=vars(args), data=data)
     tok = core.get_tokenizer(data.tokenizer)
     device = core.resolve_device(cfg)
     return model.to(device), device, tok
@@ -500,7 +500,7 @@ def _save(cfg, name, fig, result):
 @torch.no_grad()
 def attn_grid(cfg, args):
     """Signed weights of the last query for every layer and head (figs 9/10); text from --prompt."""
-    model, device, tok = model_and_tokenizer(cfg)
+    model, device, tok = model_and_tokenizer(cfg, args)
     text = ABSTRACT if args.prompt == "\n" else args.prompt
     if not tok.encode(text):
         raise core.ConfigError("--attn-grid needs a non-empty --prompt")
@@ -527,7 +527,7 @@ def attn_grid(cfg, args):
 def probe(cfg, args):
     """Fig 5: L∞ distance of the final-norm output at the last position between two prompts differing in one
     digit, averaged over head-sized chunks, normalised by the shortest n. Digits are encoded one by one."""
-    model, device, tok = model_and_tokenizer(cfg)
+    model, device, tok = model_and_tokenizer(cfg, args)
     digit = {d: tok.encode(d) for d in "01"}
     if any(len(ids) != 1 for ids in digit.values()):
         raise core.ConfigError(f"the {tok.name} tokenizer does not encode a digit as one token")
@@ -564,7 +564,7 @@ def probe(cfg, args):
 @torch.no_grad()
 def neg_mass(cfg, args):
     """Share of the attention mass Σ|W| on negative weights, per layer, over eval_iters val batches."""
-    model, device, _ = model_and_tokenizer(cfg)
+    model, device, _ = model_and_tokenizer(cfg, args)
     data = core.TokenData(cfg.data)
     T = min(cfg.block_size, model.cfg.block_size)
     mass = torch.zeros(model.cfg.n_layer)

@@ -1090,11 +1090,29 @@ def check_tokenizer(info, data):
                           f"{info['tokenizer']}{vocab}: pass --data with its tokenizer")
 
 
+def refuse_contradictions(paper, src, given, path, training=False):
+    """A model flag given (e.g. --n-layer) that differs from the checkpoint's config src is refused: the model's
+    settings come from its checkpoint. A shorter --block-size is allowed (eval windows) unless training, where the
+    model would save the flag's block_size with its weights. -> the config as saved."""
+    mine = config_from_dict(paper.config, src)  # as saved, normalised
+    wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
+        paper.config, run=False)})
+    for k in sorted(field_names(paper.config, run=False, override=False)):
+        shorter = k == "block_size" and wanted.block_size < mine.block_size and not training
+        if getattr(wanted, k) != getattr(mine, k) and not shorter:
+            raise ConfigError(f"--{k.replace('_', '-')} {getattr(wanted, k)} contradicts {path} ({k} "
+                              f"{getattr(mine, k)}): the model's settings come from its checkpoint")
+    return mine
+
+
 def load_model(paper, path, device="cpu", given=None, data=None):
     """A checkpoint -> the model it holds, in eval mode; one line when this script cannot read it. given: flags of
-    the command line (read by paper.convert; override fields among them apply). data: the TokenData the model will
-    read; a checkpoint that records another tokenizer is refused."""
+    the command line (read by paper.convert; override fields among them apply; model flags that contradict the
+    checkpoint are refused). data: the TokenData the model will read; a checkpoint that records another tokenizer is
+    refused."""
     src, state, info, _ = read_model(paper, path, given)
+    if given:
+        refuse_contradictions(paper, src, given, path)
     if data:
         check_tokenizer(info, data)
     over = {k: v for k, v in (given or {}).items() if k in field_names(paper.config, override=True)}
@@ -1579,8 +1597,8 @@ def configure(paper, args, chosen):
                                   eval_interval=min(cfg.eval_interval, steps // 5))
     cfg.out = cfg.out or paper.default_out(cfg)
     if cfg.resume and (args.overwrite or cfg.init_from):
-        raise ConfigError(f"--resume continues the run in {cfg.out}; --{'overwrite' if args.overwrite else 'init-from'} "
-                          "starts a new one: pass one of them")
+        new = "--overwrite" if args.overwrite else "--init-from"
+        raise ConfigError(f"--resume continues the run in {cfg.out}; {new} starts a new one: pass one of them")
     if "train" in chosen and not cfg.max_iters:
         raise ConfigError("--max-iters 0: nothing to train")
     info = model = ckpt = None
@@ -1588,15 +1606,7 @@ def configure(paper, args, chosen):
     if cfg.resume or cfg.init_from or {"eval", "sample"} & set(chosen):
         path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume or not cfg.init_from else cfg.init_from
         src, state, info, ckpt = read_model(paper, path, given)
-        mine = config_from_dict(paper.config, src)  # as saved, normalised
-        wanted = config_from_dict(paper.config, src, **{k: v for k, v in given.items() if k in field_names(
-            paper.config, run=False)})
-        for k in sorted(field_names(paper.config, run=False, override=False)):
-            shorter = k == "block_size" and wanted.block_size < mine.block_size and not (  # eval windows only:
-                cfg.resume or "train" in chosen)  # a model trained on saves the flag's block_size with its weights
-            if getattr(wanted, k) != getattr(mine, k) and not shorter:
-                raise ConfigError(f"--{k.replace('_', '-')} {getattr(wanted, k)} contradicts {path} ({k} "
-                                  f"{getattr(mine, k)}): the model's settings come from its checkpoint")
+        mine = refuse_contradictions(paper, src, given, path, training=cfg.resume or "train" in chosen)
         base = src if cfg.resume else {**paper.config.PRESETS.get(preset, {}), **{
             k: getattr(mine, k) for k in field_names(paper.config, run=False)}}
         cfg = config_from_dict(paper.config, base, **{**given, "out": cfg.out})

@@ -559,7 +559,7 @@ def analyze(cfg, args):
     mean = lambda xs: (sum(x for x in xs if x is not None) / sum(x is not None for x in xs)
                        if any(x is not None for x in xs) else None)
     for name, path in zip(names, paths):
-        model = core.load_model(PAPER, path, device, data=data)
+        model = core.load_model(PAPER, path, device, given=vars(args), data=data)
         T = min(cfg.block_size, model.cfg.block_size)  # the model's own positions at most
         windows = list(data.windows("val", T, 4 * T))[:4]
         if not windows:

@@ -1958,6 +1958,26 @@ def test_core_paper_action_into_an_out_that_is_a_file_is_one_line(paper, action,
                                                                                          "head_metrics.csv"]
 
 
+@pytest.mark.parametrize("paper, action", [(ab.PAPER, "--analyze"), (cg.PAPER, "--neg-mass"), (sb.PAPER, "--metrics"),
+                                           (exo.PAPER, "--analyze")], ids=lambda x: getattr(x, "name", None))
+def test_core_paper_action_reading_out_refuses_a_model_flag_that_contradicts_it(paper, action, tutorial, tmp_path,
+                                                                                capsys):
+    """A paper action reading <out>/ckpt.pt refuses model flags that contradict it, as --init-from does (it ran the
+    checkpoint's model under the flags' name)."""
+    torch.manual_seed(0)
+    model = paper.build_model(tiny(paper.config, data=tutorial))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script=paper.name, model=model.state_dict(),
+                                                   config=dataclasses.asdict(model.cfg),
+                                                   data=core.TokenData(tutorial).info()))
+    argv = [action, "--out", str(run), "--data", tutorial, "--device", "cpu", "--n-layer", "5"]
+    assert core.main(paper, argv) == 2
+    assert_one_line_error(capsys.readouterr().err, f"--n-layer 5 contradicts {run / 'ckpt.pt'} (n_layer "
+                                                   f"{model.cfg.n_layer})")
+    assert os.listdir(run) == ["ckpt.pt"]
+
+
 def test_core_cli_bench_without_preset_is_tiny_on_cpu():
     """--help's promise: with neither --preset nor --data, tiny on a CPU (it timed the 124m model: minutes a step)."""
     rc, out, err = run_cli("core.py", "--bench", "--device", "cpu")
