@@ -413,7 +413,7 @@ def test_core_doc_path_names_what_masks_documents_once_each_in_order():
 
 @gpu
 def test_core_gpu_context_builds_the_document_mask_before_the_layers():
-    model = core.GPT(tiny(family="llama")).cuda()
+    model = core.GPT(tiny(family="llama", block_size=256)).cuda()
     idx, doc = torch.randint(0, 256, (2, 256), device="cuda"), torch.zeros(2, 256, dtype=torch.long, device="cuda")
     assert "causal" in model.context(idx, doc).cache and "causal" not in model.context(idx).cache
 
