@@ -1932,6 +1932,17 @@ def test_core_cli_user_mistakes_give_one_line(args, msg):
     assert_one_line_error(err, msg)
 
 
+def tiny_run(paper, data, run):
+    """A run folder holding an untrained tiny model of paper on data (its ckpt.pt alone) -> the model."""
+    torch.manual_seed(0)
+    model = paper.build_model(tiny(paper.config, data=data))
+    os.makedirs(run)
+    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script=paper.name, model=model.state_dict(),
+                                                   config=dataclasses.asdict(model.cfg),
+                                                   data=core.TokenData(data).info()))
+    return model
+
+
 @pytest.mark.parametrize("paper, action, reads", [
     (ab.PAPER, "--analyze", "--runs"), (cg.PAPER, "--attn-grid", "--init-from"), (cg.PAPER, "--probe", "--init-from"),
     (cg.PAPER, "--neg-mass", "--init-from"), (sb.PAPER, "--metrics", "--init-from"), (sb.PAPER, "--cluster", "--runs"),
@@ -1939,13 +1950,8 @@ def test_core_cli_user_mistakes_give_one_line(args, msg):
 def test_core_paper_action_into_an_out_that_is_a_file_is_one_line(paper, action, reads, tutorial, tmp_path, capsys):
     """A paper's action reading a run, with --out naming a file (or a path below one): one line before any work, the
     file kept (it was a FileExistsError or NotADirectoryError traceback, after the work)."""
-    torch.manual_seed(0)
-    model = paper.build_model(tiny(paper.config, data=tutorial))
     run = tmp_path / "run"
-    os.makedirs(run)
-    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script=paper.name, model=model.state_dict(),
-                                                   config=dataclasses.asdict(model.cfg),
-                                                   data=core.TokenData(tutorial).info()))
+    tiny_run(paper, tutorial, run)
     sb.write_metrics_csv(str(run / "head_metrics.csv"), np.ones((2, 4, 3)))  # what --cluster reads
     (tmp_path / "notes.txt").write_text("mine")
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "an"):
@@ -1964,13 +1970,8 @@ def test_core_paper_action_reading_out_refuses_a_model_flag_that_contradicts_it(
                                                                                 capsys):
     """A paper action reading <out>/ckpt.pt refuses model flags that contradict it, as --init-from does (it ran the
     checkpoint's model under the flags' name)."""
-    torch.manual_seed(0)
-    model = paper.build_model(tiny(paper.config, data=tutorial))
     run = tmp_path / "run"
-    os.makedirs(run)
-    core.save_checkpoint(str(run / "ckpt.pt"), dict(format="attnlab", script=paper.name, model=model.state_dict(),
-                                                   config=dataclasses.asdict(model.cfg),
-                                                   data=core.TokenData(tutorial).info()))
+    model = tiny_run(paper, tutorial, run)
     argv = [action, "--out", str(run), "--data", tutorial, "--device", "cpu", "--n-layer", "5"]
     assert core.main(paper, argv) == 2
     assert_one_line_error(capsys.readouterr().err, f"--n-layer 5 contradicts {run / 'ckpt.pt'} (n_layer "
