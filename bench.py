@@ -1057,7 +1057,9 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
     if (info or {}).get("tokenizer") not in (None, tok.name):  # its ids would index another vocabulary
         raise core.ConfigError(f"{data} holds {tok.name} tokens; the model was trained on {info['tokenizer']}: pass "
                                "--data with its tokenizer")
-    return Scorer(model.to(device), tok, prefix, batch_size=batch_size)
+    scorer = Scorer(model.to(device), tok, prefix, batch_size=batch_size)
+    scorer.name = f"{s.label(model.cfg)} ({path}), {tok.name} tokens of {data}"  # the table's model and dataset
+    return scorer
 
 
 def read_mc(path):
@@ -1252,8 +1254,9 @@ def main(argv=None):
                 raise core.ConfigError("--eval-tasks needs --init-from (a checkpoint of any script)")
             if args.limit < 0:
                 raise core.ConfigError("--limit must be >= 0 (0: every example)")
-            run_tasks(load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16), args.eval_tasks,
-                      args.limit)
+            scorer = load_scorer(args.ckpt, args.script, args.data, args.device, args.batch or 16)
+            print(f"{scorer.name}:", flush=True)
+            run_tasks(scorer, args.eval_tasks, args.limit)
             return 0
         if args.jobs < 1:
             raise core.ConfigError("--jobs must be at least 1")

@@ -6506,6 +6506,14 @@ def test_bench_eval_tasks_of_a_checkpoint(tiny_ckpt, mc_file, capsys):
     assert f"| mc.jsonl | acc | {want['acc']:.4f} |" in capsys.readouterr().out
 
 
+def test_bench_eval_tasks_table_names_its_model_and_dataset(tiny_ckpt, mc_file, bytes_data, capsys):
+    """The scores table printed only task, metric and value: nothing said which checkpoint or dataset they were of."""
+    path, _ = tiny_ckpt
+    assert bench.main(["--eval-tasks", mc_file, "--init-from", path, "--device", "cpu"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith("core") and path in head and "bytes tokens of" in head and bytes_data in head, head
+
+
 @pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="needs the offline gpt2.tiktoken")
 def test_bench_eval_tasks_data_of_another_tokenizer_or_negative_limit_is_one_line(tiny_ckpt, mc_file, tmp_path,
                                                                                    monkeypatch, capsys):
