@@ -652,6 +652,7 @@ class Tokenizer:
     decode: object  # list[int] -> str
     eot_token: int
     n_vocab: int
+    token_bytes: object = None  # int -> bytes of that token's text (GPT-2; None: one byte per token)
 
 
 def get_tokenizer(name):
@@ -682,7 +683,7 @@ def get_tokenizer(name):
         except Exception as e:  # no network and no cache
             raise ConfigError(f"cannot load tiktoken's gpt2 vocabulary ({type(e).__name__}); offline, set "
                               "ATTNLAB_TIKTOKEN=/path/to/gpt2.tiktoken") from None
-    return Tokenizer("gpt2", enc.encode_ordinary, enc.decode, enc.eot_token, enc.n_vocab)
+    return Tokenizer("gpt2", enc.encode_ordinary, enc.decode, enc.eot_token, enc.n_vocab, enc.decode_single_token_bytes)
 
 
 def read_tokens(path, dtype):
@@ -1356,8 +1357,16 @@ def evaluate(model, data, cfg, device, split="val", stop=None):
     model.eval()
     T = cfg.block_size
     total, count, windows = 0.0, 0, data.windows(split, T, cfg.eval_tokens)
-    n = sum((len(shard) - 1) // T for shard in data.splits[split]) * T  # tokens to score
-    n = min(n, -(-cfg.eval_tokens // T) * T) if cfg.eval_tokens else n
+    whole = sum((len(shard) - 1) // T for shard in data.splits[split]) * T  # tokens to score
+    n = min(whole, -(-cfg.eval_tokens // T) * T) if cfg.eval_tokens else whole
+    info = data.meta.get("splits", {}).get(split, {})
+    lens, nbytes = None, 0  # a part of a BPE split: its bytes per token are not the split's, count the scored ones
+    if n < whole and data.tokenizer != "bytes" and info.get("bytes"):
+        try:
+            tok = get_tokenizer(data.tokenizer)
+            lens = np.array([0 if i == tok.eot_token else len(tok.token_bytes(i)) for i in range(tok.n_vocab)])
+        except ConfigError:  # no tokenizer here (offline): no bits per byte rather than the split's ratio
+            pass
     t0 = shown = time.time()
     while batch := list(itertools.islice(windows, cfg.batch_size)):
         if stop is not None and stop.is_set():
@@ -1367,6 +1376,7 @@ def evaluate(model, data, cfg, device, split="val", stop=None):
         with autocast(device, cfg):
             total += model(x, y, doc=doc).item() * y.numel()
         count += y.numel()
+        nbytes += int(lens[xy[:, 1:].numpy()].sum()) if lens is not None else 0
         if time.time() - shown > 10:  # long evaluations show progress
             shown, dt = time.time(), time.time() - t0
             print(f"{split}: {count:,} of {n:,} tokens | ETA {fmt_time(dt * (n - count) / count)}", file=sys.stderr,
@@ -1375,9 +1385,11 @@ def evaluate(model, data, cfg, device, split="val", stop=None):
         raise ConfigError(f"the {split} split is shorter than one window of {cfg.block_size + 1} tokens")
     loss = total / count
     res = dict(split=split, tokens=count, loss=loss, ppl=math.exp(min(loss, 50)), bits_per_token=loss / math.log(2))
-    info = data.meta.get("splits", {}).get(split, {})
     if data.tokenizer == "bytes":
         res["bpb"] = res["bits_per_token"]
+    elif n < whole:  # --eval-tokens: bits per byte of the scored text
+        if lens is not None and nbytes:
+            res["bpb"] = res["bits_per_token"] * count / nbytes
     elif info.get("bytes") and info.get("tokens"):  # bits per byte of the scored text
         res["bpb"] = res["bits_per_token"] * info["tokens"] / info["bytes"]
     return res
