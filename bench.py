@@ -954,8 +954,9 @@ def ddp(args, gpu):
 class Scorer:
     """Log-likelihoods and greedy continuations of one model (the engine of the MC scorer and of the adapter)."""
 
-    def __init__(self, model, tok, prefix, batch_size=16):
+    def __init__(self, model, tok, prefix, batch_size=16, name=""):
         self.model, self.tok, self.prefix, self.batch_size = model.eval(), tok, prefix, batch_size
+        self.name = name  # which model and dataset: the head of its scores table
         self.device = next(model.parameters()).device
         self.T = model.cfg.block_size
 
@@ -1057,9 +1058,8 @@ def load_scorer(path, script_name=None, data=None, device="auto", batch_size=16)
     if (info or {}).get("tokenizer") not in (None, tok.name):  # its ids would index another vocabulary
         raise core.ConfigError(f"{data} holds {tok.name} tokens; the model was trained on {info['tokenizer']}: pass "
                                "--data with its tokenizer")
-    scorer = Scorer(model.to(device), tok, prefix, batch_size=batch_size)
-    scorer.name = f"{s.label(model.cfg)} ({path}), {tok.name} tokens of {data}"  # the table's model and dataset
-    return scorer
+    name = f"{s.label(model.cfg)} ({path}), {tok.name} tokens of {data}"
+    return Scorer(model.to(device), tok, prefix, batch_size, name)
 
 
 def read_mc(path):
