@@ -1231,8 +1231,9 @@ def build_parser():
     a("--whole-val", action=argparse.BooleanOptionalAction, default=True, help="--compare: score each trained run "
                                                                             "on the whole val split (minutes on a CPU)")
     a("--eval-iters", type=int, default=None, help="--compare: val batches per evaluation (default: the preset's)")
-    a("--evals", type=int, default=6, help="--compare: evaluations (each a checkpoint and a point of the curve) per "
-                                           "run")
+    a("--evals", type=int, default=6, metavar="K",
+      help="--compare: an evaluation (a checkpoint and a point of the curve) every steps // K steps and at the last "
+           "step: K, or K + 1 where K does not divide the steps")
     a("--seed", type=int, default=1337, help="--compare: seed of every run")
     a("--eval-tasks", default="", help="downstream eval of --init-from: comma list of lm-eval tasks / .yaml / .jsonl "
                                        "files")
