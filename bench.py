@@ -132,6 +132,11 @@ def row_flags(s, variant):
     return [x for k, v in row_over(s, variant).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def row_label(s, variant, cfg):
+    """A row's name: the model as its config names it (e.g. reflex's split), a bench row by its own name."""
+    return f"{s.name}/{variant}" if variant in s.bench_rows else s.label(cfg)
+
+
 def offers(names, values):
     """'core (124m, tiny), reflex (...)': what each script offers, for an error line. values: config -> names."""
     return ", ".join(f"{script(n).name} ({', '.join(values(script(n).config))})" for n in names)
@@ -287,6 +292,13 @@ def exit_line(code, log_path):
     return f"exit {code}: {last[0][:200]}"
 
 
+def child_env(extra=None):
+    """A child process's environment: ours, `extra`, and this folder on PYTHONPATH (bench's rows import bench, a script
+    outside the repo imports core); it runs in our working directory, where the command line's paths are."""
+    return {**os.environ, **(extra or {}), "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get(
+        "PYTHONPATH"))))}
+
+
 def run_rows(specs, log_paths):
     """One process per row, all started at once; once every one is warmed up (or gone), each is timed alone in turn.
     A row not warmed up within ROW_TIMEOUT is stopped. -> the rows, in order."""
@@ -297,7 +309,7 @@ def run_rows(specs, log_paths):
         cmd = [sys.executable, "-c", "import sys, bench; bench.child(sys.argv[1], sys.argv[2])",
                json.dumps({**spec, "gate": gate}), log_path + ".json"]
         with open(log_path, "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env()))
     ready = lambda p, gate: p.poll() is not None or os.path.exists(os.path.join(gate, "ready"))
     deadline = time.time() + ROW_TIMEOUT
     while not all(map(ready, procs, gates)) and time.time() < deadline:
@@ -350,6 +362,7 @@ def speed_specs(args, gpu):
                         spec.update(T=T, B=B, over=dict(block_size=T, batch_size=B, attn_impl=impl, device=args.device,
                                                        dtype=args.dtype, compile=args.compile))
                         cfg = make_cfg(s, variant, preset, **spec["over"])
+                        spec["label"] = row_label(s, variant, cfg)
                         if cfg.residual_dtype != "float32" and core.amp_dtype(core.resolve_device(cfg), cfg) == \
                                 torch.float32:  # the same model as the core row: its time would be noise
                             raise core.ConfigError("--residual-dtype has no effect in a float32 run")
@@ -490,8 +503,8 @@ def speed(args, gpu):
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     checked = {}  # (script, variant, impl) -> parity: checked at T = min(256, the row's T), 256 on GPU rows: once each
     key = lambda spec: (spec["script"], spec["variant"], spec["impl"])
-    log = lambda spec: os.path.join(args.out, "logs", f"{label(spec).replace('/', '-')}-{spec['impl']}-{spec['T']}-"
-                                                      f"{spec['B']}.txt")
+    log = lambda spec: os.path.join(args.out, "logs", f"{label(spec).replace('/', '-').replace(' ', '_')}-"
+                                                      f"{spec['impl']}-{spec['T']}-{spec['B']}.txt")
     for first in range(0, len(specs), args.jobs):  # --jobs rows compile at once, then are timed one by one
         group = specs[first:first + args.jobs]
         for spec in group:
@@ -611,10 +624,8 @@ def train_run(cmd, out, env=None, started=None):
     """Run one training command (with `env` added to the environment); its output goes to <out>/stdout.txt;
     started(process) once it runs. -> error line or None."""
     os.makedirs(out, exist_ok=True)
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, (HERE, os.environ.get("PYTHONPATH"))))}
-    with open(os.path.join(out, "stdout.txt"), "w") as log:  # a script outside the repo still imports core
-        p = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(os.path.join(out, "stdout.txt"), "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
         if started:
             started(p)
         p.wait()
@@ -807,8 +818,9 @@ def compare_cmd(args, s, path, variant, preset):
                         ("--device", args.device), ("--dtype", args.dtype), ("--eval-iters", args.eval_iters)):
         flags += [flag, value] if value and value != "auto" else []
     flags += [] if args.compile else ["--no-compile"]
-    name = f"{s.name}/{variant}" if variant in s.bench_rows else s.label(cfg)
-    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n, name
+    return [sys.executable, path, "--train", "--preset", preset, *row_flags(s, variant), *map(str, flags)], n, \
+        row_label(s, variant, cfg)
+
 
 
 def tokens_to(curve, target):

@@ -5984,10 +5984,10 @@ def test_reflex_original_checkpoint_cli_round_trip(tmp_path, monkeypatch, tutori
 NEWLINE = 10  # the prefix token of a byte-level model (no end-of-text token)
 
 
-def bench_run_cli(*args):
+def bench_run_cli(*args, cwd=HERE):
     """Like run_cli, but the script path stays as given (relative: sys.argv[0], which bench.json and run.json
     record) and the environment is inherited as is."""
-    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=600)
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -6030,15 +6030,20 @@ def direct_loglik(model, context, choice, T=64):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: speed: table, bench.json, chart; parity gate
 
-def test_bench_speed_table_core_and_a_paper(tmp_path):
-    """Six rows, three processes at a time (--jobs 3): all of a group warm up, then each is timed alone."""
-    rc, out, err = bench_run_cli("bench.py", "--papers", "core,reflex", "--device", "cpu", "--steps", 2, "--warmup", 1,
-                           "--jobs", 3, "--out", tmp_path)
+def test_bench_speed_table_core_and_a_paper(tmp_path, monkeypatch):
+    """Six rows, three processes at a time (--jobs 3): all of a group warm up, then each is timed alone. Run from
+    another folder with a relative --out (the rows' processes ran in the repo: they found no such folder); each row
+    named as --compare names it (reflex's split)."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = bench_run_cli(os.path.join(HERE, "bench.py"), "--papers", "core,reflex", "--device", "cpu",
+                                 "--steps", 2, "--warmup", 1, "--jobs", 3, "--out", "out", cwd=tmp_path)
     assert rc == 0, err
+    tmp_path = tmp_path / "out"
     assert not [p for p in os.listdir(tmp_path / "logs") if p.endswith(".gate")]  # the turn files are gone
     lines = [l for l in out.splitlines() if l.startswith("| ")]
     assert [l.split(" | ")[0] for l in lines[1:]] == ["| core", "| core/bf16 residual", "| reflex/baseline",
-                                                      "| reflex/reflex", "| reflex/reflex 4-2-2", "| reflex/reflex all"]
+                                                      "| reflex/reflex 5-2-1", "| reflex/reflex 4-2-2",
+                                                      "| reflex/reflex all"]
     res = json.load(open(tmp_path / "bench.json"))
     assert res["device"] == "cpu" and res["torch"] == torch.__version__ and "git" in res
     rows = {bench.label(r): r for r in res["rows"]}
@@ -6048,7 +6053,8 @@ def test_bench_speed_table_core_and_a_paper(tmp_path):
         assert r["status"] == "ok" and r["T"] == 64 and r["tok_s"] > 0 and r["ms"] > 0 and "gate" not in r
         assert r["parity"]["status"] == "ok" and r["parity"]["err"] < 1e-4 and r["parity"]["impls"] == ["sdpa"]
     assert rows["reflex/baseline"]["x_baseline"] == 1.0 and rows["core"]["x_core"] == 1.0
-    assert rows["reflex/reflex"]["x_core"] == pytest.approx(rows["reflex/reflex"]["tok_s"] / rows["core"]["tok_s"])
+    r = rows["reflex/reflex 5-2-1"]
+    assert r["x_core"] == pytest.approx(r["tok_s"] / rows["core"]["tok_s"])
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -6174,20 +6180,20 @@ def test_bench_row_selection_and_scaling_batches():
                                             "--preset", "tiny"])
     specs = bench.speed_specs(args, gpu=False)
     got = [(bench.label(s), s["T"], s["B"]) for s in specs]
-    assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/reflex", 32, 16),
-                   ("reflex/reflex", 128, 4)]  # the core GPT is the baseline; tokens per step kept at 8 x 64
+    assert got == [("core", 32, 16), ("core", 128, 4), ("reflex/reflex 5-2-1", 32, 16),
+                   ("reflex/reflex 5-2-1", 128, 4)]  # the core GPT is the baseline; tokens per step kept at 8 x 64
     args = bench.build_parser().parse_args(["--papers", "reflex", "--preset", "tiny", "--impl", "eager,flash"])
     specs = bench.speed_specs(args, gpu=True)
     assert [(bench.label(s), s["impl"], s.get("status", "run")[:4]) for s in specs] == [
         ("reflex/baseline", "eager", "run"), ("reflex/baseline", "flash", "run"),
-        ("reflex/reflex", "eager", "run"), ("reflex/reflex", "flash", "run"),
+        ("reflex/reflex 5-2-1", "eager", "run"), ("reflex/reflex 5-2-1", "flash", "run"),
         ("reflex/reflex 4-2-2", "eager", "run"), ("reflex/reflex 4-2-2", "flash", "run"),
         ("reflex/reflex all", "eager", "run"), ("reflex/reflex all", "flash", "run")]
     args = bench.build_parser().parse_args(["--papers", "attn_bias", "--preset", "tiny", "--impl", "cudnn"])
     assert [(bench.label(s), s.get("status", "run")[:4]) for s in bench.speed_specs(args, gpu=True)] == [
         ("attn_bias/default", "skip"), ("attn_bias/attn_bias", "run"), ("attn_bias/sink", "skip")]  # refused
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex"])
-    assert [bench.label(s) for s in bench.speed_specs(args, gpu=False)] == ["core", "reflex/reflex"]
+    assert [bench.label(s) for s in bench.speed_specs(args, gpu=False)] == ["core", "reflex/reflex 5-2-1"]
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--variants", "reflex,nope"])
     with pytest.raises(core.ConfigError, match="--variants nope: not a row of core, reflex"):
         bench.speed_specs(args, gpu=False)  # a mistyped row is named, not dropped
@@ -6208,7 +6214,7 @@ def test_bench_scaling_checks_each_variant_once_and_skips_after_a_fail(tmp_path,
     args = bench.build_parser().parse_args(["--papers", "core,reflex", "--scaling", "--seq", "32,64,128",
                                             "--device", "cpu", "--out", str(tmp_path)])
     assert bench.speed(args, gpu=False) == 1  # a FAIL row: non-zero exit
-    assert ran == [("core", 32, True), ("core", 64, False), ("core", 128, False), ("reflex/reflex", 32, True)]
+    assert ran == [("core", 32, True), ("core", 64, False), ("core", 128, False), ("reflex/reflex 5-2-1", 32, True)]
     rows = json.load(open(tmp_path / "scaling.json"))["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "FAIL", "FAIL", "FAIL"]
     assert all(r["parity"]["status"] == ("FAIL" if r["script"] == "reflex" else "ok") for r in rows)
@@ -6265,7 +6271,7 @@ def test_bench_speed_times_jobs_rows_a_group_and_specs_of_every_path(tmp_path, m
                                             "--out", str(tmp_path / "two")])
     assert bench.speed(args, gpu=False) == 0  # each variant its own check
     assert [(bench.label(r), r.get("check", True)) for r in json.load(open(tmp_path / "two" / "bench.json"))["rows"]] \
-        == [("reflex/baseline", True), ("reflex/reflex", True)]
+        == [("reflex/baseline", True), ("reflex/reflex 5-2-1", True)]
     args = bench.build_parser().parse_args(["--papers", "core", "--impl", "all", "--batch", "3", "--device", "cpu"])
     specs = bench.speed_specs(args, gpu=False)
     assert [(bench.label(s), s["impl"], s["B"], s.get("status", "run")[:4]) for s in specs] == [
@@ -6564,10 +6570,13 @@ def test_bench_lm_eval_missing_is_one_line(tiny_ckpt, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # bench: --compare
 
-def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data):
-    """Both runs train at once (--jobs 2) with identical flags; each is scored on the whole val split."""
-    rc, out, err = bench_run_cli("bench.py", "--compare", "--papers", "reflex", "--preset", "tiny", "--device", "cpu",
-                           "--data", bytes_data, "--max-iters", 4, "--evals", 2, "--jobs", 2, "--out", tmp_path)
+def test_bench_compare_trains_both_variants_on_equal_terms(tmp_path, bytes_data, monkeypatch):
+    """Both runs train at once (--jobs 2) with identical flags; each is scored on the whole val split. Run from
+    another folder with a relative --data (the runs' processes ran in the repo: they found no such dataset)."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = bench_run_cli(os.path.join(HERE, "bench.py"), "--compare", "--papers", "reflex", "--preset", "tiny",
+                                 "--device", "cpu", "--data", os.path.relpath(bytes_data), "--max-iters", 4, "--evals",
+                                 2, "--jobs", 2, "--out", tmp_path, cwd=tmp_path)
     assert rc == 0, err
     runs = json.load(open(tmp_path / "compare.json"))["runs"]
     assert [bench.label(r) for r in runs] == ["reflex/baseline", "reflex/reflex 5-2-1"]
