@@ -92,12 +92,16 @@ def cog_weights(q, k, mask):
     return s.sign() * s.abs().masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
+LOG_HALF = -0.6931471805599453  # log(1/2)
+
+
 def flex2x_mods(T, doc=None):
     """score_mod and mask_mod over the 2T keys [K;K] with values [V;−V]: copy 1 keeps s > 0, copy 2 keeps
-    s < 0 as |s|; one softmax over the copies is then Σ sign(s)e^{|s|}v / Σ e^{|s|}. Masks sit in mask_mod."""
+    s < 0 as |s|; one softmax over the copies is then Σ sign(s)e^{|s|}v / Σ e^{|s|}. A score of exactly 0 (sign 0,
+    but e^0 in the denominator) goes into both copies at half weight, log(1/2): +v/2 - v/2. Masks sit in mask_mod."""
     def score_mod(score, b, h, q_idx, kv_idx):
         keep = torch.where(kv_idx < T, score > 0, score < 0)
-        return torch.where(keep, score.abs(), -float("inf"))
+        return torch.where(keep, score.abs(), torch.where(score == 0, LOG_HALF, -float("inf")))
 
     def mask_mod(b, h, q_idx, kv_idx):
         j = kv_idx % T  # the key's own position

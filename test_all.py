@@ -3351,6 +3351,18 @@ def test_cogformer_flex2x_matches_eager_outputs_and_grads(flex_cpu_grad, with_do
         torch.testing.assert_close(gf, ge, atol=5e-5, rtol=1e-4)
 
 
+def test_cogformer_flex2x_matches_eager_where_scores_are_exactly_zero(flex_cpu_grad):
+    """A score of exactly 0 has sign 0 but e^0 in the denominator (eager, Triton): flex2x counts it too. Here a key
+    of zeros scores 0 for every query, and a query of zeros scores 0 against every key."""
+    q, k, v = rand_qkv(1, 2, 20, 16)
+    zero_k, zero_q = torch.ones(1, 1, 20, 1), torch.ones(1, 1, 20, 1)
+    zero_k[:, :, 3], zero_q[:, :, 7] = 0, 0
+    ye, yf = (attend(impl, q * zero_q, k * zero_k, v) for impl in ("eager", "flex2x"))
+    torch.testing.assert_close(yf, ye, atol=2e-5, rtol=1e-5)
+    for gf, ge in zip(cog_grads(yf, (q, k, v)), cog_grads(ye, (q, k, v))):
+        torch.testing.assert_close(gf, ge, atol=5e-5, rtol=1e-4)
+
+
 def test_cogformer_masked_keys_get_zero_weight_even_with_huge_negative_scores():
     """Pitfall 1: masking s to -inf before the abs would give masked (future) keys the largest weight."""
     T, D = 12, 16
