@@ -170,6 +170,12 @@ class SinkGPT(MassiveGPT):
         super().__init__(cfg)
         self.reg_token = nn.Parameter(torch.randn(1, 1, cfg.n_embd) * 0.02)  # (1, 1, C), the published name
 
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        if ctx.doc is not None:  # (B, T) ids, but T + 1 positions: every document would have to see the sink
+            raise core.ConfigError("the sink variant does not support document masks")
+        return ctx
+
     def embed(self, idx, ctx):
         B, T = idx.shape
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)

@@ -2752,6 +2752,18 @@ def test_attn_bias_fast_paths_match_eager(impl, flex_cpu_grad):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (impl, name, (a - b).abs().max())
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex"])
+def test_attn_bias_sink_refuses_documents_in_one_line_and_runs_one_document_per_row(impl):
+    """The sink is a position the (B, T) document ids do not cover: several documents are refused as the attn_bias
+    variant refuses them (it was a size mismatch or an IndexError); one document per row runs the plain model."""
+    model = ab.build_model(tiny(ab.AttnBiasConfig, variant="sink", attn_impl=impl)).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad(), pytest.raises(core.ConfigError, match="the sink variant does not support document masks"):
+        model(idx, doc=torch.tensor([[0] * 8 + [1] * 8, [0] * 16]))
+    with torch.no_grad():  # no FlexAttention backward on CPU
+        assert torch.equal(model(idx, doc=torch.zeros(2, 16, dtype=torch.long)), model(idx))
+
+
 def test_attn_bias_prepending_with_top_left_causal_is_wrong():
     """Why the fast paths exist (§7.7): SDPA's is_causal on the prepended key drops each query's own key."""
     x, kb, vb = qkv_inputs()
