@@ -986,11 +986,13 @@ class Scorer:
     @torch.no_grad()
     def score_tokens(self, pairs):
         """[(context ids, continuation ids)] -> [(summed log-prob of the continuation, is it the greedy one)].
-        Contexts are cut from the left to fit block_size; batches are right-padded (causal: padding is never seen)."""
+        Contexts are cut from the left to fit block_size; batches are right-padded (causal: padding is never seen), or
+        hold rows of one length where the model's logits depend on the length (model.pads_right: sparse_byte)."""
         out = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        for b in range(0, len(order), self.batch_size):
-            chunk = order[b:b + self.batch_size]
+        key = (lambda i: 0) if self.model.pads_right else lambda i: min(len(pairs[i][0]) + len(pairs[i][1]), self.T + 1)
+        groups = [[i for i in order if key(i) == k] for k in dict.fromkeys(map(key, order))]
+        for chunk in [g[b:b + self.batch_size] for g in groups for b in range(0, len(g), self.batch_size)]:
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.T + 1):][:-1] for i in chunk]
             x = torch.zeros(len(chunk), max(map(len, seqs)), dtype=torch.long)
             for j, s in enumerate(seqs):

@@ -261,6 +261,12 @@ class SparseAttention(core.Attention):
 
 
 class SparseGPT(core.GPT):
+    @property
+    def pads_right(self):
+        """Not with global heads (their anchors move with T: padding moves them) nor --inverted-mask (later keys)."""
+        attn = self.transformer.h[0].attn
+        return not isinstance(attn, SparseAttention) or GLOBAL not in attn.clusters and not self.cfg.inverted_mask
+
     def context(self, idx, doc=None, record=None):
         ctx = super().context(idx, doc, record)
         attn = self.transformer.h[0].attn
