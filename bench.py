@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -987,11 +988,12 @@ class Scorer:
     def score_tokens(self, pairs):
         """[(context ids, continuation ids)] -> [(summed log-prob of the continuation, is it the greedy one)].
         Contexts are cut from the left to fit block_size; batches are right-padded (causal: padding is never seen), or
-        hold rows of one length where the model's logits depend on the length (model.pads_right: sparse_byte)."""
+        hold rows of one length where the model's logits depend on the length (not model.length_free: sparse_byte)."""
         out = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        key = (lambda i: 0) if self.model.pads_right else lambda i: min(len(pairs[i][0]) + len(pairs[i][1]), self.T + 1)
-        groups = [[i for i in order if key(i) == k] for k in dict.fromkeys(map(key, order))]
+        length = lambda i: min(len(pairs[i][0]) + len(pairs[i][1]), self.T + 1)
+        key = (lambda i: 0) if self.model.length_free else length
+        groups = [list(g) for _, g in itertools.groupby(order, key)]  # order is by length: a key's rows are adjacent
         for chunk in [g[b:b + self.batch_size] for g in groups for b in range(0, len(g), self.batch_size)]:
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.T + 1):][:-1] for i in chunk]
             x = torch.zeros(len(chunk), max(map(len, seqs)), dtype=torch.long)

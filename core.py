@@ -515,7 +515,7 @@ def host_batch(model, x, y, device):
 
 class GPT(nn.Module):
     """GPT-2 or Llama family decoder. make_attn(cfg, layer) picks each layer's attention module."""
-    pads_right = True  # a row's logits ignore tokens after it: a right-padded batch scores each row as alone (bench)
+    length_free = True  # a position's logits depend on no later token: right-padded rows score as alone (bench)
 
     def __init__(self, cfg, make_attn=Attention):
         super().__init__()

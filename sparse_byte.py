@@ -262,7 +262,7 @@ class SparseAttention(core.Attention):
 
 class SparseGPT(core.GPT):
     @property
-    def pads_right(self):
+    def length_free(self):
         """Not with global heads (their anchors move with T: padding moves them) nor --inverted-mask (later keys)."""
         attn = self.transformer.h[0].attn
         return not isinstance(attn, SparseAttention) or GLOBAL not in attn.clusters and not self.cfg.inverted_mask

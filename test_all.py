@@ -6470,7 +6470,7 @@ def test_bench_scorer_scores_a_row_alone_or_in_a_batch_of_longer_rows_alike(over
     (and --inverted-mask sees later keys): such a model's rows are batched only with rows of their own length."""
     torch.manual_seed(0)
     model = sb.build_model(tiny(sb.SparseByteConfig, **over))
-    assert model.pads_right == pads
+    assert model.length_free == pads
     requests = [("The cat sat on the", " mat"), ("A much longer context, wider than the other one by far", " indeed")]
     tok = core.get_tokenizer("bytes")
     alone = [bench.Scorer(model, tok, 10, batch_size=1).loglikelihood([r])[0] for r in requests]
