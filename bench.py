@@ -823,7 +823,6 @@ def compare_cmd(args, s, path, variant, preset):
         row_label(s, variant, cfg)
 
 
-
 def tokens_to(curve, target):
     """Training tokens at which a val curve [(tokens, time, loss), ...] first reaches target, linear between its
     evaluations (the first evaluation's tokens, an upper bound, when it is already there); None if it never does."""
