@@ -809,7 +809,7 @@ def compare(args, gpu):
 def compare_cmd(args, s, path, variant, preset):
     """The training command of one --compare row (without seed and --out), its step count and its label (a variant as
     its config names it, e.g. reflex's split; a bench row by its name): --tokens sets the steps from the row's tokens
-    per step; warm-up a tenth, six evaluations (each one a checkpoint)."""
+    per step; warm-up a tenth, an evaluation (each one a checkpoint) every steps // --evals steps."""
     over = dict(batch_size=args.batch or None, block_size=int(args.seq) if args.seq else None)
     cfg = make_cfg(s, variant, preset, **over)
     n = math.ceil(args.tokens / (cfg.batch_size * cfg.grad_accum * cfg.block_size)) if args.tokens else args.max_iters
