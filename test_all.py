@@ -6462,15 +6462,15 @@ def test_bench_bad_mc_file_is_one_clear_error(scorer, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="needs the offline gpt2.tiktoken")
-@pytest.mark.parametrize("over, pads", [({"variant": "dense"}, True), ({"variant": "sparse"}, False),
+@pytest.mark.parametrize("over, free", [({"variant": "dense"}, True), ({"variant": "sparse"}, False),
                                         ({"variant": "sparse", "mask_subset": "013"}, True),
                                         ({"variant": "sparse", "inverted_mask": True}, False)])
-def test_bench_scorer_scores_a_row_alone_or_in_a_batch_of_longer_rows_alike(over, pads):
+def test_bench_scorer_scores_a_row_alone_or_in_a_batch_of_longer_rows_alike(over, free):
     """Right padding is never seen by a causal model; sparse_byte's global heads place their anchors by the length
     (and --inverted-mask sees later keys): such a model's rows are batched only with rows of their own length."""
     torch.manual_seed(0)
     model = sb.build_model(tiny(sb.SparseByteConfig, **over))
-    assert model.length_free == pads
+    assert model.length_free == free
     requests = [("The cat sat on the", " mat"), ("A much longer context, wider than the other one by far", " indeed")]
     tok = core.get_tokenizer("bytes")
     alone = [bench.Scorer(model, tok, 10, batch_size=1).loglikelihood([r])[0] for r in requests]
