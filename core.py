@@ -1358,7 +1358,8 @@ def evaluate(model, data, cfg, device, split="val", stop=None):
     model.eval()
     T = cfg.block_size
     total, count, windows = 0.0, 0, data.windows(split, T, cfg.eval_tokens)
-    whole = sum((len(shard) - 1) // T for shard in data.splits[split]) * T  # tokens to score
+    # tokens to score; a shard of no tokens (its header only) scores none, not (0 - 1) // T = -1 windows
+    whole = sum(max(len(shard) - 1, 0) // T for shard in data.splits[split]) * T
     n = min(whole, -(-cfg.eval_tokens // T) * T) if cfg.eval_tokens else whole
     info = data.meta.get("splits", {}).get(split, {})
     lens, nbytes = None, 0  # a part of a BPE split: its bytes per token are not the split's, count the scored ones

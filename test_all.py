@@ -1052,6 +1052,25 @@ def test_core_ddp_two_processes_match_one(tutorial, tmp_path):
             assert r["mfu"] == pytest.approx(flops * r["tok_s"] / (1e10 * world), rel=1e-2), (world, r)
 
 
+def test_core_evaluate_counts_no_tokens_for_a_header_only_shard(tmp_path, monkeypatch, capsys):
+    """A val shard of no tokens (its header only, which the loader reads) scores none: the progress line's total was
+    one window short ((0 - 1) // T counted -1 windows)."""
+    header = np.zeros(256, np.int32)
+    header[:3] = (core.SHARD_MAGIC, 1, 0)
+    (tmp_path / "x_val_000000.bin").write_bytes(header.tobytes())
+    for split, n in (("val", 300), ("train", 1000)):
+        header[2] = n
+        ids = (np.arange(n) % 250).astype(np.uint16)
+        (tmp_path / f"x_{split}_000001.bin").write_bytes(header.tobytes() + ids.tobytes())
+    json.dump(dict(dtype="uint8", vocab_size=256, tokenizer="bytes"), open(tmp_path / "meta.json", "w"))
+    clock = itertools.count(0, 11)  # a progress line after each batch
+    monkeypatch.setattr(core.time, "time", lambda: next(clock))
+    cfg = tiny(data=str(tmp_path), block_size=16, batch_size=4)
+    r = core.evaluate(core.GPT(cfg), core.TokenData(str(tmp_path)), cfg, torch.device("cpu"))
+    assert r["tokens"] == 299 // 16 * 16 == 288
+    assert capsys.readouterr().err.splitlines()[-1].startswith("val: 288 of 288 tokens | ETA 0m00s")
+
+
 def test_core_val_loss_is_the_mean_over_fixed_val_batches(tmp_path):
     """The logged val loss reads val batches (train and val differ here), the same ones at every evaluation."""
     data = write_dataset(tmp_path / "d", {"train": bytes(range(97, 123)) * 400, "val": b"0123456789" * 1000})
