@@ -9,8 +9,9 @@ Output (core's loader reads it): `<split>.bin` (uint16 GPT-2 ids / uint8 bytes) 
 (256 int32 header: magic 20240520, version 1, token count; then uint16 tokens), and meta.json {tokenizer, vocab_size,
 dtype, eot_token, splits: {split: {tokens, bytes}}, source}; bytes = UTF-8 bytes of the text (for bits per byte),
 null for the FineWeb-Edu shards, whose text we never see.
-- text: each input file is one document, GPT-2 appends EOT after each (bytes has none). Without --val the last 5% of
-  the characters, cut at a line start, become val.
+- text: each input file is one document, read as UTF-8 with universal newlines (CRLF and CR become LF; bytes counts
+  the text so read), GPT-2 appends EOT after each (bytes has none). Without --val the last 5% of the characters, cut at
+  a line start, become val.
 - enwik8: mattmahoney.net's enwik8.zip (sha256 checked); bytes [0, 90M) train, [90M, 95M) val, [95M, 100M) test.
 - openwebtext: the corpus' own archive on Zenodo (12.9 GB, the file HF's `openwebtext` loader reads, sha256 checked),
   documents cleaned and ordered as that loader does, GPT-2 tokens with EOT after each; nanoGPT's split
