@@ -111,8 +111,6 @@ class BiasAttention(core.Attention):
         self.kernel_ok = {}  # (kernel, head dim) -> probe verdict, read under torch.compile (build_model fills it)
 
     def attend(self, q, k, v, ctx):
-        if ctx.doc is not None:
-            raise core.ConfigError("attn_bias does not support document masks")
         if self.dropout and self.training and ctx.record is None:  # only SDPA drops attention weights
             return self.attend_sdpa(q, k, v, ctx)
         return super().attend(q, k, v, ctx)
@@ -157,6 +155,12 @@ class MassiveGPT(core.GPT):
     """The GPT-2 model that logs, at every evaluation, its massive-activation statistics on one val window (the top-1
     and median |h| of each block's output, the attention to key 0): --trends plots them against tokens."""
 
+    def context(self, idx, doc=None, record=None):
+        ctx = super().context(idx, doc, record)
+        if ctx.doc is not None and self.cfg.variant != "default":  # k' and the sink: positions every document sees
+            raise core.ConfigError(f"the {self.cfg.variant} variant does not support document masks")
+        return ctx
+
     def track(self, x, y):
         s = layer_stats(self, [(x, y)])
         return dict(top1=s["layerwise"]["top1"], median=s["layerwise"]["median"], key0=s["attention"]["key0"])
@@ -169,12 +173,6 @@ class SinkGPT(MassiveGPT):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.reg_token = nn.Parameter(torch.randn(1, 1, cfg.n_embd) * 0.02)  # (1, 1, C), the published name
-
-    def context(self, idx, doc=None, record=None):
-        ctx = super().context(idx, doc, record)
-        if ctx.doc is not None:  # (B, T) ids, but T + 1 positions: every document would have to see the sink
-            raise core.ConfigError("the sink variant does not support document masks")
-        return ctx
 
     def embed(self, idx, ctx):
         B, T = idx.shape

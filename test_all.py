@@ -2771,13 +2771,14 @@ def test_attn_bias_fast_paths_match_eager(impl, flex_cpu_grad):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (impl, name, (a - b).abs().max())
 
 
+@pytest.mark.parametrize("variant", ["sink", "attn_bias"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "flex"])
-def test_attn_bias_sink_refuses_documents_in_one_line_and_runs_one_document_per_row(impl):
-    """The sink is a position the (B, T) document ids do not cover: several documents are refused as the attn_bias
-    variant refuses them (it was a size mismatch or an IndexError); one document per row runs the plain model."""
-    model = ab.build_model(tiny(ab.AttnBiasConfig, variant="sink", attn_impl=impl)).eval()
+def test_attn_bias_sink_and_bias_refuse_documents_in_one_line_and_run_one_document_per_row(variant, impl):
+    """The sink and k' are positions every document would see: several documents are refused, before the layers (the
+    sink's were a size mismatch or an IndexError); one document per row runs the plain model."""
+    model = ab.build_model(tiny(ab.AttnBiasConfig, variant=variant, attn_impl=impl)).eval()
     idx = torch.randint(0, 256, (2, 16))
-    with torch.no_grad(), pytest.raises(core.ConfigError, match="the sink variant does not support document masks"):
+    with torch.no_grad(), pytest.raises(core.ConfigError, match=f"the {variant} variant does not support document"):
         model(idx, doc=torch.tensor([[0] * 8 + [1] * 8, [0] * 16]))
     with torch.no_grad():  # no FlexAttention backward on CPU
         assert torch.equal(model(idx, doc=torch.zeros(2, 16, dtype=torch.long)), model(idx))
